@@ -1,0 +1,358 @@
+"""SAM2's mask decoder with the hypernetwork product replaced by a Weibull Bayesian head.
+
+SAM2 forms mask logits as ``hyper_in @ upscaled_embedding``. RUAC makes both factors
+non-negative Weibull random variables (DESIGN.md, "The method"):
+
+* image tokens: a 1x1 conv on the upscaled features gives per-pixel, per-channel
+  ``(lambda_z, kappa_z)`` -> ``z`` of shape (B, C, h, w), ``C = transformer_dim // 8``;
+* mask tokens: one MLP shared by all mask tokens gives per-channel ``(lambda, kappa)`` for a
+  foreground and a background row -> ``w_fg, w_bg`` of shape (B, K, C);
+* ``logit_k = <z, w_k,fg> - <z, w_k,bg>`` (signed, although every factor is positive).
+
+The original hypernetwork MLPs stay in the module so that official SAM2.1 checkpoints load
+without missing keys and the deterministic decoder can be run side by side (``mode="deterministic"``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from sam2.modeling.sam.mask_decoder import MaskDecoder
+from sam2.modeling.sam2_utils import MLP
+from torch import nn
+
+from .weibull import (
+    binary_entropy,
+    binary_entropy_from_logit,
+    kl_weibull_gamma,
+    probit_logit,
+    weibull_moments,
+    weibull_transform,
+)
+
+DecoderMode = Literal["deterministic", "sample", "analytic", "mc"]
+DECODER_MODES = ("deterministic", "sample", "analytic", "mc")
+
+
+@dataclass
+class DecoderOutput:
+    """Decoder outputs at the decoder's resolution (1/4 of the model input).
+
+    Shapes: M masks per prompt set (1, or 3 with multimask output).
+
+    * ``logits`` (B, M, h, w): the logit whose sigmoid is ``probability`` (analytic: the
+      probit-corrected mean; mc: logit of the mean probability; sample: one sampled logit;
+      deterministic: SAM2's logit).
+    * ``probability``, ``uncertainty`` (B, M, h, w): foreground probability and the binary
+      entropy of it in bits (total predictive uncertainty).
+    * ``logit_mean``, ``logit_var`` (B, M, h, w): moments of the Bayesian logit
+      (analytic and sample modes), else None.
+    * ``epistemic``, ``aleatoric`` (B, M, h, w): the MC split of ``uncertainty``, else None.
+    * ``iou_pred`` (B, M), ``object_score_logits`` (B, 1).
+    * ``kl``: scalar KL of both Weibull granularities to the Gamma prior (sample mode, or
+      whenever ``return_kl=True``), else None.
+    """
+
+    logits: torch.Tensor
+    probability: torch.Tensor
+    uncertainty: torch.Tensor
+    iou_pred: torch.Tensor
+    object_score_logits: torch.Tensor
+    logit_mean: torch.Tensor | None = None
+    logit_var: torch.Tensor | None = None
+    epistemic: torch.Tensor | None = None
+    aleatoric: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+
+
+class WeibullHead(nn.Module):
+    """Predicts the Weibull parameters of both factors of the mask product.
+
+    ``lambda = softplus(x) + eps``; ``kappa = kappa_min + (kappa_max - kappa_min) * sigmoid(x)``
+    so kappa stays in a range where the Gamma-function moments are well conditioned.
+    """
+
+    def __init__(
+        self,
+        transformer_dim: int,
+        kappa_range: tuple[float, float] = (1.0, 20.0),
+        kappa_init: float = 4.0,
+    ) -> None:
+        super().__init__()
+        self.channels = transformer_dim // 8
+        self.kappa_min, self.kappa_max = float(kappa_range[0]), float(kappa_range[1])
+        if not 0 < self.kappa_min < kappa_init < self.kappa_max:
+            raise ValueError(f"kappa_init {kappa_init} must lie inside kappa_range {kappa_range}")
+        c = self.channels
+        self.pixel_head = nn.Conv2d(c, 2 * c, kernel_size=1)
+        self.token_head = MLP(transformer_dim, transformer_dim, 4 * c, 3)
+        # start with moderately certain weights: kappa = kappa_init everywhere
+        frac = (kappa_init - self.kappa_min) / (self.kappa_max - self.kappa_min)
+        kappa_bias = math.log(frac / (1.0 - frac))
+        with torch.no_grad():
+            self.pixel_head.bias[c:].fill_(kappa_bias)
+            last = self.token_head.layers[-1]
+            last.bias[c : 2 * c].fill_(kappa_bias)
+            last.bias[3 * c :].fill_(kappa_bias)
+
+    def _lam(self, x: torch.Tensor) -> torch.Tensor:
+        return F.softplus(x) + 1e-4
+
+    def _kappa(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kappa_min + (self.kappa_max - self.kappa_min) * torch.sigmoid(x)
+
+    def pixel_params(self, upscaled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, h, w) features -> ``lambda_z, kappa_z`` each (B, C, h, w)."""
+        raw = self.pixel_head(upscaled)
+        c = self.channels
+        return self._lam(raw[:, :c]), self._kappa(raw[:, c:])
+
+    def token_params(self, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(B, K, D) mask tokens -> ``lam_fg, kappa_fg, lam_bg, kappa_bg`` each (B, K, C)."""
+        raw = self.token_head(tokens)
+        c = self.channels
+        return (
+            self._lam(raw[..., :c]),
+            self._kappa(raw[..., c : 2 * c]),
+            self._lam(raw[..., 2 * c : 3 * c]),
+            self._kappa(raw[..., 3 * c :]),
+        )
+
+
+class BayesianMaskDecoder(MaskDecoder):
+    """SAM2 ``MaskDecoder`` whose output product is the dual-granularity Weibull head.
+
+    ``forward`` takes the same inputs as SAM2's plus ``mode`` and ``samples`` and returns a
+    :class:`DecoderOutput`. The two-way transformer runs once in every mode; Monte-Carlo
+    sampling repeats only the (cheap) head.
+    """
+
+    def __init__(
+        self,
+        *,
+        kappa_range: tuple[float, float] = (1.0, 20.0),
+        prior_alpha: float = 1.0,
+        prior_beta: float = 3.0,
+        mc_chunk: int = 5,
+        **kwargs,
+    ) -> None:
+        kwargs.setdefault("dynamic_multimask_via_stability", False)
+        super().__init__(**kwargs)
+        self.weibull_head = WeibullHead(self.transformer_dim, kappa_range=kappa_range)
+        self.prior_alpha = prior_alpha
+        self.prior_beta = prior_beta
+        self.mc_chunk = mc_chunk
+
+    # ------------------------------------------------------------------ transformer trunk
+    def _run_transformer(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        image_index: torch.Tensor | None,
+        high_res_features: list[torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns iou token (B, D), mask tokens (B, K, D), obj token (B, D) or None,
+        and the upscaled per-pixel features (B, C, h, w)."""
+        s = 1 if self.pred_obj_scores else 0
+        weights = [self.iou_token.weight, self.mask_tokens.weight]
+        if self.pred_obj_scores:
+            weights.insert(0, self.obj_score_token.weight)
+        output_tokens = torch.cat(weights, dim=0)
+        n = sparse_prompt_embeddings.shape[0]
+        tokens = torch.cat((output_tokens.unsqueeze(0).expand(n, -1, -1), sparse_prompt_embeddings), 1)
+
+        # one image per prompt set: index the (few) images rather than copying them up front
+        if image_index is not None:
+            src = image_embeddings[image_index]
+            if high_res_features is not None:
+                high_res_features = [f[image_index] for f in high_res_features]
+        else:
+            src = image_embeddings
+        src = src + dense_prompt_embeddings
+        pos_src = image_pe.expand(n, -1, -1, -1)
+        b, c, h, w = src.shape
+
+        hs, src = self.transformer(src, pos_src, tokens)
+        iou_token_out = hs[:, s, :]
+        mask_tokens_out = hs[:, s + 1 : s + 1 + self.num_mask_tokens, :]
+        obj_token_out = hs[:, 0, :] if self.pred_obj_scores else None
+
+        src = src.transpose(1, 2).reshape(b, c, h, w)
+        if not self.use_high_res_features:
+            upscaled = self.output_upscaling(src)
+        else:
+            dc1, ln1, act1, dc2, act2 = self.output_upscaling
+            feat_s0, feat_s1 = high_res_features
+            upscaled = act1(ln1(dc1(src) + feat_s1))
+            upscaled = act2(dc2(upscaled) + feat_s0)
+        return iou_token_out, mask_tokens_out, obj_token_out, upscaled
+
+    # ------------------------------------------------------------------ public forward
+    def forward(  # type: ignore[override]
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        multimask_output: bool,
+        high_res_features: list[torch.Tensor] | None = None,
+        image_index: torch.Tensor | None = None,
+        mode: DecoderMode = "analytic",
+        samples: int = 20,
+        return_kl: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> DecoderOutput:
+        """Predict masks for a batch of prompt sets.
+
+        Arguments:
+          image_embeddings: (Bi, D, he, we) image features (Bi images).
+          image_pe: (1, D, he, we) dense positional encoding.
+          sparse_prompt_embeddings: (B, N, D), one row per prompt set.
+          dense_prompt_embeddings: (B, D, he, we) or broadcastable.
+          image_index: (B,) long, which image each prompt set belongs to; None means Bi == B.
+          high_res_features: [(Bi, D/8, 4he, 4we), (Bi, D/4, 2he, 2we)] or None.
+        """
+        if mode not in DECODER_MODES:
+            raise ValueError(f"unknown decoder mode {mode!r}; expected one of {DECODER_MODES}")
+        if mode == "mc" and samples < 2:
+            raise ValueError(f"mc mode needs at least 2 samples, got {samples}")
+        iou_tok, mask_toks, obj_tok, upscaled = self._run_transformer(
+            image_embeddings,
+            image_pe,
+            sparse_prompt_embeddings,
+            dense_prompt_embeddings,
+            image_index,
+            high_res_features,
+        )
+        iou_pred = self.iou_prediction_head(iou_tok)
+        if self.pred_obj_scores:
+            object_score_logits = self.pred_obj_score_head(obj_tok)
+        else:
+            object_score_logits = 10.0 * iou_pred.new_ones(iou_pred.shape[0], 1)
+
+        # select the output tokens first, so the head only runs for the masks we return
+        sel = slice(1, None) if multimask_output else slice(0, 1)
+        iou_pred = iou_pred[:, sel]
+        mask_toks_sel = mask_toks[:, sel]
+        token_ids = range(self.num_mask_tokens)[sel]
+
+        if mode == "deterministic":
+            hyper_in = torch.stack(
+                [self.output_hypernetworks_mlps[i](mask_toks_sel[:, j]) for j, i in enumerate(token_ids)],
+                dim=1,
+            )
+            logits = torch.einsum("bkc,bchw->bkhw", hyper_in, upscaled)
+            return DecoderOutput(
+                logits=logits,
+                probability=torch.sigmoid(logits),
+                uncertainty=binary_entropy_from_logit(logits),
+                iou_pred=iou_pred,
+                object_score_logits=object_score_logits,
+                kl=None,
+            )
+
+        head = self.weibull_head
+        lam_z, k_z = head.pixel_params(upscaled)
+        lam_fg, k_fg, lam_bg, k_bg = head.token_params(mask_toks_sel)
+        kl = None
+        if return_kl or mode == "sample":
+            kl = self.kl_divergence(lam_z, k_z, (lam_fg, k_fg, lam_bg, k_bg))
+
+        if mode == "mc":
+            return self._monte_carlo(
+                lam_z, k_z, (lam_fg, k_fg, lam_bg, k_bg), samples, generator, iou_pred, object_score_logits, kl
+            )
+
+        mu, var = self._analytic_moments(lam_z, k_z, (lam_fg, k_fg, lam_bg, k_bg))
+        prob_logit = probit_logit(mu, var)
+        if mode == "sample":
+            z = weibull_transform(lam_z, k_z, _uniform_like(lam_z, generator))
+            w_fg = weibull_transform(lam_fg, k_fg, _uniform_like(lam_fg, generator))
+            w_bg = weibull_transform(lam_bg, k_bg, _uniform_like(lam_bg, generator))
+            logits = torch.einsum("bkc,bchw->bkhw", w_fg - w_bg, z)
+        else:
+            logits = prob_logit
+        return DecoderOutput(
+            logits=logits,
+            probability=torch.sigmoid(prob_logit),
+            uncertainty=binary_entropy_from_logit(prob_logit),
+            iou_pred=iou_pred,
+            object_score_logits=object_score_logits,
+            logit_mean=mu,
+            logit_var=var,
+            kl=kl,
+        )
+
+    # ------------------------------------------------------------------ Bayesian pieces
+    @staticmethod
+    def _analytic_moments(lam_z, k_z, token_params) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of ``logit = <z, w_fg - w_bg>`` with all factors independent.
+
+        ``d = w_fg - w_bg``: ``E d = E fg - E bg``, ``Var d = Var fg + Var bg``;
+        ``Var(z d) = Var z Var d + Var z (E d)^2 + (E z)^2 Var d``; channels add up.
+        """
+        lam_fg, k_fg, lam_bg, k_bg = token_params
+        ez, vz = weibull_moments(lam_z, k_z)
+        efg, vfg = weibull_moments(lam_fg, k_fg)
+        ebg, vbg = weibull_moments(lam_bg, k_bg)
+        ed = efg - ebg
+        vd = vfg + vbg
+        mu = torch.einsum("bkc,bchw->bkhw", ed, ez)
+        var = torch.einsum("bkc,bchw->bkhw", vd + ed.square(), vz) + torch.einsum(
+            "bkc,bchw->bkhw", vd, ez.square()
+        )
+        return mu, var
+
+    def kl_divergence(self, lam_z, k_z, token_params) -> torch.Tensor:
+        """Mean KL per element of each granularity, summed over the two granularities."""
+        lam_fg, k_fg, lam_bg, k_bg = token_params
+        a, b = self.prior_alpha, self.prior_beta
+        kl_pixels = kl_weibull_gamma(lam_z, k_z, a, b).mean()
+        kl_tokens = 0.5 * (kl_weibull_gamma(lam_fg, k_fg, a, b).mean() + kl_weibull_gamma(lam_bg, k_bg, a, b).mean())
+        return kl_pixels + kl_tokens
+
+    def _monte_carlo(self, lam_z, k_z, token_params, samples, generator, iou_pred, obj_logits, kl):
+        """S samples of the head; total = H(mean p), aleatoric = mean H(p_s), epistemic = MI."""
+        lam_fg, k_fg, lam_bg, k_bg = token_params
+        p_sum = None
+        h_sum = None
+        done = 0
+        # chunks bound the memory of the (S, B, C, h, w) sample tensor
+        while done < samples:
+            s = min(self.mc_chunk, samples - done)
+            z = weibull_transform(lam_z, k_z, _uniform_like(lam_z, generator, s))
+            w_fg = weibull_transform(lam_fg, k_fg, _uniform_like(lam_fg, generator, s))
+            w_bg = weibull_transform(lam_bg, k_bg, _uniform_like(lam_bg, generator, s))
+            logit_s = torch.einsum("sbkc,sbchw->sbkhw", w_fg - w_bg, z)
+            p_s = torch.sigmoid(logit_s).sum(0)
+            h_s = binary_entropy_from_logit(logit_s).sum(0)
+            p_sum = p_s if p_sum is None else p_sum + p_s
+            h_sum = h_s if h_sum is None else h_sum + h_s
+            done += s
+        p = p_sum / samples
+        aleatoric = h_sum / samples
+        total = binary_entropy(p)
+        epistemic = (total - aleatoric).clamp_min(0.0)
+        eps = 1e-6
+        logits = torch.logit(p.clamp(eps, 1 - eps))
+        return DecoderOutput(
+            logits=logits,
+            probability=p,
+            uncertainty=total,
+            iou_pred=iou_pred,
+            object_score_logits=obj_logits,
+            epistemic=epistemic,
+            aleatoric=aleatoric,
+            kl=kl,
+        )
+
+
+def _uniform_like(t: torch.Tensor, generator: torch.Generator | None, samples: int | None = None):
+    shape = t.shape if samples is None else (samples, *t.shape)
+    return torch.rand(shape, generator=generator, device=t.device, dtype=t.dtype)

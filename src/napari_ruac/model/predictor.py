@@ -1,0 +1,307 @@
+"""Interactive prediction: an image, prompts in napari's (row, col) order -> Prediction.
+
+The predictor caches image embeddings keyed by the plane's content, so returning to a plane
+(or re-setting the same array) costs a hash, not an encoder pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..io.normalize import to_rgb_float, validate_plane
+from .mask_decoder import DecoderOutput
+from .sam import INPUT_MULTIPLE, LABEL_BOX_BR, LABEL_BOX_TL, LABEL_PAD, ImageEmbedding, RuacSam
+from .weibull import binary_entropy
+
+
+class PromptError(ValueError):
+    """Prompts that cannot be used (outside the image, malformed, missing)."""
+
+
+@dataclass
+class Prediction:
+    """One object's result, at the input image's size (H, W).
+
+    ``mask`` bool; ``probability`` and ``uncertainty`` float32 (uncertainty = binary entropy of
+    the probability in bits, 0..1); ``epistemic``/``aleatoric`` only in MC mode;
+    ``iou_score`` the decoder's predicted IoU; ``object_score`` the probability that an object
+    is present at the prompt. With multimask output, ``alternatives`` holds the other masks.
+    """
+
+    mask: np.ndarray
+    probability: np.ndarray
+    uncertainty: np.ndarray
+    iou_score: float
+    object_score: float = 1.0
+    epistemic: np.ndarray | None = None
+    aleatoric: np.ndarray | None = None
+    mode: str = "analytic"
+    alternatives: list["Prediction"] = field(default_factory=list)
+
+    @property
+    def mean_uncertainty(self) -> float:
+        """Mean uncertainty inside the mask (0 for an empty mask)."""
+        if not self.mask.any():
+            return 0.0
+        return float(self.uncertainty[self.mask].mean())
+
+
+@dataclass
+class Prompt:
+    """One object's prompts: points as (row, col) with labels 1/0, and/or a box
+    (row0, col0, row1, col1)."""
+
+    points: Sequence[Sequence[float]] | None = None
+    labels: Sequence[int] | None = None
+    box: Sequence[float] | None = None
+
+
+@dataclass
+class _Frame:
+    """How a plane was placed in the model input."""
+
+    shape: tuple[int, int]  # original (H, W)
+    scale: float  # model pixels per image pixel
+    valid: tuple[int, int]  # (h, w) of the resized image inside the padded input
+    input_size: tuple[int, int]  # padded model input (H_in, W_in)
+
+
+class Predictor:
+    """Prompted segmentation with uncertainty for one image at a time.
+
+    >>> predictor = Predictor(load_model("micro"))
+    >>> predictor.set_image(plane)
+    >>> pred = predictor.predict(points=[(120, 87)], labels=[1])
+    """
+
+    def __init__(self, model: RuacSam, cache_size: int = 16) -> None:
+        self.model = model.eval()
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, tuple[ImageEmbedding, _Frame]] = OrderedDict()
+        self._embedding: ImageEmbedding | None = None
+        self._frame: _Frame | None = None
+        self.image_key: str | None = None
+
+    # ------------------------------------------------------------------ image
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def is_image_set(self) -> bool:
+        return self._embedding is not None
+
+    def set_image(self, image) -> None:
+        """Embed ``image`` ((H, W) or (H, W, C), any numeric dtype and size), or reuse its
+        cached embedding."""
+        arr = validate_plane(image)
+        key = content_key(arr)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._encode(arr)
+            self._cache[key] = hit
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
+        self._embedding, self._frame = hit
+        self.image_key = key
+
+    def is_cached(self, image) -> bool:
+        return content_key(validate_plane(image)) in self._cache
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def _encode(self, arr: np.ndarray) -> tuple[ImageEmbedding, _Frame]:
+        rgb = to_rgb_float(arr)
+        frame = self._frame_for(rgb.shape[:2])
+        x = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0).to(self.device)
+        if frame.scale != 1.0:
+            x = F.interpolate(x, size=frame.valid, mode="bilinear", align_corners=False, antialias=True)
+        pad_h = frame.input_size[0] - frame.valid[0]
+        pad_w = frame.input_size[1] - frame.valid[1]
+        x = F.pad(x, (0, pad_w, 0, pad_h))
+        with torch.inference_mode():
+            emb = self.model.encode(x)
+        return emb, frame
+
+    def _frame_for(self, shape: tuple[int, int]) -> _Frame:
+        cfg = self.model.config
+        h, w = shape
+        if cfg.input_scaling == "native":
+            scale = min(1.0, cfg.max_native_size / max(h, w))
+            vh, vw = max(1, round(h * scale)), max(1, round(w * scale))
+            size = (max(cfg.image_size, _ceil_to(vh)), max(cfg.image_size, _ceil_to(vw)))
+        else:
+            scale = cfg.image_size / max(h, w)
+            vh, vw = max(1, round(h * scale)), max(1, round(w * scale))
+            size = (cfg.image_size, cfg.image_size)
+        return _Frame((h, w), scale, (vh, vw), size)
+
+    # ------------------------------------------------------------------ prompts
+    def predict(
+        self,
+        points: Sequence[Sequence[float]] | None = None,
+        labels: Sequence[int] | None = None,
+        box: Sequence[float] | None = None,
+        mode: str | None = None,
+        samples: int = 20,
+        multimask: bool = False,
+        seed: int | None = 0,
+    ) -> Prediction:
+        """Segment one object. Points are (row, col) in image pixels; labels 1 = object,
+        0 = background (default all 1); box = (row0, col0, row1, col1)."""
+        return self.predict_batch([Prompt(points, labels, box)], mode, samples, multimask, seed)[0]
+
+    def predict_batch(
+        self,
+        prompts: Sequence[Prompt | dict],
+        mode: str | None = None,
+        samples: int = 20,
+        multimask: bool = False,
+        seed: int | None = 0,
+    ) -> list[Prediction]:
+        """Segment several objects in one decoder pass (one prompt set per object)."""
+        if self._embedding is None:
+            raise RuntimeError("no image set: call set_image() before predict()")
+        if not prompts:
+            return []
+        prompts = [p if isinstance(p, Prompt) else Prompt(**p) for p in prompts]
+        coords, labels = self._encode_prompts(prompts)
+        mode = mode or self.model.default_mode
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        with torch.inference_mode():
+            out = self.model.decode(
+                self._embedding,
+                coords.to(self.device),
+                labels.to(self.device),
+                multimask_output=multimask,
+                mode=mode,
+                samples=samples,
+                generator=generator,
+            )
+        used_mode = "deterministic" if self.model.config.head == "deterministic" else mode
+        return self._postprocess(out, used_mode, multimask)
+
+    def _encode_prompts(self, prompts: Sequence[Prompt]) -> tuple[torch.Tensor, torch.Tensor]:
+        frame = self._frame
+        rows = []
+        for i, p in enumerate(prompts):
+            pts, labs = [], []
+            if p.points is not None and len(p.points):
+                points = np.asarray(p.points, dtype=np.float64)
+                if points.ndim != 2 or points.shape[1] != 2:
+                    raise PromptError(f"object {i}: points must be a list of (row, col), got shape {points.shape}")
+                lab = np.ones(len(points), dtype=np.int64) if p.labels is None else np.asarray(p.labels)
+                if lab.shape != (len(points),):
+                    raise PromptError(f"object {i}: {len(points)} points but {lab.size} labels")
+                if not np.isin(lab, (0, 1)).all():
+                    raise PromptError(f"object {i}: point labels must be 1 (object) or 0 (background), got {lab}")
+                for (r, c), l in zip(points, lab):
+                    self._check_inside(i, "point", r, c)
+                    pts.append((c * frame.scale, r * frame.scale))
+                    labs.append(int(l))
+            if p.box is not None:
+                box = np.asarray(p.box, dtype=np.float64).ravel()
+                if box.shape != (4,):
+                    raise PromptError(f"object {i}: box must be (row0, col0, row1, col1), got {p.box}")
+                r0, r1 = sorted((box[0], box[2]))
+                c0, c1 = sorted((box[1], box[3]))
+                self._check_inside(i, "box corner", r0, c0, edge=True)
+                self._check_inside(i, "box corner", r1, c1, edge=True)
+                pts += [(c0 * frame.scale, r0 * frame.scale), (c1 * frame.scale, r1 * frame.scale)]
+                labs += [LABEL_BOX_TL, LABEL_BOX_BR]
+            if not pts:
+                raise PromptError(f"object {i} has no prompt: give at least one point or a box")
+            rows.append((pts, labs))
+        n = max(len(p) for p, _ in rows)
+        coords = torch.zeros(len(rows), n, 2)
+        labels = torch.full((len(rows), n), LABEL_PAD, dtype=torch.long)
+        for i, (pts, labs) in enumerate(rows):
+            coords[i, : len(pts)] = torch.tensor(pts, dtype=torch.float32)
+            labels[i, : len(labs)] = torch.tensor(labs)
+        return coords, labels
+
+    def _check_inside(self, i: int, what: str, r: float, c: float, edge: bool = False) -> None:
+        h, w = self._frame.shape
+        ok = (0 <= r <= h and 0 <= c <= w) if edge else (0 <= r < h and 0 <= c < w)
+        if not (math.isfinite(r) and math.isfinite(c) and ok):
+            raise PromptError(
+                f"object {i}: {what} at (row={r:g}, col={c:g}) lies outside the image of shape {h}x{w}"
+            )
+
+    # ------------------------------------------------------------------ outputs
+    def _postprocess(self, out: DecoderOutput, mode: str, multimask: bool) -> list[Prediction]:
+        logits = self._to_image(out.logits)
+        prob = torch.sigmoid(logits)
+        unc = binary_entropy(prob)
+        aleatoric = epistemic = None
+        if out.aleatoric is not None:
+            aleatoric = self._to_image(out.aleatoric).clamp(0.0, 1.0)
+            epistemic = (unc - aleatoric).clamp_min(0.0)
+        obj = torch.sigmoid(out.object_score_logits[:, 0])
+        iou = out.iou_pred
+        present = out.object_score_logits[:, 0] > 0
+        mask = (logits > 0) & present.view(-1, 1, 1, 1)
+
+        def to_np(t):
+            return t.float().cpu().numpy()
+
+        mask_np, prob_np, unc_np = to_np(mask).astype(bool), to_np(prob), to_np(unc)
+        ale_np = to_np(aleatoric) if aleatoric is not None else None
+        epi_np = to_np(epistemic) if epistemic is not None else None
+        iou_np, obj_np = to_np(iou), to_np(obj)
+        results = []
+        for b in range(mask_np.shape[0]):
+            candidates = [
+                Prediction(
+                    mask=mask_np[b, k],
+                    probability=prob_np[b, k],
+                    uncertainty=unc_np[b, k],
+                    iou_score=float(iou_np[b, k]),
+                    object_score=float(obj_np[b]),
+                    epistemic=None if epi_np is None else epi_np[b, k],
+                    aleatoric=None if ale_np is None else ale_np[b, k],
+                    mode=mode,
+                )
+                for k in range(mask_np.shape[1])
+            ]
+            candidates.sort(key=lambda p: -p.iou_score)
+            best = candidates[0]
+            if multimask:
+                best.alternatives = candidates[1:]
+            results.append(best)
+        return results
+
+    def _to_image(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, M, h, w) decoder-resolution map -> (B, M, H, W) at the original image size."""
+        frame = self._frame
+        t = F.interpolate(t.float(), size=frame.input_size, mode="bilinear", align_corners=False)
+        t = t[..., : frame.valid[0], : frame.valid[1]]
+        if frame.valid != frame.shape:
+            t = F.interpolate(t, size=frame.shape, mode="bilinear", align_corners=False)
+        return t
+
+
+def content_key(arr: np.ndarray) -> str:
+    """A key for an array's content (dtype, shape and bytes)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str(arr.dtype).encode())
+    h.update(str(arr.shape).encode())
+    h.update(np.ascontiguousarray(arr).view(np.uint8).data)
+    return h.hexdigest()
+
+
+def _ceil_to(n: int, multiple: int = INPUT_MULTIPLE) -> int:
+    return int(math.ceil(n / multiple) * multiple)

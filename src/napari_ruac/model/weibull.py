@@ -1,0 +1,101 @@
+"""Weibull random variables and the probability/uncertainty maths of the RUAC decoder.
+
+Every function is elementwise over tensors of any shape (``lam`` and ``kappa`` broadcast).
+Moments are computed through ``lgamma`` so that large ``1/kappa`` does not overflow.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+EULER_GAMMA = 0.5772156649015329
+
+
+def weibull_sample(
+    lam: torch.Tensor, kappa: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """One reparameterised sample ``w = lam * (-ln(1 - u))^(1/kappa)``, ``u ~ U(0, 1)``.
+
+    Gradients flow to ``lam`` and ``kappa`` (the noise is the only random input).
+    """
+    u = torch.rand(lam.shape, generator=generator, device=lam.device, dtype=lam.dtype)
+    return weibull_transform(lam, kappa, u)
+
+
+def weibull_transform(lam: torch.Tensor, kappa: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse CDF of the Weibull distribution at uniform noise ``u``."""
+    # clamp away from 1 so that -log1p(-u) stays finite, and from 0 so log() of it does
+    u = u.clamp(1e-6, 1.0 - 1e-6)
+    log_e = torch.log(-torch.log1p(-u))
+    return lam * torch.exp(log_e / kappa)
+
+
+def weibull_mean(lam: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
+    """``E[w] = lam * Gamma(1 + 1/kappa)``."""
+    return lam * torch.exp(torch.lgamma(1.0 + 1.0 / kappa))
+
+
+def weibull_moments(lam: torch.Tensor, kappa: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance ``lam^2 * (Gamma(1 + 2/kappa) - Gamma(1 + 1/kappa)^2)``.
+
+    The variance is formed as ``mean^2 * (exp(lg2 - 2*lg1) - 1)`` with ``expm1``, which keeps
+    it non-negative and accurate when kappa is large (nearly deterministic weights).
+    """
+    inv = 1.0 / kappa
+    lg1 = torch.lgamma(1.0 + inv)
+    lg2 = torch.lgamma(1.0 + 2.0 * inv)
+    mean = lam * torch.exp(lg1)
+    var = mean.square() * torch.expm1((lg2 - 2.0 * lg1).clamp_min(0.0))
+    return mean, var
+
+
+def weibull_variance(lam: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
+    return weibull_moments(lam, kappa)[1]
+
+
+def kl_weibull_gamma(
+    lam: torch.Tensor, kappa: torch.Tensor, alpha: float = 1.0, beta: float = 3.0
+) -> torch.Tensor:
+    """Closed-form ``KL(Weibull(lam, kappa) || Gamma(alpha, rate=beta))`` per element.
+
+    ``KL = g*alpha/kappa - alpha*ln(lam) + ln(kappa) + beta*lam*Gamma(1 + 1/kappa) - g - 1
+    - alpha*ln(beta) + lnGamma(alpha)`` with ``g`` the Euler-Mascheroni constant.
+    """
+    return (
+        EULER_GAMMA * alpha / kappa
+        - alpha * torch.log(lam)
+        + torch.log(kappa)
+        + beta * weibull_mean(lam, kappa)
+        - EULER_GAMMA
+        - 1.0
+        - alpha * math.log(beta)
+        + math.lgamma(alpha)
+    )
+
+
+def probit_probability(mu: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """MacKay's approximation of ``E[sigmoid(x)]`` for ``x ~ N(mu, var)``."""
+    return torch.sigmoid(probit_logit(mu, var))
+
+
+def probit_logit(mu: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """The logit whose sigmoid is :func:`probit_probability` (useful for stable BCE)."""
+    return mu * torch.rsqrt(1.0 + (math.pi / 8.0) * var)
+
+
+def binary_entropy(p: torch.Tensor) -> torch.Tensor:
+    """Entropy of a Bernoulli(p) in bits, in [0, 1]; 0 at p in {0, 1}."""
+    p = p.clamp(0.0, 1.0)
+    q = 1.0 - p
+    # xlogy gives 0 * log(0) = 0, so certain pixels have exactly zero entropy
+    return -(torch.special.xlogy(p, p) + torch.special.xlogy(q, q)) / math.log(2.0)
+
+
+def binary_entropy_from_logit(logit: torch.Tensor) -> torch.Tensor:
+    """Entropy in bits of ``sigmoid(logit)``, accurate for large ``|logit|``."""
+    # H(sigmoid(l)) in nats = softplus(-|l|) + |l| * sigmoid(-|l|), symmetric in l
+    a = logit.abs()
+    nats = torch.nn.functional.softplus(-a) + a * torch.sigmoid(-a)
+    return nats / math.log(2.0)
