@@ -1,0 +1,124 @@
+"""``napari-ruac info`` and ``napari-ruac predict``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+
+
+def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    if name == "info":
+        parser.add_argument("--json", action="store_true", help="print as JSON")
+        return
+    parser.add_argument("image", help="a 2D image (TIFF/PNG); for a stack, pick the plane with --plane")
+    parser.add_argument("--point", action="append", default=[], metavar="ROW,COL", help="object point (repeatable)")
+    parser.add_argument("--negative", action="append", default=[], metavar="ROW,COL", help="background point (repeatable)")
+    parser.add_argument("--box", metavar="ROW0,COL0,ROW1,COL1", help="bounding box of the object")
+    parser.add_argument("--plane", type=int, default=None, help="plane index of a 3D/time stack")
+    parser.add_argument("--model", default="micro", help="model name or checkpoint path (default: micro)")
+    parser.add_argument("--checkpoint", default=None, help="weights file for an official SAM2.1 model")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    parser.add_argument("--mode", choices=["analytic", "mc"], default="analytic", help="uncertainty mode")
+    parser.add_argument("--samples", type=int, default=20, help="Monte-Carlo samples (mode mc)")
+    parser.add_argument("-o", "--output", required=True, help="output folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    return _info(args) if args.command == "info" else _predict(args)
+
+
+def _info(args) -> int:
+    import torch
+
+    from . import __version__
+    from .model import MODEL_SPECS, available_devices
+    from .model.build import WEIGHTS_DIR, cache_dir
+
+    models = {}
+    for name, spec in MODEL_SPECS.items():
+        if spec.packaged:
+            status = "shipped" if (WEIGHTS_DIR / spec.packaged).is_file() else "weights missing (untrained)"
+        elif spec.url:
+            status = "cached" if (cache_dir() / spec.filename).is_file() else f"not downloaded ({spec.url})"
+        else:
+            status = "random weights"
+        models[name] = {"description": spec.description, "weights": status}
+    info = {
+        "napari-ruac": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "devices": available_devices(),
+        "cache": str(cache_dir()),
+        "models": models,
+    }
+    try:
+        import sam2  # noqa: F401
+        from importlib.metadata import version
+
+        info["sam2"] = version("sam2")
+    except Exception:  # pragma: no cover - sam2 is a hard dependency
+        info["sam2"] = "missing"
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for key in ("napari-ruac", "python", "torch", "sam2"):
+        print(f"{key:<12} {info[key]}")
+    print(f"{'devices':<12} {', '.join(info['devices'])}")
+    print(f"{'cache':<12} {info['cache']}")
+    print("models:")
+    for name, m in models.items():
+        print(f"  {name:<24} {m['weights']:<28} {m['description']}")
+    return 0
+
+
+def _parse_pair(text: str, what: str) -> tuple[float, float]:
+    try:
+        r, c = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{what} must be ROW,COL (two numbers), got {text!r}") from None
+    return r, c
+
+
+def _predict(args) -> int:
+    from .io.imageio import read_image, write_tiff_atomic
+    from .model import Predictor, load_model
+
+    points = [_parse_pair(p, "--point") for p in args.point]
+    negatives = [_parse_pair(p, "--negative") for p in args.negative]
+    box = None
+    if args.box:
+        try:
+            box = tuple(float(v) for v in args.box.split(","))
+        except ValueError:
+            raise ValueError(f"--box must be ROW0,COL0,ROW1,COL1, got {args.box!r}") from None
+        if len(box) != 4:
+            raise ValueError(f"--box must have 4 numbers, got {args.box!r}")
+    if not points and not negatives and box is None:
+        raise ValueError("give at least one --point or a --box")
+
+    image = read_image(args.image)
+    if args.plane is not None:
+        if image.ndim < 3 or not 0 <= args.plane < image.shape[0]:
+            raise ValueError(f"--plane {args.plane} does not exist in an image of shape {image.shape}")
+        image = image[args.plane]
+    model = load_model(args.model, device=args.device, checkpoint=args.checkpoint)
+    predictor = Predictor(model)
+    predictor.set_image(image)
+    pts = points + negatives
+    labels = [1] * len(points) + [0] * len(negatives)
+    pred = predictor.predict(points=pts or None, labels=labels or None, box=box, mode=args.mode, samples=args.samples)
+
+    out = Path(args.output)
+    stem = Path(args.image).name.split(".")[0]
+    mask_path = write_tiff_atomic(out / f"{stem}_mask.tif", pred.mask.astype(np.uint8))
+    unc_path = write_tiff_atomic(out / f"{stem}_uncertainty.tif", pred.uncertainty.astype(np.float32))
+    print(
+        f"{stem}: mask area {int(pred.mask.sum())} px, predicted IoU {pred.iou_score:.3f}, "
+        f"mean uncertainty in mask {pred.mean_uncertainty:.3f}"
+    )
+    print(f"wrote {mask_path} and {unc_path}")
+    return 0
