@@ -91,7 +91,7 @@ def load_model(
 
 
 def _from_file(path: Path, expected: ModelConfig | None) -> RuacSam:
-    state, info = read_checkpoint(path)
+    state, info = read_checkpoint(path, official_config=expected)
     config = expected or info.config
     if expected is not None and not info.official and info.config != expected:
         raise CheckpointError(

@@ -96,8 +96,14 @@ def save_checkpoint(
     atomic_torch_save(ckpt, path)
 
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
-    """Read and verify a checkpoint; returns its float32 state dict and what it says of itself."""
+def read_checkpoint(
+    path: str | os.PathLike, official_config: ModelConfig | None = None
+) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    """Read and verify a checkpoint; returns its float32 state dict and what it says of itself.
+
+    An official (Meta) file carries no config: ``official_config`` names the one expected,
+    else it is inferred from the tensor shapes.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
@@ -142,7 +148,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], C
             metadata=obj.get("metadata", {}),
         )
     else:
-        info = CheckpointInfo(config=infer_official_config(state, path), variant="sam2.1", official=True)
+        config = official_config or infer_official_config(state, path)
+        info = CheckpointInfo(config=config, variant="sam2.1", official=True)
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     return state, info
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..io.normalize import to_rgb_float, validate_plane
 from .mask_decoder import DecoderOutput
-from .sam import INPUT_MULTIPLE, LABEL_BOX_BR, LABEL_BOX_TL, LABEL_PAD, ImageEmbedding, RuacSam
+from .sam import INPUT_MULTIPLE, LABEL_BOX_BR, LABEL_BOX_TL, ImageEmbedding, RuacSam
 from .weibull import binary_entropy
 
 
@@ -176,62 +176,65 @@ class Predictor:
         if not prompts:
             return []
         prompts = [p if isinstance(p, Prompt) else Prompt(**p) for p in prompts]
-        coords, labels = self._encode_prompts(prompts)
+        encoded = [self._encode_prompt(i, p) for i, p in enumerate(prompts)]
         mode = mode or self.model.default_mode
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(seed)
-        with torch.inference_mode():
-            out = self.model.decode(
-                self._embedding,
-                coords.to(self.device),
-                labels.to(self.device),
-                multimask_output=multimask,
-                mode=mode,
-                samples=samples,
-                generator=generator,
-            )
         used_mode = "deterministic" if self.model.config.head == "deterministic" else mode
-        return self._postprocess(out, used_mode, multimask)
+        # SAM's padding tokens take part in attention, so prompt sets are decoded in groups of
+        # equal length: batched results then equal one-at-a-time results exactly
+        groups: dict[int, list[int]] = {}
+        for i, (pts, _) in enumerate(encoded):
+            groups.setdefault(len(pts), []).append(i)
+        results: list[Prediction | None] = [None] * len(prompts)
+        for idx in groups.values():
+            coords = torch.tensor([encoded[i][0] for i in idx], dtype=torch.float32, device=self.device)
+            labels = torch.tensor([encoded[i][1] for i in idx], dtype=torch.long, device=self.device)
+            generator = None
+            if seed is not None:
+                generator = torch.Generator(device=self.device).manual_seed(seed)
+            with torch.inference_mode():
+                out = self.model.decode(
+                    self._embedding,
+                    coords,
+                    labels,
+                    multimask_output=multimask,
+                    mode=mode,
+                    samples=samples,
+                    generator=generator,
+                )
+            for i, pred in zip(idx, self._postprocess(out, used_mode, multimask)):
+                results[i] = pred
+        return results
 
-    def _encode_prompts(self, prompts: Sequence[Prompt]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_prompt(self, i: int, p: Prompt) -> tuple[list[tuple[float, float]], list[int]]:
+        """Object ``i``'s prompts as model-input (x, y) coordinates and SAM labels."""
         frame = self._frame
-        rows = []
-        for i, p in enumerate(prompts):
-            pts, labs = [], []
-            if p.points is not None and len(p.points):
-                points = np.asarray(p.points, dtype=np.float64)
-                if points.ndim != 2 or points.shape[1] != 2:
-                    raise PromptError(f"object {i}: points must be a list of (row, col), got shape {points.shape}")
-                lab = np.ones(len(points), dtype=np.int64) if p.labels is None else np.asarray(p.labels)
-                if lab.shape != (len(points),):
-                    raise PromptError(f"object {i}: {len(points)} points but {lab.size} labels")
-                if not np.isin(lab, (0, 1)).all():
-                    raise PromptError(f"object {i}: point labels must be 1 (object) or 0 (background), got {lab}")
-                for (r, c), l in zip(points, lab):
-                    self._check_inside(i, "point", r, c)
-                    pts.append((c * frame.scale, r * frame.scale))
-                    labs.append(int(l))
-            if p.box is not None:
-                box = np.asarray(p.box, dtype=np.float64).ravel()
-                if box.shape != (4,):
-                    raise PromptError(f"object {i}: box must be (row0, col0, row1, col1), got {p.box}")
-                r0, r1 = sorted((box[0], box[2]))
-                c0, c1 = sorted((box[1], box[3]))
-                self._check_inside(i, "box corner", r0, c0, edge=True)
-                self._check_inside(i, "box corner", r1, c1, edge=True)
-                pts += [(c0 * frame.scale, r0 * frame.scale), (c1 * frame.scale, r1 * frame.scale)]
-                labs += [LABEL_BOX_TL, LABEL_BOX_BR]
-            if not pts:
-                raise PromptError(f"object {i} has no prompt: give at least one point or a box")
-            rows.append((pts, labs))
-        n = max(len(p) for p, _ in rows)
-        coords = torch.zeros(len(rows), n, 2)
-        labels = torch.full((len(rows), n), LABEL_PAD, dtype=torch.long)
-        for i, (pts, labs) in enumerate(rows):
-            coords[i, : len(pts)] = torch.tensor(pts, dtype=torch.float32)
-            labels[i, : len(labs)] = torch.tensor(labs)
-        return coords, labels
+        pts, labs = [], []
+        if p.points is not None and len(p.points):
+            points = np.asarray(p.points, dtype=np.float64)
+            if points.ndim != 2 or points.shape[1] != 2:
+                raise PromptError(f"object {i}: points must be a list of (row, col), got shape {points.shape}")
+            lab = np.ones(len(points), dtype=np.int64) if p.labels is None else np.asarray(p.labels)
+            if lab.shape != (len(points),):
+                raise PromptError(f"object {i}: {len(points)} points but {lab.size} labels")
+            if not np.isin(lab, (0, 1)).all():
+                raise PromptError(f"object {i}: point labels must be 1 (object) or 0 (background), got {lab}")
+            for (r, c), l in zip(points, lab):
+                self._check_inside(i, "point", r, c)
+                pts.append((c * frame.scale, r * frame.scale))
+                labs.append(int(l))
+        if p.box is not None:
+            box = np.asarray(p.box, dtype=np.float64).ravel()
+            if box.shape != (4,):
+                raise PromptError(f"object {i}: box must be (row0, col0, row1, col1), got {p.box}")
+            r0, r1 = sorted((box[0], box[2]))
+            c0, c1 = sorted((box[1], box[3]))
+            self._check_inside(i, "box corner", r0, c0, edge=True)
+            self._check_inside(i, "box corner", r1, c1, edge=True)
+            pts += [(c0 * frame.scale, r0 * frame.scale), (c1 * frame.scale, r1 * frame.scale)]
+            labs += [LABEL_BOX_TL, LABEL_BOX_BR]
+        if not pts:
+            raise PromptError(f"object {i} has no prompt: give at least one point or a box")
+        return pts, labs
 
     def _check_inside(self, i: int, what: str, r: float, c: float, edge: bool = False) -> None:
         h, w = self._frame.shape

@@ -1,0 +1,155 @@
+"""Loading models: our checkpoints, official SAM2.1 files, and every way a file can be wrong."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from napari_ruac import Predictor, load_model
+from napari_ruac.model import CheckpointError, UntrainedWeightsWarning, save_checkpoint
+from napari_ruac.model.checkpoint import read_checkpoint
+
+
+def _predict(model, img):
+    p = Predictor(model)
+    p.set_image(img)
+    return p.predict(points=[(40, 50)], box=(10, 10, 90, 100))
+
+
+@pytest.fixture
+def saved(tiny_model, tmp_path):
+    path = tmp_path / "tiny.pt"
+    save_checkpoint(tiny_model, path, variant="test-tiny", recipe={"steps": 0}, metadata={"note": "x"})
+    return path
+
+
+def test_round_trip_gives_identical_predictions(tiny_model, saved):
+    loaded = load_model(saved)
+    assert loaded.config == tiny_model.config
+    assert loaded.info["variant"] == "test-tiny" and loaded.info["recipe"] == {"steps": 0}
+    img = np.random.default_rng(0).integers(0, 255, (120, 130)).astype(np.uint8)
+    a, b = _predict(tiny_model, img), _predict(loaded, img)
+    np.testing.assert_array_equal(a.probability, b.probability)
+
+
+def test_fp16_checkpoint_is_close(tiny_model, tmp_path):
+    path = tmp_path / "half.pt"
+    save_checkpoint(tiny_model, path, half=True)
+    assert path.stat().st_size < 0.7 * sum(p.numel() * 4 for p in tiny_model.state_dict().values())
+    img = np.random.default_rng(1).integers(0, 255, (100, 100)).astype(np.uint8)
+    a, b = _predict(tiny_model, img), _predict(load_model(path), img)
+    assert np.abs(a.probability - b.probability).max() < 0.05
+
+
+def test_tampered_weights_are_detected(saved):
+    obj = torch.load(saved, weights_only=True)
+    key = next(k for k, v in obj["model"].items() if v.is_floating_point())
+    obj["model"][key] = obj["model"][key] + 1.0  # digest left as it was
+    torch.save(obj, saved)
+    with pytest.raises(CheckpointError, match="tampered"):
+        load_model(saved)
+
+
+@pytest.mark.parametrize("keep", [0, 100, 0.5])
+def test_truncated_file_is_reported(saved, keep):
+    data = saved.read_bytes()
+    n = int(len(data) * keep) if isinstance(keep, float) else keep
+    saved.write_bytes(data[:n])
+    with pytest.raises(CheckpointError, match="truncated|empty"):
+        load_model(saved)
+
+
+def test_not_a_checkpoint(tmp_path):
+    path = tmp_path / "junk.pt"
+    torch.save({"weights": torch.zeros(3)}, path)
+    with pytest.raises(CheckpointError, match="not a SAM2 or napari-ruac checkpoint"):
+        load_model(path)
+    path.write_text("hello")
+    with pytest.raises(CheckpointError):
+        load_model(path)
+
+
+class Payload:
+    """Stands for arbitrary pickled code: unpickling it would need to import this class."""
+
+
+def test_pickled_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "payload": Payload()}, path)
+    with pytest.raises(CheckpointError, match="weights_only|corrupt"):
+        load_model(path)
+
+
+def test_wrong_architecture_is_reported(saved):
+    with pytest.raises(CheckpointError, match="another architecture|different architecture"):
+        load_model("micro", checkpoint=saved)
+
+
+def test_missing_file():
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_model("/nonexistent/model.pt")
+
+
+def test_unknown_name():
+    with pytest.raises(KeyError, match="unknown model 'nonsense'"):
+        load_model("nonsense")
+
+
+def test_official_weights_offline_say_what_to_fetch(tmp_path, monkeypatch):
+    monkeypatch.setenv("NAPARI_RUAC_CACHE", str(tmp_path))
+    with pytest.raises(FileNotFoundError) as exc:
+        load_model("sam2.1_hiera_small", download=False)
+    msg = str(exc.value)
+    assert "https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_small.pt" in msg
+    assert str(tmp_path / "sam2.1_hiera_small.pt") in msg
+
+
+def test_micro_without_weights_says_untrained(monkeypatch, tmp_path):
+    from napari_ruac.model import build as build_module
+
+    monkeypatch.setattr(build_module, "WEIGHTS_DIR", tmp_path)
+    with pytest.warns(UntrainedWeightsWarning, match="UNTRAINED"):
+        model = load_model("micro")
+    assert model.info["trained"] is False
+
+
+def test_official_sam2_checkpoint_loads_with_untrained_head(tmp_path):
+    """A real SAM2.1 Hiera-T model built by sam2's own builder, saved in Meta's format."""
+    from sam2.build_sam import build_sam2
+
+    torch.manual_seed(0)
+    # without the post-processing switch: its dynamic multimask fallback would pick another mask
+    official = build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", ckpt_path=None, device="cpu", apply_postprocessing=False)
+    path = tmp_path / "sam2.1_hiera_tiny.pt"
+    torch.save({"model": official.state_dict()}, path)
+    with pytest.warns(UntrainedWeightsWarning, match="no RUAC Bayesian head"):
+        model = load_model("sam2.1_hiera_tiny", checkpoint=path)
+    assert model.info["official"] and not model.info["trained"]
+    # every shared weight came from the file
+    ours = model.state_dict()
+    for key, value in official.state_dict().items():
+        if key in ours:
+            torch.testing.assert_close(ours[key], value)
+    # same checkpoint, inferred architecture when loaded by path
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UntrainedWeightsWarning)
+        assert load_model(path).config == model.config
+    # SAM2's deterministic decoder in our model reproduces SAM2's own image predictor
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    img = np.random.default_rng(0).integers(0, 255, (1024, 1024, 3)).astype(np.uint8)
+    ref = SAM2ImagePredictor(official)
+    ref.set_image(img)
+    _, _, ref_low = ref.predict(point_coords=np.array([[300.0, 500.0]]), point_labels=np.array([1]),
+                                multimask_output=False, return_logits=True)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+    with torch.inference_mode():
+        out = model.decode(model.encode(x), torch.tensor([[[300.0, 500.0]]]), torch.tensor([[1]]), mode="deterministic")
+    np.testing.assert_allclose(out.logits[0, 0].numpy(), ref_low[0], atol=2e-3, rtol=1e-3)
+
+
+def test_read_checkpoint_reports_metadata(saved):
+    state, info = read_checkpoint(saved)
+    assert info.metadata == {"note": "x"} and not info.official
+    assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())

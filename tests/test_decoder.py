@@ -1,0 +1,111 @@
+"""The Bayesian mask decoder on real SAM2 modules (test-tiny config)."""
+
+import numpy as np
+import pytest
+import torch
+
+from napari_ruac.model.mask_decoder import BayesianMaskDecoder
+
+
+@pytest.fixture(scope="module")
+def embedded(tiny_model):
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 128, 160, generator=g)
+    with torch.inference_mode():
+        emb = tiny_model.encode(images)
+    coords = torch.tensor([[[40.0, 30.0], [0, 0]], [[100.0, 90.0], [120.0, 100.0]]])
+    labels = torch.tensor([[1, -1], [2, 3]])
+    return emb, coords, labels
+
+
+def _decode(model, emb, coords, labels, **kw):
+    with torch.inference_mode():
+        return model.decode(emb, coords, labels, image_index=torch.tensor([0, 1]), **kw)
+
+
+def test_shapes_and_ranges_in_every_mode(tiny_model, embedded):
+    emb, coords, labels = embedded
+    for mode in ("deterministic", "sample", "analytic", "mc"):
+        out = _decode(tiny_model, emb, coords, labels, mode=mode, samples=8)
+        assert out.logits.shape == (2, 1, 32, 40), mode  # 1/4 of the 128x160 input
+        assert out.iou_pred.shape == (2, 1) and out.object_score_logits.shape == (2, 1)
+        assert ((out.probability >= 0) & (out.probability <= 1)).all()
+        assert ((out.uncertainty >= 0) & (out.uncertainty <= 1 + 1e-6)).all()
+        assert (out.epistemic is not None) == (mode == "mc")
+        assert (out.kl is not None) == (mode == "sample")
+
+
+def test_multimask_returns_three_masks(tiny_model, embedded):
+    emb, coords, labels = embedded
+    out = _decode(tiny_model, emb, coords, labels, multimask_output=True, mode="analytic")
+    assert out.logits.shape == (2, 3, 32, 40) and out.iou_pred.shape == (2, 3)
+    single = _decode(tiny_model, emb, coords, labels, multimask_output=False, mode="analytic")
+    assert not torch.allclose(out.logits[:, :1], single.logits)  # token 0 is not a multimask token
+
+
+def test_analytic_uncertainty_agrees_with_monte_carlo(tiny_model, embedded):
+    emb, coords, labels = embedded
+    analytic = _decode(tiny_model, emb, coords, labels, mode="analytic")
+    mc = _decode(tiny_model, emb, coords, labels, mode="mc", samples=256, generator=torch.Generator().manual_seed(0))
+    for a, m in ((analytic.uncertainty, mc.uncertainty), (analytic.probability, mc.probability)):
+        r = np.corrcoef(a.flatten().numpy(), m.flatten().numpy())[0, 1]
+        assert r > 0.9, r
+
+
+def test_analytic_moments_match_sampled_logits(tiny_model, embedded):
+    emb, coords, labels = embedded
+    analytic = _decode(tiny_model, emb, coords, labels, mode="analytic")
+    g = torch.Generator().manual_seed(3)
+    draws = torch.stack([_decode(tiny_model, emb, coords, labels, mode="sample", generator=g).logits for _ in range(400)])
+    # standardised error of the sample mean: |z| averages ~0.8 when the analytic mean is right
+    z = (draws.mean(0) - analytic.logit_mean) / (analytic.logit_var / draws.shape[0]).sqrt()
+    var_ratio = draws.var(0).mean() / analytic.logit_var.mean()
+    assert z.abs().mean() < 1.5
+    assert 0.85 < var_ratio < 1.15
+
+
+def test_mc_split_adds_up(tiny_model, embedded):
+    emb, coords, labels = embedded
+    mc = _decode(tiny_model, emb, coords, labels, mode="mc", samples=16)
+    assert torch.allclose(mc.epistemic + mc.aleatoric, mc.uncertainty, atol=1e-5) or (
+        (mc.epistemic == 0) & (mc.aleatoric >= mc.uncertainty - 1e-5)
+    ).any()
+    assert (mc.epistemic >= 0).all() and (mc.aleatoric >= 0).all()
+
+
+def test_sample_mode_trains_head_and_gives_kl(tiny_model):
+    images = torch.rand(1, 3, 128, 128)
+    emb = tiny_model.encode(images)
+    out = tiny_model.decode(emb, torch.tensor([[[60.0, 60.0]]]), torch.tensor([[1]]), mode="sample")
+    loss = out.logits.mean() + out.kl
+    loss.backward()
+    head = tiny_model.sam_mask_decoder.weibull_head
+    grads = [p.grad for p in head.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert out.kl.item() > 0
+    tiny_model.zero_grad(set_to_none=True)
+
+
+def test_batched_prompts_equal_one_by_one(tiny_model, embedded):
+    emb, _, _ = embedded
+    coords = torch.tensor([[[40.0, 30.0], [70.0, 50.0]], [[100.0, 90.0], [120.0, 100.0]]])
+    labels = torch.tensor([[1, 0], [2, 3]])
+    both = _decode(tiny_model, emb, coords, labels, mode="analytic")
+    for i in range(2):
+        with torch.inference_mode():
+            one = tiny_model.decode(emb.select([i]), coords[i : i + 1], labels[i : i + 1], mode="analytic")
+        torch.testing.assert_close(one.logits, both.logits[i : i + 1], atol=1e-4, rtol=1e-4)
+
+
+def test_unknown_mode_is_rejected(tiny_model, embedded):
+    emb, coords, labels = embedded
+    with pytest.raises(ValueError, match="unknown decoder mode"):
+        _decode(tiny_model, emb, coords, labels, mode="bogus")
+
+
+def test_kappa_init_must_lie_inside_range():
+    from napari_ruac.model.mask_decoder import WeibullHead
+
+    with pytest.raises(ValueError, match="kappa_init"):
+        WeibullHead(32, kappa_range=(1.0, 3.0), kappa_init=4.0)
+    assert issubclass(BayesianMaskDecoder, torch.nn.Module)

@@ -1,0 +1,173 @@
+"""Predictor: images of any dtype/size, prompts in (row, col), outputs at the input size."""
+
+import numpy as np
+import pytest
+
+from napari_ruac import Prediction, Predictor
+from napari_ruac.io import ImageError
+from napari_ruac.model import PromptError
+
+
+@pytest.fixture
+def predictor(tiny_model):
+    return Predictor(tiny_model)
+
+
+def _blobs(shape=(150, 210), dtype=np.uint16):
+    rr, cc = np.mgrid[: shape[0], : shape[1]]
+    img = 100 + 900 * (((rr - 50) ** 2 + (cc - 60) ** 2) < 20**2)
+    img = img + 600 * (((rr - 110) ** 2 + (cc - 160) ** 2) < 15**2)
+    return img.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32, np.float64, bool])
+def test_outputs_match_input_size_for_any_dtype(predictor, dtype):
+    img = _blobs(dtype=np.float64)
+    img = img > 500 if dtype is bool else img.astype(dtype)
+    predictor.set_image(img)
+    pred = predictor.predict(points=[(50, 60)], labels=[1])
+    assert isinstance(pred, Prediction)
+    assert pred.mask.shape == img.shape[:2] and pred.mask.dtype == bool
+    assert pred.probability.dtype == np.float32 and pred.uncertainty.dtype == np.float32
+    assert 0 <= pred.uncertainty.min() and pred.uncertainty.max() <= 1
+    assert 0 <= pred.probability.min() and pred.probability.max() <= 1
+    assert pred.epistemic is None and pred.aleatoric is None
+    assert np.array_equal(pred.mask, pred.probability > 0.5) or pred.object_score < 0.5
+
+
+@pytest.mark.parametrize("shape", [(40, 30), (300, 700), (700, 90, 3), (64, 64, 4), (64, 64, 1)])
+def test_any_size_and_channels(predictor, shape):
+    img = np.random.default_rng(0).integers(0, 4000, size=shape).astype(np.uint16)
+    predictor.set_image(img)
+    pred = predictor.predict(box=(5, 5, shape[0] - 5, shape[1] - 5))
+    assert pred.uncertainty.shape == shape[:2]
+
+
+def test_large_image_is_downscaled_to_max_native_size(tiny_model):
+    p = Predictor(tiny_model)
+    frame = p._frame_for((2048, 1000))
+    assert frame.input_size[0] <= tiny_model.config.max_native_size
+    assert frame.input_size[0] % 32 == 0 and frame.input_size[1] % 32 == 0
+    assert frame.scale == pytest.approx(tiny_model.config.max_native_size / 2048)
+
+
+def test_mc_mode_splits_uncertainty(predictor):
+    predictor.set_image(_blobs())
+    pred = predictor.predict(points=[(50, 60)], mode="mc", samples=16)
+    assert pred.epistemic.shape == pred.aleatoric.shape == pred.mask.shape
+    np.testing.assert_allclose(pred.epistemic + pred.aleatoric, pred.uncertainty, atol=1e-4)
+
+
+def test_embedding_is_cached_by_content(predictor):
+    img = _blobs()
+    predictor.set_image(img)
+    calls = []
+    original = predictor.model.encode
+    predictor.model.encode = lambda x: calls.append(1) or original(x)
+    try:
+        predictor.set_image(img.copy())  # same content, new array
+        assert calls == []
+        predictor.set_image(img + 1)
+        assert calls == [1]
+        assert predictor.is_cached(img)
+    finally:
+        del predictor.model.encode
+
+
+def test_point_coordinates_are_row_col(tiny_model):
+    """A point at (row, col) reaches the model as x=col, y=row (scaled), for native and resized frames."""
+    p = Predictor(tiny_model)
+    p.set_image(np.zeros((100, 300), np.uint8))
+    pts, labs = p._encode_prompt(0, p_prompt(points=[(10, 250)], box=(20, 30, 80, 290)))
+    assert pts[0] == pytest.approx((250, 10)) and labs == [1, 2, 3]
+    assert pts[1] == pytest.approx((30, 20)) and pts[2] == pytest.approx((290, 80))
+    # prompts at transposed positions give different masks
+    a = p.predict(points=[(10, 250)]).probability
+    b = p.predict(points=[(250 % 100, 10)]).probability
+    assert not np.allclose(a, b)
+
+
+def p_prompt(**kw):
+    from napari_ruac import Prompt
+
+    return Prompt(**kw)
+
+
+def test_batch_equals_one_by_one_and_keeps_order(predictor):
+    predictor.set_image(_blobs())
+    prompts = [
+        dict(points=[(50, 60)], labels=[1]),
+        dict(box=(90, 140, 130, 180)),
+        dict(points=[(50, 60), (52, 90)], labels=[1, 0]),
+        dict(points=[(110, 160)]),
+    ]
+    batch = predictor.predict_batch(prompts)
+    assert len(batch) == 4
+    for prompt, got in zip(prompts, batch):
+        single = predictor.predict(**prompt)
+        np.testing.assert_allclose(got.probability, single.probability, atol=1e-4)
+        assert got.iou_score == pytest.approx(single.iou_score, abs=1e-5)
+
+
+def test_multimask_gives_best_first(predictor):
+    predictor.set_image(_blobs())
+    pred = predictor.predict(points=[(50, 60)], multimask=True)
+    assert len(pred.alternatives) == 2
+    assert all(pred.iou_score >= alt.iou_score for alt in pred.alternatives)
+
+
+@pytest.mark.parametrize(
+    "image,match",
+    [
+        (np.full((32, 32), np.nan, np.float32), "NaN"),
+        (np.zeros((0, 10)), "empty"),
+        (np.zeros((2, 3, 32, 32)), "4 dimensions"),
+        (np.zeros((5, 32, 32)), "one plane"),
+        (np.zeros((8, 8), dtype=complex), "dtype"),
+    ],
+)
+def test_bad_images_are_rejected_clearly(predictor, image, match):
+    with pytest.raises(ImageError, match=match):
+        predictor.set_image(image)
+
+
+def test_constant_image_still_predicts(predictor):
+    predictor.set_image(np.zeros((64, 64), np.uint16))
+    assert predictor.predict(points=[(32, 32)]).mask.shape == (64, 64)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(points=[(150, 10)]), "outside the image"),
+        (dict(points=[(-1, 10)]), "outside the image"),
+        (dict(points=[(10, float("nan"))]), "outside the image"),
+        (dict(box=(0, 0, 151, 50)), "outside the image"),
+        (dict(points=[(10, 10)], labels=[1, 0]), "labels"),
+        (dict(points=[(10, 10)], labels=[5]), "labels must be"),
+        (dict(points=[10, 10]), "points must be"),
+        (dict(box=(1, 2, 3)), "box must be"),
+        (dict(), "no prompt"),
+    ],
+)
+def test_bad_prompts_are_rejected_clearly(predictor, kwargs, match):
+    predictor.set_image(_blobs())
+    with pytest.raises(PromptError, match=match):
+        predictor.predict(**kwargs)
+
+
+def test_predict_before_set_image(tiny_model):
+    with pytest.raises(RuntimeError, match="set_image"):
+        Predictor(tiny_model).predict(points=[(1, 1)])
+
+
+def test_resize_models_pad_to_square(tiny_model):
+    from dataclasses import replace
+
+    from napari_ruac.model import build_model
+
+    model = build_model(replace(tiny_model.config, input_scaling="resize")).eval()
+    p = Predictor(model)
+    p.set_image(_blobs((90, 250)))
+    assert p._frame.input_size == (128, 128) and p._frame.valid == (46, 128)
+    assert p.predict(points=[(45, 200)]).mask.shape == (90, 250)
