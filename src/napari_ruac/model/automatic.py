@@ -1,0 +1,555 @@
+"""Automatic instance segmentation with per-pixel uncertainty ("segment everything").
+
+A grid of single-point prompts is decoded in batches (one encoder pass per crop, one decoder
+pass per ``points_per_batch`` points), the candidate masks are filtered by predicted IoU,
+stability and mean uncertainty, de-duplicated by box NMS and resolved into one label image.
+
+Resolution rule (what "the uncertainty of the decision" means): every kept candidate ``k`` gives
+a foreground probability ``p_k(x)``. A pixel belongs to ``argmax_k p_k(x)`` if that maximum
+exceeds 0.5, else to the background; its uncertainty is the binary entropy (bits) of that
+maximum, i.e. of the probability behind the label it received. Where no candidate reaches the
+pixel, ``p = 0`` and the uncertainty is 0.
+
+Why it is faster than SAM2's ``SAM2AutomaticMaskGenerator`` on the same grid: the IoU and
+stability filters run on the decoder's 1/4-resolution logits, and only the survivors are
+brought to full resolution, inside a window around each mask (SAM2 upsamples every candidate to
+the full image and run-length encodes it).
+
+Planes larger than the model's input are split into overlapping tiles (:mod:`.tiling`); each
+tile runs the crop pyramid below and the tiles' candidates are stitched before resolution.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..io.normalize import to_rgb_float, validate_plane
+from .sam import INPUT_MULTIPLE, LABEL_POS, RuacSam
+from .weibull import binary_entropy
+
+Box = tuple[int, int, int, int]  # (row0, col0, row1, col1), end-exclusive, plane pixels
+
+
+# ---------------------------------------------------------------------------- results
+@dataclass
+class ObjectInfo:
+    """One instance of a label image: ``area`` in pixels, ``mean_uncertainty`` over its pixels
+    (bits, 0..1), ``iou_score`` the decoder's predicted IoU of the mask it came from."""
+
+    label: int
+    area: int
+    mean_uncertainty: float
+    iou_score: float
+    stability: float = 1.0
+    bbox: Box = (0, 0, 0, 0)
+
+
+@dataclass
+class AutoStats:
+    """What the segmenter did (counts, for tests, logs and benchmarks)."""
+
+    n_crops: int = 0
+    n_points: int = 0
+    n_encoder_calls: int = 0
+    n_decoder_calls: int = 0
+    n_masks_decoded: int = 0
+    n_after_filters: int = 0
+    n_after_nms: int = 0
+    n_objects: int = 0
+
+    def add(self, other: "AutoStats") -> None:
+        for k, v in asdict(other).items():
+            setattr(self, k, getattr(self, k) + v)
+
+
+@dataclass
+class AutoResult:
+    """``labels`` int32 (H, W), 0 = background; ``uncertainty`` float32 (H, W) in [0, 1];
+    ``objects`` one :class:`ObjectInfo` per label, in label order."""
+
+    labels: np.ndarray
+    uncertainty: np.ndarray
+    objects: list[ObjectInfo]
+    stats: AutoStats = field(default_factory=AutoStats)
+
+
+@dataclass
+class MaskCandidate:
+    """A candidate mask, stored as full-resolution logits inside a window around it.
+
+    ``window`` (r0, c0, r1, c1) in plane pixels; ``logits`` float32 (r1-r0, c1-c0), the mask is
+    ``logits > 0`` and outside the window the candidate's probability is taken as 0.
+    ``box`` is the mask's tight bounding box; ``source`` the crop or tile it was decoded in
+    (its edges that are not plane edges make a mask suspect: it may be cut off there).
+    """
+
+    window: Box
+    logits: np.ndarray
+    box: Box
+    area: int
+    iou_score: float
+    stability: float
+    mean_uncertainty: float
+    source: Box
+    layer: int = 0
+
+    def shifted(self, dr: int, dc: int) -> "MaskCandidate":
+        """The same candidate in a frame whose origin lies at (-dr, -dc)."""
+        return replace(
+            self,
+            window=_shift(self.window, dr, dc),
+            box=_shift(self.box, dr, dc),
+            source=_shift(self.source, dr, dc),
+        )
+
+
+def _shift(box: Box, dr: int, dc: int) -> Box:
+    return (box[0] + dr, box[1] + dc, box[2] + dr, box[3] + dc)
+
+
+# ---------------------------------------------------------------------------- geometry
+def point_grid(n_per_side: int) -> np.ndarray:
+    """(n², 2) points (row, col) as fractions of the crop size, at cell centres."""
+    if n_per_side < 1:
+        raise ValueError(f"points_per_side must be at least 1, got {n_per_side}")
+    offsets = (np.arange(n_per_side) + 0.5) / n_per_side
+    rows, cols = np.meshgrid(offsets, offsets, indexing="ij")
+    return np.stack([rows.ravel(), cols.ravel()], axis=1)
+
+
+def crop_boxes(shape: tuple[int, int], n_layers: int, overlap_ratio: float) -> list[tuple[Box, int]]:
+    """Crops of the zoom pyramid: layer 0 is the whole plane, layer i has 2^i x 2^i crops
+    overlapping by ``overlap_ratio`` of the shorter side (as in SAM)."""
+    h, w = shape
+    boxes: list[tuple[Box, int]] = [((0, 0, h, w), 0)]
+    short = min(h, w)
+    for layer in range(1, n_layers + 1):
+        n = 2**layer
+        overlap = int(overlap_ratio * short * (2 / n))
+        ch = int(math.ceil((overlap * (n - 1) + h) / n))
+        cw = int(math.ceil((overlap * (n - 1) + w) / n))
+        for i in range(n):
+            for j in range(n):
+                r0, c0 = (ch - overlap) * i, (cw - overlap) * j
+                boxes.append(((r0, c0, min(r0 + ch, h), min(c0 + cw, w)), layer))
+    return boxes
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU between boxes (N, 4) and (M, 4), end-exclusive (r0, c0, r1, c1) -> (N, M)."""
+    a = a.astype(np.float64)[:, None]
+    b = b.astype(np.float64)[None]
+    ih = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
+    iw = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
+    inter = ih * iw
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    return inter / np.maximum(area_a + area_b - inter, 1e-9)
+
+
+def box_nms(
+    candidates: Sequence[MaskCandidate],
+    iou_thresh: float,
+    score: Callable[[MaskCandidate], float] = lambda c: c.iou_score,
+) -> list[MaskCandidate]:
+    """Greedy NMS on mask bounding boxes: best score first; ties keep the earlier candidate.
+
+    Returns the survivors in descending score order.
+    """
+    if not candidates:
+        return []
+    scores = np.array([score(c) for c in candidates], dtype=np.float64)
+    order = np.argsort(-scores, kind="stable")
+    boxes = np.array([candidates[i].box for i in order])
+    iou = box_iou(boxes, boxes)
+    suppressed = np.zeros(len(order), dtype=bool)
+    keep = []
+    for rank in range(len(order)):
+        if suppressed[rank]:
+            continue
+        keep.append(candidates[order[rank]])
+        suppressed |= iou[rank] > iou_thresh
+    return keep
+
+
+def drop_cut_candidates(
+    candidates: Sequence[MaskCandidate], plane_shape: tuple[int, int], tolerance: int = 2
+) -> list[MaskCandidate]:
+    """Drop masks that touch an edge of their crop/tile that is not an edge of the plane: they
+    are probably cut off there, and a neighbouring crop or tile holds the whole object."""
+    h, w = plane_shape
+    kept = []
+    for c in candidates:
+        s, b = c.source, c.box
+        cut = (
+            (s[0] > 0 and b[0] <= s[0] + tolerance)
+            or (s[1] > 0 and b[1] <= s[1] + tolerance)
+            or (s[2] < h and b[2] >= s[2] - tolerance)
+            or (s[3] < w and b[3] >= s[3] - tolerance)
+        )
+        if not cut:
+            kept.append(c)
+    return kept
+
+
+# ---------------------------------------------------------------------------- resolution
+def resolve_labels(
+    candidates: Sequence[MaskCandidate], shape: tuple[int, int], min_area: int = 0
+) -> tuple[np.ndarray, np.ndarray, list[ObjectInfo]]:
+    """Label image, per-pixel decision uncertainty and per-object statistics.
+
+    Each pixel takes the candidate of highest probability if it exceeds 0.5 (ties: the earlier
+    candidate); its uncertainty is the binary entropy of that probability. Instances smaller
+    than ``min_area`` pixels after resolution are returned to the background. Labels are
+    numbered 1..N in raster order of each instance's first pixel, so the numbering does not
+    depend on the order the candidates were found in.
+
+    Returns ``labels`` int32 (H, W), ``uncertainty`` float32 (H, W), ``objects``.
+    """
+    h, w = shape
+    best_p = np.zeros((h, w), dtype=np.float32)
+    owner = np.zeros((h, w), dtype=np.int32)  # index + 1 into candidates
+    for k, cand in enumerate(candidates):
+        r0, c0, r1, c1 = cand.window
+        p = _sigmoid(cand.logits)
+        view_p = best_p[r0:r1, c0:c1]
+        better = p > view_p
+        view_p[better] = p[better]
+        owner[r0:r1, c0:c1][better] = k + 1
+    uncertainty = binary_entropy(torch.from_numpy(best_p)).numpy().astype(np.float32)
+    owner[best_p <= 0.5] = 0
+    areas = np.bincount(owner.ravel(), minlength=len(candidates) + 1)
+    small = np.flatnonzero(areas < max(min_area, 1))
+    if small.size:
+        owner[np.isin(owner, small)] = 0
+    labels, order = canonical_relabel(owner)
+    n = len(order)
+    flat = labels.ravel()
+    areas = np.bincount(flat, minlength=n + 1)
+    unc_sums = np.bincount(flat, weights=uncertainty.ravel().astype(np.float64), minlength=n + 1)
+    objects = []
+    for lab, idx in enumerate(order, start=1):
+        cand = candidates[idx - 1]
+        rows, cols = _label_bbox(labels, lab, cand.window)
+        objects.append(
+            ObjectInfo(
+                label=lab,
+                area=int(areas[lab]),
+                mean_uncertainty=float(unc_sums[lab] / max(areas[lab], 1)),
+                iou_score=float(cand.iou_score),
+                stability=float(cand.stability),
+                bbox=(rows[0], cols[0], rows[1], cols[1]),
+            )
+        )
+    return labels, uncertainty, objects
+
+
+def canonical_relabel(ids: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """Renumber the non-zero ids of ``ids`` 1..N in raster order of first appearance.
+
+    Returns the new int32 label image and, for each new label, the old id.
+    """
+    flat = ids.ravel()
+    uniq, first = np.unique(flat, return_index=True)
+    keep = uniq != 0
+    uniq, first = uniq[keep], first[keep]
+    old_in_order = uniq[np.argsort(first, kind="stable")]
+    lut = np.zeros(int(flat.max(initial=0)) + 1, dtype=np.int32)
+    lut[old_in_order] = np.arange(1, len(old_in_order) + 1, dtype=np.int32)
+    return lut[ids].astype(np.int32), [int(v) for v in old_in_order]
+
+
+def _label_bbox(labels: np.ndarray, lab: int, window: Box) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Bounding box of ``lab``: it lies inside the candidate's window, so only that is searched."""
+    r0, c0, r1, c1 = window
+    rr, cc = np.nonzero(labels[r0:r1, c0:c1] == lab)
+    return (r0 + int(rr.min()), r0 + int(rr.max()) + 1), (c0 + int(cc.min()), c0 + int(cc.max()) + 1)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return (0.5 * (1.0 + np.tanh(0.5 * x.astype(np.float32)))).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------- segmenter
+@dataclass(frozen=True)
+class _Frame:
+    """How a crop of (h, w) plane pixels sits in the model input: scaled by ``scale`` to
+    ``valid`` (vh, vw), padded to ``input_size``."""
+
+    shape: tuple[int, int]
+    scale: float
+    valid: tuple[int, int]
+    input_size: tuple[int, int]
+
+
+class AutomaticSegmenter:
+    """Segment every object of a plane, with per-pixel and per-object uncertainty.
+
+    >>> seg = AutomaticSegmenter(load_model("micro"), points_per_side=16)
+    >>> result = seg.segment(plane)        # (H, W) or (H, W, C), any size
+    >>> result.labels, result.uncertainty, result.objects
+
+    Parameters mirror SAM's generator where they mean the same thing. ``max_mean_uncertainty``
+    drops masks whose mean uncertainty (bits, inside the mask) is above it. ``crop_n_layers``
+    adds zoomed crops for small objects (layer i: 2^i x 2^i crops, magnified up to 2^i for
+    native-scale models). ``tile_size``/``tile_overlap`` control planes larger than the
+    model's input (default: the model's largest input and a quarter of it).
+    """
+
+    def __init__(
+        self,
+        model: RuacSam,
+        points_per_side: int = 16,
+        points_per_batch: int = 64,
+        pred_iou_thresh: float = 0.7,
+        stability_score_thresh: float = 0.8,
+        stability_score_offset: float = 1.0,
+        max_mean_uncertainty: float = 0.6,
+        box_nms_thresh: float = 0.7,
+        crop_n_layers: int = 0,
+        crop_overlap_ratio: float = 512 / 1500,
+        crop_n_points_downscale_factor: int = 1,
+        crop_nms_thresh: float = 0.7,
+        min_area: int = 0,
+        multimask: bool = True,
+        object_score_thresh: float = 0.0,
+        mode: str | None = None,
+        samples: int = 8,
+        tile_size: int | None = None,
+        tile_overlap: int | None = None,
+        window_margin: int = 12,
+        seed: int = 0,
+    ) -> None:
+        if points_per_batch < 1:
+            raise ValueError(f"points_per_batch must be at least 1, got {points_per_batch}")
+        point_grid(points_per_side)  # validates
+        self.model = model.eval()
+        self.points_per_side = points_per_side
+        self.points_per_batch = points_per_batch
+        self.pred_iou_thresh = pred_iou_thresh
+        self.stability_score_thresh = stability_score_thresh
+        self.stability_score_offset = stability_score_offset
+        self.max_mean_uncertainty = max_mean_uncertainty
+        self.box_nms_thresh = box_nms_thresh
+        self.crop_n_layers = crop_n_layers
+        self.crop_overlap_ratio = crop_overlap_ratio
+        self.crop_n_points_downscale_factor = crop_n_points_downscale_factor
+        self.crop_nms_thresh = crop_nms_thresh
+        self.min_area = min_area
+        self.multimask = multimask
+        self.object_score_thresh = object_score_thresh
+        self.mode = mode or model.default_mode
+        self.samples = samples
+        self.tile_size = tile_size or self.max_tile_size
+        self.tile_overlap = self.tile_size // 4 if tile_overlap is None else tile_overlap
+        self.window_margin = window_margin
+        self.seed = seed
+
+    # ------------------------------------------------------------------ options
+    @property
+    def max_tile_size(self) -> int:
+        """The largest plane side decoded in one pass at the model's own scale."""
+        cfg = self.model.config
+        return cfg.max_native_size if cfg.input_scaling == "native" else cfg.image_size
+
+    def options(self) -> dict:
+        """The parameters that change results (for metadata and resume fingerprints)."""
+        keys = (
+            "points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
+            "stability_score_offset", "max_mean_uncertainty", "box_nms_thresh", "crop_n_layers",
+            "crop_overlap_ratio", "crop_n_points_downscale_factor", "crop_nms_thresh", "min_area",
+            "multimask", "object_score_thresh", "mode", "samples", "tile_size", "tile_overlap",
+            "window_margin", "seed",
+        )
+        return {k: getattr(self, k) for k in keys}
+
+    # ------------------------------------------------------------------ public
+    def segment(self, plane) -> AutoResult:
+        """(H, W) or (H, W, C) plane, any dtype and size -> :class:`AutoResult`."""
+        arr = validate_plane(plane, "plane")
+        rgb = to_rgb_float(arr)
+        h, w = rgb.shape[:2]
+        stats = AutoStats()
+        if max(h, w) <= self.tile_size:
+            cands = self.candidates(rgb, stats)
+        else:
+            from .tiling import tiled_candidates
+
+            cands = tiled_candidates(
+                lambda tile: self.candidates(tile, stats),
+                rgb,
+                self.tile_size,
+                self.tile_overlap,
+                nms_thresh=self.crop_nms_thresh,
+            )
+        labels, unc, objects = resolve_labels(cands, (h, w), self.min_area)
+        stats.n_objects = len(objects)
+        return AutoResult(labels, unc, objects, stats)
+
+    def candidates(self, rgb: np.ndarray, stats: AutoStats | None = None) -> list[MaskCandidate]:
+        """Filtered, de-duplicated candidates of an (H, W, 3) float image in [0, 1] that fits the
+        model (max side <= ``tile_size``), best first."""
+        stats = stats if stats is not None else AutoStats()
+        h, w = rgb.shape[:2]
+        image = torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32)).permute(2, 0, 1)
+        per_crop: list[MaskCandidate] = []
+        boxes = crop_boxes((h, w), self.crop_n_layers, self.crop_overlap_ratio)
+        for box, layer in boxes:
+            n_side = max(1, self.points_per_side // (self.crop_n_points_downscale_factor**layer))
+            cands = self._crop_candidates(image, box, layer, n_side, stats)
+            per_crop.extend(box_nms(cands, self.box_nms_thresh))
+        stats.n_crops += len(boxes)
+        if len(boxes) > 1:
+            per_crop = drop_cut_candidates(per_crop, (h, w))
+            # prefer masks from smaller (more magnified) crops, as SAM does
+            per_crop = box_nms(per_crop, self.crop_nms_thresh, score=lambda c: c.layer + c.iou_score)
+        stats.n_after_nms += len(per_crop)
+        return per_crop
+
+    # ------------------------------------------------------------------ internals
+    def _frame(self, shape: tuple[int, int], layer: int) -> _Frame:
+        cfg = self.model.config
+        h, w = shape
+        if cfg.input_scaling == "native":
+            # zoomed crops are magnified (up to 2^layer) so small objects cover more tokens
+            scale = min(float(2**layer), cfg.max_native_size / max(h, w))
+            vh, vw = max(1, round(h * scale)), max(1, round(w * scale))
+            size = (max(cfg.image_size, _ceil_to(vh)), max(cfg.image_size, _ceil_to(vw)))
+        else:
+            scale = cfg.image_size / max(h, w)
+            vh, vw = max(1, round(h * scale)), max(1, round(w * scale))
+            size = (cfg.image_size, cfg.image_size)
+        return _Frame((h, w), scale, (vh, vw), size)
+
+    @torch.inference_mode()
+    def _crop_candidates(
+        self, image: torch.Tensor, box: Box, layer: int, n_side: int, stats: AutoStats
+    ) -> list[MaskCandidate]:
+        """Decode the point grid of one crop. ``image`` (3, H, W) float in [0, 1]."""
+        r0, c0, r1, c1 = box
+        crop = image[:, r0:r1, c0:c1]
+        frame = self._frame((r1 - r0, c1 - c0), layer)
+        embedding = self.model.encode(_model_input(crop, frame).to(self.model.device))
+        stats.n_encoder_calls += 1
+        points = point_grid(n_side) * np.array(frame.shape, dtype=np.float64)  # (P, 2) row, col
+        stats.n_points += len(points)
+        # model coordinates are (x, y) pixel indices; embed_prompts adds the half-pixel
+        xy = torch.from_numpy(points[:, ::-1] * frame.scale - 0.5).float()
+        found: list[MaskCandidate] = []
+        for start in range(0, len(xy), self.points_per_batch):
+            coords = xy[start : start + self.points_per_batch].unsqueeze(1).to(self.model.device)
+            labels = torch.full(coords.shape[:2], LABEL_POS, dtype=torch.long, device=coords.device)
+            generator = torch.Generator(device=self.model.device).manual_seed(self.seed + start)
+            out = self.model.decode(
+                embedding, coords, labels, multimask_output=self.multimask, mode=self.mode,
+                samples=self.samples, generator=generator,
+            )
+            stats.n_decoder_calls += 1
+            stats.n_masks_decoded += out.logits.shape[0] * out.logits.shape[1]
+            found.extend(self._filter_batch(out, frame, box, layer))
+        stats.n_after_filters += len(found)
+        return found
+
+    def _filter_batch(self, out, frame: _Frame, box: Box, layer: int) -> list[MaskCandidate]:
+        """IoU/object/stability filters at decoder resolution, then full-resolution windows for
+        the survivors and the mean-uncertainty filter."""
+        logits = out.logits.float()  # (B, M, h4, w4)
+        b, m, h4, w4 = logits.shape
+        logits = logits.reshape(b * m, h4, w4)
+        iou = out.iou_pred.float().reshape(b * m)
+        obj = out.object_score_logits.float()[:, 0].repeat_interleave(m)
+        # the low-res pixels that cover the valid (non-padding) part of the input
+        down = frame.input_size[0] / h4
+        vh4, vw4 = int(math.ceil(frame.valid[0] / down)), int(math.ceil(frame.valid[1] / down))
+        logits = logits[:, :vh4, :vw4]
+        off = self.stability_score_offset
+        inter = (logits > off).flatten(1).sum(1).float()
+        union = (logits > -off).flatten(1).sum(1).float()
+        stability = torch.where(union > 0, inter / union.clamp_min(1), torch.zeros_like(inter))
+        keep = (iou > self.pred_iou_thresh) & (obj > self.object_score_thresh)
+        keep &= stability >= self.stability_score_thresh
+        keep &= (logits > 0).flatten(1).any(1)
+        result = []
+        for k in torch.nonzero(keep).flatten().tolist():
+            cand = self._full_resolution(logits[k], frame, down, box, layer)
+            if cand is None:
+                continue
+            cand.iou_score = float(iou[k])
+            cand.stability = float(stability[k])
+            if cand.mean_uncertainty <= self.max_mean_uncertainty:
+                result.append(cand)
+        return result
+
+    def _full_resolution(
+        self, low: torch.Tensor, frame: _Frame, down: float, box: Box, layer: int
+    ) -> MaskCandidate | None:
+        """Logits of one low-res mask (h4, w4) sampled at crop pixels inside a window around it."""
+        rows = torch.nonzero((low > 0).any(1)).flatten()
+        cols = torch.nonzero((low > 0).any(0)).flatten()
+        px = down / frame.scale  # crop pixels per low-res pixel
+        h, w = frame.shape
+        margin = self.window_margin + int(math.ceil(px))
+        wr0 = max(0, int(math.floor(int(rows[0]) * px)) - margin)
+        wc0 = max(0, int(math.floor(int(cols[0]) * px)) - margin)
+        wr1 = min(h, int(math.ceil((int(rows[-1]) + 1) * px)) + margin)
+        wc1 = min(w, int(math.ceil((int(cols[-1]) + 1) * px)) + margin)
+        if wr1 <= wr0 or wc1 <= wc0:
+            return None
+        window_logits = _sample_window(low, (wr0, wc0, wr1, wc1), frame.scale / down)
+        mask = window_logits > 0
+        if not mask.any():
+            return None
+        rr = np.flatnonzero(mask.any(1))
+        cc = np.flatnonzero(mask.any(0))
+        p = _sigmoid(window_logits[mask])
+        mean_unc = float(binary_entropy(torch.from_numpy(p)).mean())
+        r0, c0 = box[0], box[1]
+        return MaskCandidate(
+            window=(r0 + wr0, c0 + wc0, r0 + wr1, c0 + wc1),
+            logits=window_logits,
+            box=(r0 + wr0 + int(rr[0]), c0 + wc0 + int(cc[0]), r0 + wr0 + int(rr[-1]) + 1, c0 + wc0 + int(cc[-1]) + 1),
+            area=int(mask.sum()),
+            iou_score=0.0,
+            stability=0.0,
+            mean_uncertainty=mean_unc,
+            source=box,
+            layer=layer,
+        )
+
+
+def _sample_window(low: torch.Tensor, window: Box, lowres_per_px: float) -> np.ndarray:
+    """Bilinear logits at the pixel centres of ``window`` (crop pixels) from a low-res map.
+
+    ``low`` (h4, w4); crop pixel centre ``r + 0.5`` sits at ``(r + 0.5) * lowres_per_px`` in
+    low-res units — the same mapping as upsampling the whole map with ``align_corners=False``.
+    """
+    r0, c0, r1, c1 = window
+    h4, w4 = low.shape
+    ys = (torch.arange(r0, r1, dtype=torch.float32) + 0.5) * lowres_per_px
+    xs = (torch.arange(c0, c1, dtype=torch.float32) + 0.5) * lowres_per_px
+    gy = ys / h4 * 2 - 1
+    gx = xs / w4 * 2 - 1
+    grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1).unsqueeze(0).to(low.device)
+    out = F.grid_sample(low[None, None], grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out[0, 0].cpu().numpy().astype(np.float32)
+
+
+def _model_input(crop: torch.Tensor, frame: _Frame) -> torch.Tensor:
+    """(3, h, w) crop -> (1, 3, H_in, W_in) resized and zero-padded model input."""
+    x = crop.unsqueeze(0)
+    if frame.valid != frame.shape:
+        x = F.interpolate(x, size=frame.valid, mode="bilinear", align_corners=False,
+                          antialias=frame.scale < 1)
+    pad_h = frame.input_size[0] - frame.valid[0]
+    pad_w = frame.input_size[1] - frame.valid[1]
+    return F.pad(x, (0, pad_w, 0, pad_h))
+
+
+def _ceil_to(n: int, multiple: int = INPUT_MULTIPLE) -> int:
+    return int(math.ceil(n / multiple) * multiple)
