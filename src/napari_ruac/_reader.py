@@ -1,0 +1,50 @@
+"""napari reader for our results: ``*_uncertainty.tif`` opens as a 0..1 uncertainty image, with
+its sibling ``*_labels.tif`` (if present) as a labels layer.
+
+Written by :mod:`napari_ruac._writer` and by batch segmentation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .io.imageio import read_image
+
+#: how uncertainty maps are shown everywhere in the plugin (0 = sure, 1 = coin flip)
+UNCERTAINTY_DISPLAY = {"colormap": "magma", "contrast_limits": (0.0, 1.0), "blending": "additive", "opacity": 0.7}
+
+
+def get_reader(path: str | list[str]) -> Callable | None:
+    """npe2 reader hook: a reader function for ``*_uncertainty.tif`` files, else None."""
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    if not paths or not all(_is_uncertainty(p) for p in paths):
+        return None
+    return read_results
+
+
+def _is_uncertainty(path) -> bool:
+    name = Path(path).name.lower()
+    return name.endswith("_uncertainty.tif") or name.endswith("_uncertainty.tiff")
+
+
+def labels_path_for(path: str | Path) -> Path:
+    p = Path(path)
+    stem = p.name[: p.name.lower().rfind("_uncertainty")]
+    return p.with_name(f"{stem}_labels{p.suffix}")
+
+
+def read_results(path: str | list[str]) -> list[tuple]:
+    """Layer data for each uncertainty map and its labels: [(data, meta, type), ...]."""
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    layers = []
+    for p in paths:
+        stem = Path(p).name[: Path(p).name.lower().rfind("_uncertainty")]
+        labels_file = labels_path_for(p)
+        if labels_file.is_file():
+            layers.append((np.asarray(read_image(labels_file)), {"name": f"{stem} labels"}, "labels"))
+        unc = np.asarray(read_image(p), dtype=np.float32)
+        layers.append((unc, {"name": f"{stem} uncertainty", **UNCERTAINTY_DISPLAY}, "image"))
+    return layers

@@ -1,0 +1,828 @@
+"""The RUAC annotator: click to segment, see the uncertainty, commit, propagate, proofread.
+
+Layers made for the chosen image ``<name>`` (same scale/translate/rotation as the image):
+
+- ``<name> prompts``  Points: click = positive; Shift/Ctrl-click or the "negative" toggle = negative
+- ``<name> box``      Shapes: draw one rectangle per plane as a box prompt
+- ``<name> current object``  Labels (uint8): the object being made (label 1)
+- ``<name> uncertainty``     Image (float32, 0..1, magma, contrast fixed to 0..1)
+- ``<name> objects``         Labels (uint32): committed objects, one id each
+- ``<name> uncertain pixels`` Image (uint8 0/1): uncertainty above the slider's threshold
+
+Leading axes (z, t, ...) are planes; the last two are rows and columns (RGB images keep their
+colour axis last). Model work runs in napari thread workers; prompts changed while a prediction
+runs replace any prediction still waiting. Keys on the prompt layers: ``c`` commit, ``u`` undo
+the last prompt, ``n`` next uncertain object.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from napari.layers import Image, Labels, Points, Shapes
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QCheckBox,
+    QComboBox,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QSlider,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from .model_picker import ModelChoice, ModelPicker
+from .objects import ObjectRecord, measure_object, next_uncertain, plane_centroid
+from .runner import LatestOnlyRunner
+
+POSITIVE_COLOR = np.array([0.2, 1.0, 0.2, 1.0])
+NEGATIVE_COLOR = np.array([1.0, 0.2, 0.2, 1.0])
+UNCERTAINTY_DISPLAY = {"colormap": "magma", "contrast_limits": (0.0, 1.0), "blending": "additive", "opacity": 0.6}
+
+Plane = tuple  # indices along the leading axes; () for a 2D image
+
+
+@dataclass(frozen=True)
+class PlanePrompt:
+    """The prompts of one plane, hashable so a result can be matched to the prompts it used."""
+
+    points: tuple[tuple[float, float], ...]
+    labels: tuple[int, ...]
+    box: tuple[float, float, float, float] | None
+
+    @property
+    def empty(self) -> bool:
+        return not self.points and self.box is None
+
+    def as_kwargs(self) -> dict:
+        return {
+            "points": list(self.points) or None,
+            "labels": list(self.labels) or None,
+            "box": self.box,
+        }
+
+
+@dataclass
+class PlanePrediction:
+    plane: Plane
+    prompt: PlanePrompt
+    prediction: object  # napari_ruac.Prediction
+    submitted_at: float
+
+
+class AnnotatorWidget(QWidget):
+    """Click-to-segment with per-pixel uncertainty (dock it from Plugins > RUAC annotator)."""
+
+    def __init__(self, napari_viewer, parent=None) -> None:
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.image_layer: Image | None = None
+        self.prompts: Points | None = None
+        self.boxes: Shapes | None = None
+        self.current: Labels | None = None
+        self.uncertainty: Image | None = None
+        self.objects: Labels | None = None
+        self.overlay: Image | None = None
+        self.records: dict[int, ObjectRecord] = {}
+        self._current_preds: dict[Plane, PlanePrediction] = {}
+        self._shown_prompts: dict[Plane, PlanePrompt] = {}
+        self._history: list[str] = []  # "point" / "box", for undo
+        self._negative_click = False
+        self._reprompt_id: int | None = None
+        self._focused_id: int | None = None
+        self._propagation: dict[int, dict] = {}
+        self._predictor = None
+        self._predictor_choice: ModelChoice | None = None
+        self._model_lock = threading.Lock()
+        self.predictions_applied = 0
+        self.last_latency_s: float | None = None
+        self.predict_runner = LatestOnlyRunner(name="prediction")
+        self.task_runner = LatestOnlyRunner(name="task", on_error=lambda e: self._task_done())
+        self._build_ui()
+        self._connect_viewer()
+        self._refresh_image_choices()
+
+    # ================================================================== UI
+    def _build_ui(self) -> None:
+        self.image_combo = QComboBox()
+        self.image_combo.currentTextChanged.connect(self._on_image_chosen)
+        self.model_picker = ModelPicker(self)
+        self.model_picker.model_combo.currentTextChanged.connect(lambda _: self._forget_model())
+        self.model_picker.device_combo.currentTextChanged.connect(lambda _: self._forget_model())
+        self.mode_combo = QComboBox()
+        self.mode_combo.addItems(["analytic", "mc"])
+        self.mode_combo.setToolTip("analytic: closed-form uncertainty (fast); mc: 20 samples of the Bayesian head")
+        self.negative_check = QCheckBox("negative clicks (or hold Shift/Ctrl)")
+
+        top = QFormLayout()
+        top.addRow("image", self.image_combo)
+        top.addRow(self.model_picker)
+        top.addRow("uncertainty", self.mode_combo)
+        top.addRow(self.negative_check)
+
+        self.undo_button = QPushButton("Undo prompt [u]")
+        self.clear_button = QPushButton("Clear")
+        self.commit_button = QPushButton("Commit object [c]")
+        self.undo_button.clicked.connect(self.undo)
+        self.clear_button.clicked.connect(self.clear_prompts)
+        self.commit_button.clicked.connect(self.commit)
+        buttons = QHBoxLayout()
+        for b in (self.undo_button, self.clear_button, self.commit_button):
+            buttons.addWidget(b)
+
+        self.precompute_button = QPushButton("Precompute all planes")
+        self.precompute_button.clicked.connect(self.precompute_all)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.clicked.connect(self.cancel_task)
+        self.cancel_button.setEnabled(False)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        self.status = QLabel("choose an image and click on it")
+        self.status.setWordWrap(True)
+        work = QHBoxLayout()
+        work.addWidget(self.precompute_button)
+        work.addWidget(self.cancel_button)
+
+        # --- propagation
+        self.axis_combo = QComboBox()
+        self.propagate_button = QPushButton("Propagate object")
+        self.propagate_button.clicked.connect(self.propagate)
+        self.worst_plane_button = QPushButton("Go to worst plane")
+        self.worst_plane_button.clicked.connect(self.go_to_worst_plane)
+        self.plane_table = QTableWidget(0, 3)
+        self.plane_table.setHorizontalHeaderLabels(["plane", "area", "mean unc."])
+        self.plane_table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.plane_table.setMaximumHeight(140)
+        self.plane_table.cellDoubleClicked.connect(self._on_plane_row)
+        prop_box = QGroupBox("3D / time")
+        prop = QVBoxLayout(prop_box)
+        row = QHBoxLayout()
+        row.addWidget(QLabel("through axis"))
+        row.addWidget(self.axis_combo)
+        row.addWidget(self.propagate_button)
+        prop.addLayout(row)
+        prop.addWidget(self.plane_table)
+        prop.addWidget(self.worst_plane_button)
+
+        # --- proofreading
+        self.threshold_slider = QSlider(Qt.Orientation.Horizontal)
+        self.threshold_slider.setRange(0, 100)
+        self.threshold_slider.setValue(50)
+        self.threshold_label = QLabel("0.50")
+        self.threshold_slider.valueChanged.connect(self._on_threshold)
+        self.object_table = QTableWidget(0, 5)
+        self.object_table.setHorizontalHeaderLabels(["id", "plane", "area", "mean unc.", "pred. IoU"])
+        self.object_table.setSortingEnabled(True)
+        self.object_table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.object_table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.object_table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.object_table.cellClicked.connect(self._on_object_row)
+        self.next_button = QPushButton("Next uncertain object [n]")
+        self.next_button.clicked.connect(self.next_uncertain_object)
+        self.delete_button = QPushButton("Delete")
+        self.delete_button.clicked.connect(self.delete_selected)
+        self.reprompt_button = QPushButton("Re-prompt")
+        self.reprompt_button.clicked.connect(self.reprompt_selected)
+        proof_box = QGroupBox("Proofreading")
+        proof = QVBoxLayout(proof_box)
+        row = QHBoxLayout()
+        row.addWidget(QLabel("show uncertainty >"))
+        row.addWidget(self.threshold_slider)
+        row.addWidget(self.threshold_label)
+        proof.addLayout(row)
+        proof.addWidget(self.object_table)
+        row = QHBoxLayout()
+        for b in (self.next_button, self.delete_button, self.reprompt_button):
+            row.addWidget(b)
+        proof.addLayout(row)
+
+        layout = QVBoxLayout(self)
+        layout.addLayout(top)
+        layout.addLayout(buttons)
+        layout.addLayout(work)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.status)
+        layout.addWidget(prop_box)
+        layout.addWidget(proof_box)
+        layout.addStretch(1)
+
+    def _connect_viewer(self) -> None:
+        self.viewer.layers.events.inserted.connect(self._refresh_image_choices)
+        self.viewer.layers.events.removed.connect(self._refresh_image_choices)
+
+    def _refresh_image_choices(self, event=None) -> None:
+        ours = {id(x) for x in (self.uncertainty, self.overlay) if x is not None}
+        names = [l.name for l in self.viewer.layers if isinstance(l, Image) and id(l) not in ours
+                 and not l.name.endswith((" uncertainty", " uncertain pixels"))]
+        current = self.image_combo.currentText()
+        self.image_combo.blockSignals(True)
+        self.image_combo.clear()
+        self.image_combo.addItems(names)
+        if current in names:
+            self.image_combo.setCurrentText(current)
+        self.image_combo.blockSignals(False)
+        if self.image_layer is None or self.image_layer not in self.viewer.layers:
+            if names:
+                self._on_image_chosen(self.image_combo.currentText())
+
+    # ================================================================== binding to an image
+    def _on_image_chosen(self, name: str) -> None:
+        if not name or name not in self.viewer.layers:
+            return
+        layer = self.viewer.layers[name]
+        if layer is self.image_layer:
+            return
+        try:
+            self.bind_image(layer)
+        except Exception as exc:  # a bad image must not take the viewer down
+            show_error(f"cannot annotate {name!r}: {exc}")
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        """Shape of the image without its RGB axis: (*planes, H, W)."""
+        data = self.image_layer.data
+        shape = tuple(data[0].shape if self.image_layer.multiscale else data.shape)
+        return shape[:-1] if self.image_layer.rgb else shape
+
+    @property
+    def n_lead(self) -> int:
+        return len(self.spatial_shape) - 2
+
+    def bind_image(self, layer: Image) -> None:
+        """Make (or reuse) the prompt and result layers for ``layer``."""
+        if layer.multiscale:
+            raise ValueError("multiscale (pyramid) images are not supported: open the full-resolution level")
+        shape = tuple(layer.data.shape[:-1] if layer.rgb else layer.data.shape)
+        if len(shape) < 2:
+            raise ValueError(f"the image has shape {layer.data.shape}: need at least rows and columns")
+        self.image_layer = layer
+        self._current_preds.clear()
+        self._shown_prompts.clear()
+        self._history.clear()
+        self.records.clear()
+        self._propagation.clear()
+        tf = {"scale": layer.scale, "translate": layer.translate, "rotate": layer.rotate,
+              "shear": layer.shear, "affine": layer.affine}
+        name = layer.name
+        self.prompts = self._reuse(f"{name} prompts", Points) or self.viewer.add_points(
+            np.empty((0, len(shape))), ndim=len(shape), name=f"{name} prompts", size=max(3, min(shape[-2:]) // 60),
+            border_width=0, features={"label": np.empty(0, int)}, feature_defaults={"label": 1}, **tf)
+        self.boxes = self._reuse(f"{name} box", Shapes) or self.viewer.add_shapes(
+            ndim=len(shape), name=f"{name} box", edge_color="yellow", face_color="transparent",
+            edge_width=max(1, min(shape[-2:]) // 200), **tf)
+        self.current = self._reuse(f"{name} current object", Labels, shape) or self.viewer.add_labels(
+            np.zeros(shape, np.uint8), name=f"{name} current object", opacity=0.5, **tf)
+        self.uncertainty = self._reuse(f"{name} uncertainty", Image, shape) or self.viewer.add_image(
+            np.zeros(shape, np.float32), name=f"{name} uncertainty", **UNCERTAINTY_DISPLAY, **tf)
+        self.objects = self._reuse(f"{name} objects", Labels, shape) or self.viewer.add_labels(
+            np.zeros(shape, np.uint32), name=f"{name} objects", opacity=0.4, **tf)
+        self.overlay = self._reuse(f"{name} uncertain pixels", Image, shape) or self.viewer.add_image(
+            np.zeros(shape, np.uint8), name=f"{name} uncertain pixels", colormap="cyan",
+            contrast_limits=(0, 1), blending="additive", opacity=0.8, visible=False, **tf)
+        self._wire_prompt_layers()
+        self.axis_combo.clear()
+        self.axis_combo.addItems([f"axis {i} ({n} planes)" for i, n in enumerate(shape[:-2])])
+        self.propagate_button.setEnabled(len(shape) > 2)
+        self._rebuild_records()
+        self.viewer.layers.selection.active = self.prompts
+        self.prompts.mode = "add"
+        self.status.setText(f"annotating {name!r} {shape}: click to add points; draw a box on '{name} box'")
+
+    def _reuse(self, name: str, kind: type, shape: tuple | None = None):
+        """An existing layer of that name and kind (and shape) from an earlier session."""
+        if name in self.viewer.layers:
+            layer = self.viewer.layers[name]
+            if isinstance(layer, kind) and (shape is None or tuple(layer.data.shape) == shape):
+                return layer
+        return None
+
+    def _wire_prompt_layers(self) -> None:
+        for layer in (self.prompts, self.boxes):
+            layer.events.data.connect(self._on_prompt_data)
+            layer.bind_key("c", lambda _l: self.commit(), overwrite=True)
+            layer.bind_key("u", lambda _l: self.undo(), overwrite=True)
+            layer.bind_key("n", lambda _l: self.next_uncertain_object(), overwrite=True)
+        if self._remember_modifiers not in self.prompts.mouse_drag_callbacks:
+            # first in the list: runs before the add-mode callback creates the point
+            self.prompts.mouse_drag_callbacks.insert(0, self._remember_modifiers)
+
+    def _remember_modifiers(self, layer, event) -> None:
+        mods = {str(getattr(m, "name", m)) for m in event.modifiers}
+        self._negative_click = bool(mods & {"Shift", "Control", "Meta"})
+
+    # ================================================================== prompts
+    def _on_prompt_data(self, event) -> None:
+        action = str(getattr(event, "action", "changed"))
+        if action.endswith("ing"):  # "adding", "removing", "changing": wait for the change itself
+            return
+        if action.endswith("added"):
+            kind = "point" if event.source is self.prompts else "box"
+            if kind == "point":
+                self._label_new_points(len(event.data_indices))
+            self._history.append(kind)
+        self._schedule_prediction()
+
+    def _label_new_points(self, n: int) -> None:
+        negative = self.negative_check.isChecked() or self._negative_click
+        self._negative_click = False
+        labels = self.prompts.features["label"].to_numpy().copy()
+        labels[-n:] = 0 if negative else 1
+        self.prompts.features["label"] = labels
+        self._recolor_points()
+
+    def _recolor_points(self) -> None:
+        labels = self.prompts.features["label"].to_numpy()
+        if len(labels):
+            self.prompts.face_color = np.where(labels[:, None] == 1, POSITIVE_COLOR, NEGATIVE_COLOR)
+
+    def add_point(self, position, positive: bool = True) -> None:
+        """Add a prompt point at ``position`` (data coordinates, all axes) — what a click does."""
+        self._negative_click = not positive
+        self.prompts.add(np.asarray(position, dtype=float))
+
+    def current_plane(self) -> Plane:
+        """Indices of the plane on screen along the image's leading axes."""
+        if self.n_lead == 0:
+            return ()
+        point = np.asarray(self.viewer.dims.point)[-self.image_layer.ndim:]
+        data = np.asarray(self.image_layer.world_to_data(point))
+        shape = self.spatial_shape
+        return tuple(int(np.clip(round(float(v)), 0, shape[i] - 1)) for i, v in enumerate(data[: self.n_lead]))
+
+    def prompts_by_plane(self) -> dict[Plane, PlanePrompt]:
+        """Every plane's prompts, from the points and box layers (data coordinates)."""
+        k = self.n_lead
+        points: dict[Plane, list] = {}
+        labels = self.prompts.features["label"].to_numpy() if len(self.prompts.data) else []
+        for p, lab in zip(self.prompts.data, labels):
+            plane = tuple(int(round(v)) for v in p[:k])
+            points.setdefault(plane, []).append(((float(p[k]), float(p[k + 1])), int(lab)))
+        boxes: dict[Plane, tuple] = {}
+        for verts, kind in zip(self.boxes.data, self.boxes.shape_type):
+            if len(verts) < 2:
+                continue
+            plane = tuple(int(round(v)) for v in verts[0, :k])
+            rows, cols = verts[:, k], verts[:, k + 1]
+            boxes[plane] = (float(rows.min()), float(cols.min()), float(rows.max()), float(cols.max()))
+        out = {}
+        for plane in set(points) | set(boxes):
+            pts = points.get(plane, [])
+            out[plane] = PlanePrompt(tuple(p for p, _ in pts), tuple(l for _, l in pts), boxes.get(plane))
+        return out
+
+    def _schedule_prediction(self) -> None:
+        """Predict every plane whose prompts differ from what the layers show."""
+        if self.image_layer is None:
+            return
+        wanted = self.prompts_by_plane()
+        stale_planes = [p for p in set(self._shown_prompts) | set(wanted)
+                        if wanted.get(p) != self._shown_prompts.get(p)]
+        jobs = []
+        for plane in stale_planes:
+            prompt = wanted.get(plane)
+            if prompt is None or prompt.empty or not self._plane_in_range(plane):
+                self._clear_current_plane(plane)
+            else:
+                jobs.append((plane, prompt))
+        if jobs:
+            self.progress.setRange(0, 0)
+            self.predict_runner.submit(
+                self._predict_job, self.model_picker.choice(), jobs, self.mode_combo.currentText(),
+                time.perf_counter(), on_result=self._apply_predictions, on_yield=self._on_progress_message)
+
+    def _plane_in_range(self, plane: Plane) -> bool:
+        return all(0 <= v < n for v, n in zip(plane, self.spatial_shape))
+
+    # ================================================================== model work (worker thread)
+    def _ensure_predictor(self, choice: ModelChoice):
+        """The predictor for ``choice``, loading the model on first use (worker thread)."""
+        from ..model.predictor import Predictor
+
+        if self._predictor is None or self._predictor_choice != choice:
+            self._predictor = Predictor(choice.load())
+            self._predictor_choice = choice
+        return self._predictor
+
+    def _plane_array(self, plane: Plane) -> np.ndarray:
+        return np.asarray(self.image_layer.data[plane] if plane else self.image_layer.data)
+
+    def _predict_job(self, choice: ModelChoice, jobs: list, mode: str, submitted: float):
+        """Generator run in a thread worker: yields progress messages, returns PlanePredictions."""
+        results = []
+        with self._model_lock:
+            if self._predictor is None or self._predictor_choice != choice:
+                yield f"loading model {choice.name_or_path} on {choice.device}…"
+            predictor = self._ensure_predictor(choice)
+            for plane, prompt in jobs:
+                arr = self._plane_array(plane)
+                if not predictor.is_cached(arr):
+                    yield f"computing the embedding of plane {plane or 'image'}…"
+                predictor.set_image(arr)
+                pred = predictor.predict(**prompt.as_kwargs(), mode=mode)
+                results.append(PlanePrediction(plane, prompt, pred, submitted))
+        return results
+
+    # ================================================================== results (UI thread)
+    def _on_progress_message(self, message) -> None:
+        if isinstance(message, str):
+            self.status.setText(message)
+
+    def _apply_predictions(self, results: list[PlanePrediction]) -> None:
+        wanted = self.prompts_by_plane()
+        for res in results:
+            if wanted.get(res.plane) != res.prompt:
+                continue  # the prompts changed (or were cleared) after this was submitted
+            pred = res.prediction
+            self.current.data[res.plane] = pred.mask.astype(np.uint8)
+            self.uncertainty.data[res.plane] = pred.uncertainty
+            self._update_overlay(res.plane)
+            self._current_preds[res.plane] = res
+            self._shown_prompts[res.plane] = res.prompt
+            self.last_latency_s = time.perf_counter() - res.submitted_at
+            self.status.setText(
+                f"plane {res.plane or 'image'}: {int(pred.mask.sum())} px, predicted IoU {pred.iou_score:.2f}, "
+                f"mean uncertainty {pred.mean_uncertainty:.2f}")
+        self.current.refresh()
+        self.uncertainty.refresh()
+        self.overlay.refresh()
+        self.predictions_applied += 1
+        self.progress.setRange(0, 1)
+        self.progress.setValue(1)
+
+    def _clear_current_plane(self, plane: Plane) -> None:
+        if not self._plane_in_range(plane):
+            self._shown_prompts.pop(plane, None)
+            return
+        self.current.data[plane] = 0
+        self.current.refresh()
+        self._current_preds.pop(plane, None)
+        self._shown_prompts.pop(plane, None)
+
+    # ================================================================== undo / clear / commit
+    def undo(self) -> None:
+        """Remove the most recent point or box."""
+        if not self._history:
+            return
+        kind = self._history.pop()
+        layer = self.prompts if kind == "point" else self.boxes
+        if len(layer.data):
+            # remove_selected keeps the features table (point labels) in step with the data
+            layer.selected_data = {len(layer.data) - 1}
+            layer.remove_selected()
+            if kind == "point":
+                self._recolor_points()
+        self._schedule_prediction()
+
+    def clear_prompts(self) -> None:
+        """Remove all prompts and the current object (committed objects stay)."""
+        self.predict_runner.cancel_pending()
+        self._history.clear()
+        with self.prompts.events.data.blocker(), self.boxes.events.data.blocker():
+            self.prompts.data = np.empty((0, self.prompts.ndim))
+            self.boxes.data = []
+        self.current.data[...] = 0
+        self.current.refresh()
+        self._current_preds.clear()
+        self._shown_prompts.clear()
+
+    def commit(self) -> int | None:
+        """Write the current object into the objects layer with a new id (or the id being
+        re-prompted) and clear the prompts. Returns the id, or None when there is nothing."""
+        if self.image_layer is None:
+            return None
+        mask = self.current.data > 0
+        if not mask.any():
+            show_warning("nothing to commit: click on an object first (or wait for its mask)")
+            return None
+        obj_id = self._reprompt_id or self._next_id()
+        self._reprompt_id = None
+        self.objects.data[mask] = obj_id
+        self.objects.refresh()
+        ious = [r.prediction.iou_score for r in self._current_preds.values()]
+        prompts = {plane: r.prompt for plane, r in self._current_preds.items()}
+        self._record(obj_id, float(np.mean(ious)) if ious else float("nan"), prompts)
+        self.clear_prompts()
+        self.objects.selected_label = obj_id
+        self.status.setText(f"committed object {obj_id}; {len(self.records)} objects")
+        return obj_id
+
+    def _next_id(self) -> int:
+        top = int(self.objects.data.max()) if self.objects.data.size else 0
+        return max(top, max(self.records, default=0)) + 1
+
+    # ================================================================== objects table
+    def _record(self, obj_id: int, iou: float, prompts: dict | None = None) -> None:
+        rec = measure_object(obj_id, self.objects.data, self.uncertainty.data, self.n_lead, iou, prompts)
+        if rec is None:
+            self.records.pop(obj_id, None)
+        else:
+            old = self.records.get(obj_id)
+            if old is not None and not prompts:
+                rec.prompts = old.prompts
+            self.records[obj_id] = rec
+        self._fill_object_table()
+
+    def _rebuild_records(self) -> None:
+        """Records for objects already in a reused objects layer (no IoU known)."""
+        ids = np.unique(self.objects.data)
+        for obj_id in ids[ids > 0]:
+            rec = measure_object(int(obj_id), self.objects.data, self.uncertainty.data, self.n_lead)
+            if rec is not None:
+                self.records[int(obj_id)] = rec
+        self._fill_object_table()
+
+    def _fill_object_table(self) -> None:
+        table = self.object_table
+        table.setSortingEnabled(False)
+        table.setRowCount(len(self.records))
+        for row, rec in enumerate(self.records.values()):
+            cells = [rec.id, rec.plane_text, rec.area, round(rec.mean_uncertainty, 3), round(rec.iou_score, 3)]
+            for col, value in enumerate(cells):
+                item = QTableWidgetItem()
+                item.setData(Qt.ItemDataRole.DisplayRole, value)  # numbers sort as numbers
+                table.setItem(row, col, item)
+        table.setSortingEnabled(True)
+
+    def _row_id(self, row: int) -> int | None:
+        item = self.object_table.item(row, 0)
+        return None if item is None else int(item.data(Qt.ItemDataRole.DisplayRole))
+
+    def _on_object_row(self, row: int, col: int) -> None:
+        obj_id = self._row_id(row)
+        if obj_id is not None:
+            self.focus_object(obj_id)
+
+    def selected_object(self) -> int | None:
+        rows = self.object_table.selectionModel().selectedRows()
+        if rows:
+            return self._row_id(rows[0].row())
+        return self._focused_id
+
+    def focus_object(self, obj_id: int) -> None:
+        """Show ``obj_id``: its least certain plane, centred, selected in layer and table."""
+        rec = self.records.get(obj_id)
+        if rec is None:
+            return
+        self._focused_id = obj_id
+        plane = rec.worst_plane
+        mask = self.objects.data[plane] == obj_id if plane else self.objects.data == obj_id
+        r, c = plane_centroid(mask)
+        self._go_to((*plane, r, c))
+        self.objects.selected_label = obj_id
+        for row in range(self.object_table.rowCount()):
+            if self._row_id(row) == obj_id:
+                self.object_table.selectRow(row)
+                break
+        self.status.setText(
+            f"object {obj_id}: mean uncertainty {rec.mean_uncertainty:.3f}, area {rec.area}, planes {rec.plane_text}")
+
+    def _go_to(self, data_coords) -> None:
+        """Move the dims slider(s) and the camera to a data-coordinate position of the image."""
+        world = np.asarray(self.image_layer.data_to_world(np.asarray(data_coords, float)))
+        offset = self.viewer.dims.ndim - len(world)
+        for i in range(self.n_lead):
+            self.viewer.dims.set_point(offset + i, float(world[i]))
+        self.viewer.camera.center = tuple(float(v) for v in world[-2:])
+
+    def next_uncertain_object(self) -> int | None:
+        rec = next_uncertain(list(self.records.values()), self._focused_id)
+        if rec is None:
+            show_info("no committed objects yet")
+            return None
+        self.focus_object(rec.id)
+        return rec.id
+
+    def delete_selected(self) -> None:
+        obj_id = self.selected_object()
+        if obj_id is None:
+            show_warning("select an object in the table first")
+            return
+        self.objects.data[self.objects.data == obj_id] = 0
+        self.objects.refresh()
+        self.records.pop(obj_id, None)
+        self._focused_id = None
+        self._fill_object_table()
+
+    def reprompt_selected(self) -> None:
+        """Take the selected object back into editing: its prompts return to the prompt layers,
+        it leaves the objects layer, and the next commit gives it back its id."""
+        obj_id = self.selected_object()
+        rec = self.records.get(obj_id) if obj_id is not None else None
+        if rec is None:
+            show_warning("select an object in the table first")
+            return
+        self.clear_prompts()
+        self.objects.data[self.objects.data == obj_id] = 0
+        self.objects.refresh()
+        self.records.pop(obj_id)
+        self._fill_object_table()
+        self._reprompt_id = obj_id
+        for plane, prompt in rec.prompts.items():
+            for (r, c), lab in zip(prompt.points, prompt.labels):
+                self.add_point((*plane, r, c), positive=bool(lab))
+            if prompt.box is not None:
+                r0, c0, r1, c1 = prompt.box
+                corners = np.array([[*plane, r0, c0], [*plane, r1, c1]], float)
+                self.boxes.add_rectangles(corners)
+        self.status.setText(f"re-prompting object {obj_id}: edit the prompts, then commit")
+
+    # ================================================================== threshold overlay
+    @property
+    def threshold(self) -> float:
+        return self.threshold_slider.value() / 100.0
+
+    def _on_threshold(self, value: int) -> None:
+        self.threshold_label.setText(f"{value / 100:.2f}")
+        if self.overlay is None:
+            return
+        np.greater(self.uncertainty.data, self.threshold, out=self.overlay.data.view(bool))
+        self.overlay.visible = True
+        self.overlay.refresh()
+
+    def _update_overlay(self, plane: Plane) -> None:
+        self.overlay.data[plane] = self.uncertainty.data[plane] > self.threshold
+
+    # ================================================================== precompute / propagate
+    def _start_task(self, label: str, total: int) -> bool:
+        if self.task_runner.busy:
+            show_warning("another task is running: wait for it or cancel it")
+            return False
+        self.progress.setRange(0, max(1, total))
+        self.progress.setValue(0)
+        self.cancel_button.setEnabled(True)
+        self.status.setText(label)
+        return True
+
+    def _task_done(self) -> None:
+        self.cancel_button.setEnabled(False)
+        self.progress.setRange(0, 1)
+        self.progress.setValue(1)
+
+    def cancel_task(self) -> None:
+        self.task_runner.quit()
+        self.status.setText("cancelling…")
+
+    def precompute_all(self) -> None:
+        """Embed every plane of the image in a worker (later clicks on any plane are fast)."""
+        if self.image_layer is None:
+            return
+        planes = list(itertools.product(*(range(n) for n in self.spatial_shape[:-2])))
+        if not self._start_task(f"embedding {len(planes)} planes…", len(planes)):
+            return
+        self.task_runner.submit(self._precompute_job, self.model_picker.choice(), planes,
+                                on_yield=self._on_task_progress, on_result=self._on_precompute_done)
+
+    def _precompute_job(self, choice: ModelChoice, planes: list):
+        for i, plane in enumerate(planes):
+            arr = self._plane_array(plane)  # read outside the lock: the disk may be slow
+            with self._model_lock:
+                predictor = self._ensure_predictor(choice)
+                predictor.cache_size = max(predictor.cache_size, len(planes) + 1)
+                predictor.set_image(arr)
+            yield i + 1
+        return len(planes)
+
+    def _on_task_progress(self, value) -> None:
+        if isinstance(value, int):
+            self.progress.setValue(value)
+        elif isinstance(value, dict):
+            self._apply_propagated_plane(value)
+
+    def _on_precompute_done(self, n: int) -> None:
+        self._task_done()
+        self.status.setText(f"embedded {n} planes")
+
+    def propagate(self) -> None:
+        """Carry the current (committed first) or selected object through the chosen axis."""
+        if self.image_layer is None or self.n_lead == 0:
+            show_warning("propagation needs a stack (z or t axis)")
+            return
+        plane = self.current_plane()
+        if (self.current.data[plane] > 0).any():
+            obj_id = self.commit()
+        else:
+            obj_id = self.selected_object()
+        if obj_id is None or not (self.objects.data[plane] == obj_id).any():
+            show_warning("nothing to propagate: make an object on this plane or select one that is on it")
+            return
+        axis = max(0, self.axis_combo.currentIndex())
+        n = self.spatial_shape[axis]
+        if not self._start_task(f"propagating object {obj_id} along axis {axis}…", n - 1):
+            return
+        start_mask = self.objects.data[plane] == obj_id
+        self._propagation[obj_id] = {"axis": axis, "plane": plane, "planes": {plane[axis]: float(
+            self.uncertainty.data[plane][start_mask].mean())}, "stops": []}
+        self.plane_table.setRowCount(0)
+        self._add_plane_row(plane[axis], int(start_mask.sum()), self._propagation[obj_id]["planes"][plane[axis]])
+        self.task_runner.submit(self._propagate_job, self.model_picker.choice(), obj_id, axis, plane, start_mask,
+                                self.mode_combo.currentText(), on_yield=self._on_task_progress,
+                                on_result=self._on_propagate_done)
+
+    def _propagate_job(self, choice, obj_id, axis, plane, start_mask, mode):
+        from ..model.propagation import iter_propagate
+
+        def segment(index, prompt):
+            full = plane[:axis] + (index,) + plane[axis + 1:]
+            arr = self._plane_array(full)
+            with self._model_lock:
+                predictor = self._ensure_predictor(choice)
+                predictor.set_image(arr)
+                return predictor.predict(points=prompt.points, labels=prompt.labels, box=prompt.box, mode=mode)
+
+        done = 0
+        for direction, res, reason in iter_propagate(segment, self.spatial_shape[axis], plane[axis], start_mask,
+                                                     keep_uncertainty=True):
+            done += 1
+            yield {"obj_id": obj_id, "axis": axis, "plane": plane, "result": res, "reason": reason, "done": done}
+        return obj_id
+
+    def _apply_propagated_plane(self, msg: dict) -> None:
+        obj_id, axis, res = msg["obj_id"], msg["axis"], msg["result"]
+        self.progress.setValue(min(self.progress.maximum(), msg["done"]))
+        record = self._propagation[obj_id]
+        if msg["reason"]:
+            record["stops"].append(msg["reason"])
+        if res is None:
+            return
+        full = msg["plane"][:axis] + (res.index,) + msg["plane"][axis + 1:]
+        target = self.objects.data[full]
+        target[target == obj_id] = 0
+        target[res.mask] = obj_id
+        self.uncertainty.data[full] = res.uncertainty
+        self._update_overlay(full)
+        record["planes"][res.index] = res.mean_uncertainty
+        self._add_plane_row(res.index, res.area, res.mean_uncertainty)
+        self.objects.refresh()
+        self.uncertainty.refresh()
+
+    def _add_plane_row(self, index: int, area: int, mean_u: float) -> None:
+        table = self.plane_table
+        table.setSortingEnabled(False)
+        row = table.rowCount()
+        table.insertRow(row)
+        for col, value in enumerate((int(index), int(area), round(float(mean_u), 3))):
+            item = QTableWidgetItem()
+            item.setData(Qt.ItemDataRole.DisplayRole, value)
+            table.setItem(row, col, item)
+        table.setSortingEnabled(True)
+        table.sortItems(0)
+
+    def _on_propagate_done(self, obj_id: int) -> None:
+        self._task_done()
+        rec = self._propagation[obj_id]
+        self._record(obj_id, self.records[obj_id].iou_score if obj_id in self.records else float("nan"))
+        planes = sorted(rec["planes"])
+        self.status.setText(f"object {obj_id} spans planes {planes[0]}-{planes[-1]}; " + "; ".join(rec["stops"]))
+        self._focused_id = obj_id
+
+    def propagation_curve(self, obj_id: int | None = None) -> dict[int, float]:
+        """Plane index -> mean uncertainty of the last propagation of ``obj_id``."""
+        if not self._propagation:
+            return {}
+        obj_id = obj_id if obj_id is not None else list(self._propagation)[-1]
+        return dict(sorted(self._propagation[obj_id]["planes"].items()))
+
+    def go_to_worst_plane(self) -> int | None:
+        """Jump to the plane where the last propagated object is least certain."""
+        if not self._propagation:
+            show_info("propagate an object first")
+            return None
+        obj_id = list(self._propagation)[-1]
+        curve = self.propagation_curve(obj_id)
+        worst = max(curve, key=curve.get)
+        info = self._propagation[obj_id]
+        plane = info["plane"][: info["axis"]] + (worst,) + info["plane"][info["axis"] + 1:]
+        mask = self.objects.data[plane] == obj_id
+        r, c = plane_centroid(mask) if mask.any() else (self.spatial_shape[-2] / 2, self.spatial_shape[-1] / 2)
+        self._go_to((*plane, r, c))
+        return worst
+
+    def _on_plane_row(self, row: int, col: int) -> None:
+        item = self.plane_table.item(row, 0)
+        if item is None or not self._propagation:
+            return
+        info = self._propagation[list(self._propagation)[-1]]
+        index = int(item.data(Qt.ItemDataRole.DisplayRole))
+        plane = info["plane"][: info["axis"]] + (index,) + info["plane"][info["axis"] + 1:]
+        self._go_to((*plane, self.spatial_shape[-2] / 2, self.spatial_shape[-1] / 2))
+
+    # ================================================================== model change
+    def _forget_model(self) -> None:
+        # the next job loads the new choice (a running job keeps its model until it ends);
+        # forgetting what is shown makes every plane with prompts re-predict with it
+        self._shown_prompts.clear()
+        if self.image_layer is not None:
+            self._schedule_prediction()

@@ -1,0 +1,90 @@
+"""Run model work off napari's UI thread.
+
+:class:`LatestOnlyRunner` runs one job at a time in a napari thread worker; a job submitted
+while another runs waits, and a newer submission replaces the waiting one (clicking fast
+re-predicts only for the newest prompts). Results and errors come back on the UI thread.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error
+
+
+def describe_error(exc: BaseException) -> str:
+    """A one-line message for a notification; out-of-memory gets advice, not a trace."""
+    text = str(exc) or type(exc).__name__
+    if "out of memory" in text.lower() or isinstance(exc, MemoryError):
+        return (
+            f"out of memory ({type(exc).__name__}): try a smaller model, the CPU device, or "
+            "fewer planes at once. Nothing was changed."
+        )
+    return f"{type(exc).__name__}: {text}"
+
+
+class LatestOnlyRunner:
+    """One worker at a time; pending work is superseded by newer work.
+
+    ``submit(func, *args, on_result=..., on_yield=...)``: ``func`` runs in a thread worker (a
+    generator function may ``yield`` progress messages, passed to ``on_yield`` on the UI thread);
+    its return value goes to ``on_result`` on the UI thread unless newer work is pending (then it
+    is stale and dropped). Errors become napari notifications (``on_error`` may add to that).
+    """
+
+    def __init__(self, on_error: Callable[[BaseException], None] | None = None, name: str = "job") -> None:
+        self.name = name
+        self._on_error = on_error
+        self._worker = None
+        self._pending: tuple | None = None
+        self.completed = 0  # finished jobs (results applied or dropped), for tests and status
+
+    @property
+    def busy(self) -> bool:
+        return self._worker is not None or self._pending is not None
+
+    def submit(self, func: Callable, *args: Any, on_result: Callable | None = None,
+               on_yield: Callable | None = None) -> None:
+        job = (func, args, on_result, on_yield)
+        if self._worker is None:
+            self._start(job)
+        else:
+            self._pending = job  # the older pending job is dropped unstarted
+
+    def cancel_pending(self) -> None:
+        self._pending = None
+
+    def quit(self) -> None:
+        """Drop pending work and ask a running generator job to stop at its next yield."""
+        self._pending = None
+        if self._worker is not None:
+            self._worker.quit()
+
+    def _start(self, job: tuple) -> None:
+        func, args, on_result, on_yield = job
+        worker = create_worker(func, *args, _start_thread=False)
+        self._worker = worker
+
+        def returned(value):
+            if self._pending is None and on_result is not None:
+                on_result(value)
+
+        def errored(exc):
+            show_error(f"{self.name} failed: {describe_error(exc)}")
+            if self._on_error is not None:
+                self._on_error(exc)
+
+        worker.returned.connect(returned)
+        worker.errored.connect(errored)
+        if on_yield is not None and hasattr(worker, "yielded"):
+            worker.yielded.connect(on_yield)
+        worker.finished.connect(self._finished)
+        worker.start()
+
+    def _finished(self) -> None:
+        self._worker = None
+        self.completed += 1
+        if self._pending is not None:
+            job, self._pending = self._pending, None
+            self._start(job)
