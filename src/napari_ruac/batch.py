@@ -1,0 +1,807 @@
+"""Batch automatic segmentation of TIFF/OME-TIFF/zarr stacks: ``napari-ruac segment``.
+
+For every input stack the planes (every t, z, ... at one (Y, X)) are segmented one at a time by
+:class:`~napari_ruac.model.automatic.AutomaticSegmenter` and written, plane by plane, into a
+chunked zarr work store ``OUTDIR/.ruac-work/<stem>/``. A plane counts as done when its
+objects file ``planes/<i>.json`` exists; it is written (atomically) after the plane's chunks,
+so a killed run resumes at the first missing plane. When all planes are done the final files
+are written atomically from the store, then the store is removed:
+
+* ``<stem>_labels.tif`` int32 and ``<stem>_uncertainty.tif`` float32, shaped like the input
+  without its colour axis;
+* ``<stem>_objects.csv`` with ``label, plane, area, mean_uncertainty, iou_score``
+  (labels are numbered per plane; ``plane`` is the C-order index over the plane axes);
+* ``<stem>_metadata.json``: model, versions, parameters, input axes and the fingerprint.
+
+The store records a fingerprint of the input file, the model and every parameter that changes
+results; a store with another fingerprint is discarded rather than mixed in. Work runs in this
+process, on a local dask cluster (``workers=N``) or on an existing one (``scheduler=ADDRESS``);
+either way each process loads the model once. Peak memory does not grow with stack depth: a
+plane is read, segmented, written and dropped, and at most a few planes are in flight.
+
+The napari batch widget calls :func:`segment_files`, the same code as the CLI.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from .io.normalize import ImageError
+from .io.stacks import TIFF_SUFFIXES, ZARR_SUFFIXES, Stack, describe, open_stack, stack_stem
+
+WORK_DIR = ".ruac-work"
+SEGMENTER_OPTIONS = (
+    "points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
+    "stability_score_offset", "max_mean_uncertainty", "box_nms_thresh", "crop_n_layers",
+    "crop_overlap_ratio", "crop_n_points_downscale_factor", "crop_nms_thresh", "min_area",
+    "multimask", "object_score_thresh", "mode", "samples", "tile_size", "tile_overlap", "seed",
+)
+RUN_OPTIONS = ("axes", "channel", "checkpoint", "threads", "keep_work")
+CSV_COLUMNS = ("label", "plane", "area", "mean_uncertainty", "iou_score")
+
+
+class BatchError(RuntimeError):
+    """A problem that stops the whole batch (output folder unusable, bad options)."""
+
+
+# ---------------------------------------------------------------------------- results
+@dataclass
+class BatchProgress:
+    """Reported after each plane. ``eta_s`` is None until a plane has been timed."""
+
+    done_planes: int
+    total_planes: int
+    current_file: str
+    eta_s: float | None
+    file_index: int = 0
+    n_files: int = 0
+    elapsed_s: float = 0.0
+    planes_per_s: float | None = None
+
+
+@dataclass
+class FileResult:
+    """What happened to one input. ``status``: ``done`` (written now), ``complete`` (outputs
+    from an earlier run are current), ``failed`` (see ``reason``) or ``cancelled``."""
+
+    input: str
+    status: str
+    outputs: dict[str, str] = field(default_factory=dict)
+    n_planes: int = 0
+    n_objects: int = 0
+    resumed_planes: int = 0
+    reason: str | None = None
+
+
+@dataclass
+class BatchSummary:
+    """Per-file outcomes of a batch run."""
+
+    files: list[FileResult]
+    output_dir: str
+    cancelled: bool = False
+    elapsed_s: float = 0.0
+
+    @property
+    def failures(self) -> list[FileResult]:
+        return [f for f in self.files if f.status == "failed"]
+
+    @property
+    def succeeded(self) -> list[FileResult]:
+        return [f for f in self.files if f.status in ("done", "complete")]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures and not self.cancelled
+
+    def format(self) -> str:
+        lines = [
+            f"{len(self.succeeded)} of {len(self.files)} inputs segmented into {self.output_dir} "
+            f"in {self.elapsed_s:.1f} s" + (" (cancelled)" if self.cancelled else "")
+        ]
+        for f in self.files:
+            if f.status == "failed":
+                lines.append(f"  FAILED {f.input}: {f.reason}")
+            elif f.status == "cancelled":
+                lines.append(f"  cancelled {f.input}")
+            else:
+                extra = f", {f.resumed_planes} resumed" if f.resumed_planes else ""
+                extra += ", already complete" if f.status == "complete" else ""
+                lines.append(f"  ok {f.input}: {f.n_planes} planes, {f.n_objects} objects{extra}")
+        return "\n".join(lines)
+
+
+@dataclass
+class PlaneResult:
+    """One segmented plane: ``labels`` int32 (H, W), ``uncertainty`` float32 (H, W),
+    ``objects`` rows (label, area, mean_uncertainty, iou_score)."""
+
+    index: int
+    labels: np.ndarray
+    uncertainty: np.ndarray
+    objects: list[dict]
+
+
+class _Cancelled(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------- public API
+def segment_files(
+    inputs: Iterable[str | os.PathLike],
+    output_dir: str | os.PathLike,
+    model: str = "micro",
+    device: str = "cpu",
+    workers: int | None = None,
+    scheduler: str | None = None,
+    resume: bool = True,
+    progress: Callable[[BatchProgress], None] | None = None,
+    cancel: threading.Event | None = None,
+    **options: Any,
+) -> BatchSummary:
+    """Segment every plane of every input; see the module docstring for the outputs.
+
+    ``options``: any :class:`~napari_ruac.model.automatic.AutomaticSegmenter` parameter
+    (``points_per_side``, ``pred_iou_thresh``, ``max_mean_uncertainty``, ``tile_size``, ...) and
+    ``axes`` (override the file's axes, e.g. ``"TZCYX"``), ``channel`` (pick one channel),
+    ``checkpoint`` (weights file for ``model``), ``threads`` (torch threads per process),
+    ``keep_work`` (keep the work store of a cancelled file so a later run resumes it).
+
+    One bad input does not stop the batch: it is listed in ``BatchSummary.failures`` with the
+    reason. An output folder that cannot be written raises :class:`BatchError`.
+    """
+    start = time.monotonic()
+    unknown = sorted(set(options) - set(SEGMENTER_OPTIONS) - set(RUN_OPTIONS))
+    if unknown:
+        raise BatchError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(SEGMENTER_OPTIONS + RUN_OPTIONS)}")
+    if workers is not None and scheduler is not None:
+        raise BatchError("give either workers (a local dask cluster) or scheduler (an existing one), not both")
+    if workers is not None and workers < 1:
+        raise BatchError(f"workers must be at least 1, got {workers}")
+    out = Path(output_dir)
+    _check_writable(out)
+    seg_options = {k: v for k, v in options.items() if k in SEGMENTER_OPTIONS and v is not None}
+    run_options = {k: options.get(k) for k in RUN_OPTIONS}
+    spec = ModelSpec(model, device, run_options["checkpoint"], seg_options, run_options["threads"])
+    files = _expand_inputs(inputs)
+    jobs, results = _plan_jobs(files, out, run_options)
+    total = sum(job.stack.n_planes for job in jobs)
+    tracker = _Tracker(total, len(files), progress)
+    executor = None
+    cancelled = False
+    try:
+        if jobs:
+            identity = model_identity(spec)
+            executor = _make_executor(spec, workers, scheduler)
+            for job in jobs:
+                job.fingerprint = _fingerprint(job.stack, spec, identity)
+                if cancelled or (cancel is not None and cancel.is_set()):
+                    cancelled = True
+                    results[job.order] = FileResult(str(job.path), "cancelled")
+                    job.stack.close()
+                    continue
+                tracker.file_index = job.order + 1
+                results[job.order] = _run_job(job, out, spec, identity, executor, resume, tracker, cancel, run_options)
+                cancelled = results[job.order].status == "cancelled"
+    finally:
+        for job in jobs:
+            job.stack.close()
+        if executor is not None:
+            executor.close()
+        _remove_if_empty(out / WORK_DIR)
+    return BatchSummary([r for r in results if r is not None], str(out), cancelled, time.monotonic() - start)
+
+
+# ---------------------------------------------------------------------------- planning
+@dataclass
+class ModelSpec:
+    """How every process builds its segmenter (picklable: sent to dask workers)."""
+
+    model: str
+    device: str
+    checkpoint: str | None
+    options: dict
+    threads: int | None = None
+
+    @property
+    def key(self) -> str:
+        return json.dumps([self.model, self.device, self.checkpoint, sorted(self.options.items())], default=str)
+
+
+@dataclass
+class _Job:
+    order: int
+    path: Path
+    stack: Stack
+    fingerprint: str = ""
+
+
+def _expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Inputs as given; a folder that is not a zarr store stands for the images inside it."""
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir() and not _is_zarr(path):
+            inside = sorted(
+                p for p in path.iterdir()
+                if p.suffix.lower() in TIFF_SUFFIXES or (p.is_dir() and _is_zarr(p))
+            )
+            files.extend(inside)
+        else:
+            files.append(path)
+    return files
+
+
+def _is_zarr(path: Path) -> bool:
+    return path.suffix.lower() in ZARR_SUFFIXES or any(
+        (path / name).exists() for name in (".zarray", ".zgroup", "zarr.json")
+    )
+
+
+def _plan_jobs(files: list[Path], out: Path, run_options: dict) -> tuple[list[_Job], list[FileResult | None]]:
+    """Open every input (metadata only); a file that cannot be used becomes a failure now."""
+    jobs: list[_Job] = []
+    results: list[FileResult | None] = [None] * len(files)
+    stems: dict[str, Path] = {}
+    for i, path in enumerate(files):
+        stem = stack_stem(path)
+        if stem in stems:
+            results[i] = FileResult(
+                str(path), "failed",
+                reason=f"its outputs would overwrite those of {stems[stem]} (same name {stem!r}); rename one",
+            )
+            continue
+        try:
+            stack = open_stack(path, axes=run_options["axes"], channel=run_options["channel"])
+        except (ImageError, OSError) as exc:
+            results[i] = FileResult(str(path), "failed", reason=_reason(exc))
+            continue
+        stems[stem] = path
+        jobs.append(_Job(i, path, stack))
+    return jobs, results
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return f"disk full: {exc}"
+    return str(exc) or type(exc).__name__
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".ruac-probe-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise BatchError(f"output folder {out} is not writable: {exc.strerror or exc}") from exc
+
+
+def _remove_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------------------- fingerprints
+def model_identity(spec: ModelSpec) -> dict:
+    """What identifies the model's weights without loading it: the weights file's SHA-256,
+    or the seed of a random-weight model."""
+    from .model.build import WEIGHTS_DIR, cache_dir
+    from .model.checkpoint import file_sha256
+    from .model.config import MODEL_SPECS, resolve_spec
+
+    identity: dict[str, Any] = {"name": spec.model}
+    file: Path | None = None
+    if spec.checkpoint:
+        file = Path(spec.checkpoint)
+    elif str(spec.model) in MODEL_SPECS or not Path(spec.model).exists():
+        try:
+            ms = resolve_spec(str(spec.model))
+        except KeyError as exc:
+            raise BatchError(str(exc.args[0])) from exc
+        if ms.random_init:
+            identity["weights"] = "random seed 0"
+        elif ms.packaged:
+            file = WEIGHTS_DIR / ms.packaged
+        else:
+            file = cache_dir() / ms.filename
+    else:
+        file = Path(spec.model)
+    if file is not None:
+        identity["weights"] = file_sha256(file) if file.is_file() else f"missing: {file}"
+    if str(identity.get("weights", "")).startswith("missing") and not spec.checkpoint:
+        import warnings
+
+        from .model.build import UntrainedWeightsWarning
+
+        warnings.warn(
+            f"the weights of {spec.model!r} are not installed ({file}): segmenting with an "
+            "UNTRAINED model, whose masks are meaningless",
+            UntrainedWeightsWarning, stacklevel=3,
+        )
+    return identity
+
+
+def _fingerprint(stack: Stack, spec: ModelSpec, identity: dict) -> str:
+    """Digest of the input's identity and content sample, the model and the parameters."""
+    from . import __version__
+
+    h = hashlib.sha256()
+    h.update(json.dumps({
+        "version": __version__,
+        "input": _input_identity(stack.path),
+        "stack": describe(stack) | {"path": None},
+        "model": identity,
+        "device": spec.device,
+        "options": sorted(spec.options.items()),
+    }, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:32]
+
+
+def _input_identity(path: Path) -> dict:
+    """Size, modification time and the first and last MiB of every file of the input (a zarr
+    store is a folder of files): a changed input changes it, without reading huge files whole."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    total = 0
+    for f in files:
+        st = f.stat()
+        total += st.st_size
+        h.update(f"{f.relative_to(path) if f != path else f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            if st.st_size > 2 << 20:
+                fh.seek(-(1 << 20), os.SEEK_END)
+                h.update(fh.read())
+    return {"bytes": total, "digest": h.hexdigest()}
+
+
+# ---------------------------------------------------------------------------- one input
+def _run_job(job: _Job, out: Path, spec: ModelSpec, identity: dict, executor, resume: bool,
+             tracker: "_Tracker", cancel: threading.Event | None, run_options: dict) -> FileResult:
+    stack, stem = job.stack, stack_stem(job.path)
+    tracker.current_file = str(job.path)
+    finals = _final_paths(out, stem)
+    work = out / WORK_DIR / stem
+    if resume and not work.exists() and _outputs_current(finals, job.fingerprint):
+        tracker.skip(stack.n_planes)
+        meta = json.loads(finals["metadata"].read_text())
+        return FileResult(str(job.path), "complete", {k: str(v) for k, v in finals.items()},
+                          stack.n_planes, meta.get("n_objects", 0))
+    try:
+        store = WorkStore.open(work, stack, job.fingerprint, resume)
+        todo = store.missing_planes()
+        resumed = stack.n_planes - len(todo)
+        tracker.skip(resumed)
+        for result in executor.run(stack, todo, spec, cancel):
+            store.write_plane(result)
+            tracker.plane_done()
+        if cancel is not None and cancel.is_set():
+            raise _Cancelled
+        n_objects = _finalize(store, stack, finals, spec, identity, job.fingerprint)
+        store.remove()
+    except _Cancelled:
+        if not run_options.get("keep_work"):
+            shutil.rmtree(work, ignore_errors=True)
+        return FileResult(str(job.path), "cancelled")
+    except (ImageError, OSError, ValueError, RuntimeError) as exc:
+        # a damaged file stays damaged: drop its store so nothing partial is left behind
+        shutil.rmtree(work, ignore_errors=True)
+        return FileResult(str(job.path), "failed", reason=_reason(exc))
+    return FileResult(str(job.path), "done", {k: str(v) for k, v in finals.items()},
+                      stack.n_planes, n_objects, resumed)
+
+
+def _final_paths(out: Path, stem: str) -> dict[str, Path]:
+    return {
+        "labels": out / f"{stem}_labels.tif",
+        "uncertainty": out / f"{stem}_uncertainty.tif",
+        "objects": out / f"{stem}_objects.csv",
+        "metadata": out / f"{stem}_metadata.json",
+    }
+
+
+def _outputs_current(finals: dict[str, Path], fingerprint: str) -> bool:
+    if not all(p.is_file() for p in finals.values()):
+        return False
+    try:
+        return json.loads(finals["metadata"].read_text()).get("fingerprint") == fingerprint
+    except (OSError, ValueError):
+        return False
+
+
+class WorkStore:
+    """The chunked store of one input: ``labels``/``uncertainty`` zarr arrays (N, H, W), one
+    chunk per plane (or per 2048² block), ``planes/<i>.json`` per finished plane, and
+    ``fingerprint.json``."""
+
+    def __init__(self, path: Path, labels, uncertainty, n_planes: int) -> None:
+        self.path = path
+        self.labels = labels
+        self.uncertainty = uncertainty
+        self.n_planes = n_planes
+
+    @classmethod
+    def open(cls, path: Path, stack: Stack, fingerprint: str, resume: bool) -> "WorkStore":
+        import zarr
+
+        stamp = path / "fingerprint.json"
+        if path.exists():
+            try:
+                same = json.loads(stamp.read_text()).get("fingerprint") == fingerprint
+            except (OSError, ValueError):
+                same = False
+            if not (resume and same):
+                # inputs or parameters changed (or a fresh start was asked for): never mix
+                shutil.rmtree(path)
+        n = stack.n_planes
+        h, w = stack.plane_shape
+        chunks = (1, min(h, 2048), min(w, 2048))
+        if not path.exists():
+            (path / "planes").mkdir(parents=True)
+            zarr.open_array(str(path / "labels.zarr"), mode="w", shape=(n, h, w), chunks=chunks,
+                            dtype="int32", fill_value=0)
+            zarr.open_array(str(path / "uncertainty.zarr"), mode="w", shape=(n, h, w), chunks=chunks,
+                            dtype="float32", fill_value=0.0)
+            _write_atomic(stamp, json.dumps({"fingerprint": fingerprint, "input": str(stack.path)}).encode())
+        labels = zarr.open_array(str(path / "labels.zarr"), mode="r+")
+        unc = zarr.open_array(str(path / "uncertainty.zarr"), mode="r+")
+        return cls(path, labels, unc, n)
+
+    def missing_planes(self) -> list[int]:
+        done = {int(p.stem) for p in (self.path / "planes").glob("*.json") if p.stem.isdigit()}
+        return [i for i in range(self.n_planes) if i not in done]
+
+    def write_plane(self, result: PlaneResult) -> None:
+        self.labels[result.index] = result.labels
+        self.uncertainty[result.index] = result.uncertainty
+        # the marker last: its presence means the plane's chunks are complete
+        _write_atomic(self.path / "planes" / f"{result.index}.json", json.dumps(result.objects).encode())
+
+    def plane_objects(self, i: int) -> list[dict]:
+        return json.loads((self.path / "planes" / f"{i}.json").read_text())
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _finalize(store: WorkStore, stack: Stack, finals: dict[str, Path], spec: ModelSpec,
+              identity: dict, fingerprint: str) -> int:
+    """Write the final files from the store, each atomically, metadata last (its fingerprint
+    marks the set as complete). Returns the number of objects."""
+    from . import __version__
+    from .io.imageio import write_tiff_atomic
+
+    shape, axes = stack.output_shape, stack.output_axes
+    n = stack.n_planes
+    for name, array, dtype in (("labels", store.labels, np.int32), ("uncertainty", store.uncertainty, np.float32)):
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        write_tiff_atomic(
+            finals[name], data=_iter_planes(array, n), shape=shape, dtype=dtype,
+            metadata={"axes": axes}, bigtiff=nbytes > 2**31 - 2**25,
+        )
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    n_objects = 0
+    for i in range(n):
+        for obj in store.plane_objects(i):
+            writer.writerow([obj["label"], i, obj["area"], f"{obj['mean_uncertainty']:.6f}", f"{obj['iou_score']:.6f}"])
+            n_objects += 1
+    _write_atomic(finals["objects"], buf.getvalue().encode())
+    import sam2
+    import torch
+
+    meta = {
+        "napari_ruac_version": __version__,
+        "torch_version": torch.__version__,
+        "sam2_version": getattr(sam2, "__version__", "unknown"),
+        "model": identity,
+        "device": spec.device,
+        "parameters": spec.options,
+        "input": describe(stack),
+        "plane_axes": stack.plane_axes,
+        "plane_dims": list(stack.plane_dims),
+        "outputs": {k: p.name for k, p in finals.items() if k != "metadata"},
+        "csv_columns": list(CSV_COLUMNS),
+        "n_objects": n_objects,
+        "fingerprint": fingerprint,
+    }
+    _write_atomic(finals["metadata"], (json.dumps(meta, indent=2, default=str) + "\n").encode())
+    return n_objects
+
+
+def _iter_planes(array, n: int) -> Iterator[np.ndarray]:
+    for i in range(n):
+        yield np.asarray(array[i])
+
+
+# ---------------------------------------------------------------------------- execution
+_SEGMENTERS: dict[str, Any] = {}
+_MODEL_LOADS = 0
+_SEGMENTER_LOCK = threading.Lock()
+
+
+def get_segmenter(spec: ModelSpec):
+    """This process's segmenter for ``spec``: the model is loaded once per process."""
+    global _MODEL_LOADS
+    with _SEGMENTER_LOCK:
+        seg = _SEGMENTERS.get(spec.key)
+        if seg is None:
+            import warnings
+
+            from .model import load_model
+            from .model.automatic import AutomaticSegmenter
+            from .model.build import UntrainedWeightsWarning
+
+            with warnings.catch_warnings():
+                # said once per batch by the client, not once per worker
+                warnings.simplefilter("ignore", UntrainedWeightsWarning)
+                model = load_model(spec.model, device=spec.device, checkpoint=spec.checkpoint)
+            seg = AutomaticSegmenter(model, **spec.options)
+            _SEGMENTERS[spec.key] = seg
+            _MODEL_LOADS += 1
+        return seg
+
+
+def model_loads() -> int:
+    """How many models this process has loaded (one per distinct spec)."""
+    return _MODEL_LOADS
+
+
+def segment_plane(plane: np.ndarray, index: int, spec: ModelSpec) -> PlaneResult:
+    """Segment one plane with this process's cached segmenter (runs locally or on a worker)."""
+    import torch
+
+    if spec.threads:
+        torch.set_num_threads(int(spec.threads))
+    result = get_segmenter(spec).segment(plane)
+    objects = [
+        {"label": o.label, "area": o.area, "mean_uncertainty": o.mean_uncertainty, "iou_score": o.iou_score}
+        for o in result.objects
+    ]
+    return PlaneResult(index, result.labels, result.uncertainty, objects)
+
+
+class _LocalExecutor:
+    """Planes one after another in this process."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        get_segmenter(spec)  # load now: a bad model name fails before any file is touched
+
+    def run(self, stack: Stack, todo: list[int], spec: ModelSpec, cancel) -> Iterator[PlaneResult]:
+        for i in todo:
+            if cancel is not None and cancel.is_set():
+                return
+            yield segment_plane(stack.read_plane(i), i, spec)
+
+    def close(self) -> None:
+        pass
+
+
+class _DaskExecutor:
+    """Planes on a dask.distributed cluster; the client reads planes and sends them, so workers
+    need no access to the input files, and keeps a few planes per worker in flight."""
+
+    def __init__(self, spec: ModelSpec, workers: int | None, scheduler: str | None) -> None:
+        import logging
+
+        from distributed import Client, LocalCluster
+
+        self.cluster = None
+        if scheduler is not None:
+            self.client = Client(scheduler, timeout="30s")
+        else:
+            self.cluster = LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                dashboard_address=None, silence_logs=logging.ERROR,
+            )
+            self.client = Client(self.cluster)
+        n = len(self.client.scheduler_info(n_workers=-1)["workers"]) if _takes_n_workers(self.client) \
+            else len(self.client.scheduler_info()["workers"])
+        self.window = max(2, 2 * n)
+        # threads per worker default to 1: processes, not threads, share the machine
+        if spec.threads is None:
+            spec.threads = 1
+
+    def run(self, stack: Stack, todo: list[int], spec: ModelSpec, cancel) -> Iterator[PlaneResult]:
+        from distributed import as_completed
+
+        pending = iter(todo)
+        futures = as_completed()
+        submitted = 0
+        for i in pending:
+            futures.add(self._submit(stack, i, spec))
+            submitted += 1
+            if submitted >= self.window:
+                break
+        try:
+            for fut in futures:
+                result = fut.result()
+                fut.release()
+                yield result
+                if cancel is not None and cancel.is_set():
+                    return
+                nxt = next(pending, None)
+                if nxt is not None:
+                    futures.add(self._submit(stack, nxt, spec))
+        finally:
+            for fut in list(futures.futures):
+                fut.cancel()
+
+    def _submit(self, stack: Stack, i: int, spec: ModelSpec):
+        plane = stack.read_plane(i)
+        return self.client.submit(segment_plane, plane, i, spec, pure=False)
+
+    def close(self) -> None:
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+
+def _takes_n_workers(client) -> bool:
+    import inspect
+
+    return "n_workers" in inspect.signature(client.scheduler_info).parameters
+
+
+def _make_executor(spec: ModelSpec, workers: int | None, scheduler: str | None):
+    if workers is None and scheduler is None:
+        return _LocalExecutor(spec)
+    return _DaskExecutor(spec, workers, scheduler)
+
+
+class _Tracker:
+    """Counts planes and reports :class:`BatchProgress` with an ETA from this run's rate."""
+
+    def __init__(self, total: int, n_files: int, callback) -> None:
+        self.total = total
+        self.n_files = n_files
+        self.callback = callback
+        self.done = 0
+        self.computed = 0
+        self.start = time.monotonic()
+        self.current_file = ""
+        self.file_index = 0
+
+    def skip(self, n: int) -> None:
+        self.done += n
+
+    def plane_done(self) -> None:
+        self.done += 1
+        self.computed += 1
+        if self.callback is None:
+            return
+        elapsed = time.monotonic() - self.start
+        rate = self.computed / elapsed if elapsed > 0 else None
+        eta = (self.total - self.done) / rate if rate else None
+        self.callback(BatchProgress(self.done, self.total, self.current_file, eta, self.file_index,
+                                    self.n_files, elapsed, rate))
+
+
+# ---------------------------------------------------------------------------- CLI
+def add_arguments(parser) -> None:
+    """Flags of ``napari-ruac segment`` (they mirror :func:`segment_files`)."""
+    import argparse
+
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="TIFF/OME-TIFF/multi-page TIFF files, zarr stores, or folders of them")
+    parser.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
+    parser.add_argument("--model", default="micro", help="model name or checkpoint path (default: micro)")
+    parser.add_argument("--checkpoint", default=None, help="weights file for --model")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default: cpu)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, default=None, help="start a local dask cluster of N worker processes")
+    where.add_argument("--scheduler", default=None, metavar="ADDRESS", help="use an existing dask scheduler")
+    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                        help="continue an interrupted run from its work store (default: on)")
+    parser.add_argument("--axes", default=None, help="axes of the inputs, e.g. TZCYX (default: from the file)")
+    parser.add_argument("--channel", type=int, default=None, help="channel to segment when there are more than 4")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per process")
+    g = parser.add_argument_group("automatic segmentation")
+    g.add_argument("--points-per-side", type=int, default=16)
+    g.add_argument("--points-per-batch", type=int, default=64)
+    g.add_argument("--iou-thresh", dest="pred_iou_thresh", type=float, default=0.7)
+    g.add_argument("--stability-thresh", dest="stability_score_thresh", type=float, default=0.8)
+    g.add_argument("--max-uncertainty", dest="max_mean_uncertainty", type=float, default=0.6,
+                   help="drop masks whose mean uncertainty (bits) exceeds this")
+    g.add_argument("--nms-thresh", dest="box_nms_thresh", type=float, default=0.7)
+    g.add_argument("--crop-layers", dest="crop_n_layers", type=int, default=0,
+                   help="zoomed crop layers for small objects")
+    g.add_argument("--min-area", type=int, default=0)
+    g.add_argument("--mode", choices=("analytic", "mc", "deterministic"), default=None)
+    g.add_argument("--samples", type=int, default=8, help="Monte-Carlo samples (mode mc)")
+    g.add_argument("--tile-size", type=int, default=None)
+    g.add_argument("--tile-overlap", type=int, default=None)
+
+
+def run(args) -> int:
+    options = {k: getattr(args, k) for k in (
+        "points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
+        "max_mean_uncertainty", "box_nms_thresh", "crop_n_layers", "min_area", "mode", "samples",
+        "tile_size", "tile_overlap", "axes", "channel", "checkpoint", "threads",
+    )}
+    bar = ProgressBar(sys.stderr)
+    try:
+        summary = segment_files(
+            args.inputs, args.output, model=args.model, device=args.device, workers=args.workers,
+            scheduler=args.scheduler, resume=args.resume, progress=bar, **options,
+        )
+    except BatchError as exc:
+        print(f"napari-ruac segment: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        bar.finish()
+    print(summary.format())
+    return 0 if summary.ok else 1
+
+
+class ProgressBar:
+    """A one-line text progress bar with rate and ETA."""
+
+    def __init__(self, stream, width: int = 30) -> None:
+        self.stream = stream
+        self.width = width
+        self.used = False
+
+    def __call__(self, p: BatchProgress) -> None:
+        frac = p.done_planes / max(p.total_planes, 1)
+        bar = "#" * int(self.width * frac)
+        eta = _hms(p.eta_s) if p.eta_s is not None else "--:--"
+        rate = f"{p.planes_per_s:.2f} planes/s" if p.planes_per_s else ""
+        name = Path(p.current_file).name
+        self.stream.write(f"\r[{bar:<{self.width}}] {p.done_planes}/{p.total_planes} planes "
+                          f"{rate} ETA {eta} file {p.file_index}/{p.n_files} {name}\x1b[K")
+        self.stream.flush()
+        self.used = True
+
+    def finish(self) -> None:
+        if self.used:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+__all__ = [
+    "BatchError", "BatchProgress", "BatchSummary", "FileResult", "ModelSpec", "PlaneResult",
+    "add_arguments", "model_loads", "run", "segment_files", "segment_plane",
+]
