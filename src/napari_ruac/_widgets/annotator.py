@@ -310,8 +310,10 @@ class AnnotatorWidget(QWidget):
         return None
 
     def _wire_prompt_layers(self) -> None:
+        # one handler per layer: under napari's plugin proxy, event.source is not our reference
+        self.prompts.events.data.connect(self._on_point_data)
+        self.boxes.events.data.connect(self._on_box_data)
         for layer in (self.prompts, self.boxes):
-            layer.events.data.connect(self._on_prompt_data)
             layer.bind_key("c", lambda _l: self.commit(), overwrite=True)
             layer.bind_key("u", lambda _l: self.undo(), overwrite=True)
             layer.bind_key("n", lambda _l: self.next_uncertain_object(), overwrite=True)
@@ -324,12 +326,17 @@ class AnnotatorWidget(QWidget):
         self._negative_click = bool(mods & {"Shift", "Control", "Meta"})
 
     # ================================================================== prompts
-    def _on_prompt_data(self, event) -> None:
+    def _on_point_data(self, event) -> None:
+        self._on_prompt_data("point", event)
+
+    def _on_box_data(self, event) -> None:
+        self._on_prompt_data("box", event)
+
+    def _on_prompt_data(self, kind: str, event) -> None:
         action = str(getattr(event, "action", "changed"))
         if action.endswith("ing"):  # "adding", "removing", "changing": wait for the change itself
             return
-        if action.endswith("added"):
-            kind = "point" if event.source is self.prompts else "box"
+        if action == "added":
             if kind == "point":
                 self._label_new_points(len(event.data_indices))
             self._history.append(kind)
@@ -352,6 +359,12 @@ class AnnotatorWidget(QWidget):
         """Add a prompt point at ``position`` (data coordinates, all axes) — what a click does."""
         self._negative_click = not positive
         self.prompts.add(np.asarray(position, dtype=float))
+
+    def add_box(self, plane: Plane, box) -> None:
+        """Add a box prompt (row0, col0, row1, col1) on ``plane`` — what drawing a rectangle does."""
+        r0, c0, r1, c1 = box
+        corners = [(r0, c0), (r0, c1), (r1, c1), (r1, c0)]  # nD rectangles need all four
+        self.boxes.add_rectangles(np.array([[*plane, r, c] for r, c in corners], float))
 
     def current_plane(self) -> Plane:
         """Indices of the plane on screen along the image's leading axes."""
@@ -503,9 +516,12 @@ class AnnotatorWidget(QWidget):
         re-prompted) and clear the prompts. Returns the id, or None when there is nothing."""
         if self.image_layer is None:
             return None
-        mask = self.current.data > 0
+        # committed objects are protected: a new mask only fills unlabelled pixels (re-prompt
+        # or delete an object to change it), so a sloppy click never erases earlier work
+        mask = (self.current.data > 0) & (self.objects.data == 0)
         if not mask.any():
-            show_warning("nothing to commit: click on an object first (or wait for its mask)")
+            show_warning("nothing to commit: click on an object first (or wait for its mask); "
+                         "pixels of committed objects are not overwritten")
             return None
         obj_id = self._reprompt_id or self._next_id()
         self._reprompt_id = None
@@ -634,9 +650,7 @@ class AnnotatorWidget(QWidget):
             for (r, c), lab in zip(prompt.points, prompt.labels):
                 self.add_point((*plane, r, c), positive=bool(lab))
             if prompt.box is not None:
-                r0, c0, r1, c1 = prompt.box
-                corners = np.array([[*plane, r0, c0], [*plane, r1, c1]], float)
-                self.boxes.add_rectangles(corners)
+                self.add_box(plane, prompt.box)
         self.status.setText(f"re-prompting object {obj_id}: edit the prompts, then commit")
 
     # ================================================================== threshold overlay
@@ -760,7 +774,7 @@ class AnnotatorWidget(QWidget):
         full = msg["plane"][:axis] + (res.index,) + msg["plane"][axis + 1:]
         target = self.objects.data[full]
         target[target == obj_id] = 0
-        target[res.mask] = obj_id
+        target[res.mask & (target == 0)] = obj_id  # other objects are protected, as in commit
         self.uncertainty.data[full] = res.uncertainty
         self._update_overlay(full)
         record["planes"][res.index] = res.mean_uncertainty

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from napari.qt.threading import create_worker
-from napari.utils.notifications import show_error
+from napari.utils.notifications import show_error, show_warning
 
 
 def describe_error(exc: BaseException) -> str:
@@ -22,6 +22,12 @@ def describe_error(exc: BaseException) -> str:
             "fewer planes at once. Nothing was changed."
         )
     return f"{type(exc).__name__}: {text}"
+
+
+def show_worker_warning(warning_args) -> None:
+    """A warning raised in a worker (e.g. untrained weights) as a napari notification."""
+    message = warning_args[0] if warning_args else "warning"
+    show_warning(str(message))
 
 
 class LatestOnlyRunner:
@@ -63,7 +69,8 @@ class LatestOnlyRunner:
 
     def _start(self, job: tuple) -> None:
         func, args, on_result, on_yield = job
-        worker = create_worker(func, *args, _start_thread=False)
+        # errors are ours to report (a notification), not re-raised into Qt's event loop
+        worker = create_worker(func, *args, _start_thread=False, _ignore_errors=True)
         self._worker = worker
 
         def returned(value):
@@ -76,6 +83,7 @@ class LatestOnlyRunner:
                 self._on_error(exc)
 
         worker.returned.connect(returned)
+        worker.warned.connect(show_worker_warning)
         worker.errored.connect(errored)
         if on_yield is not None and hasattr(worker, "yielded"):
             worker.yielded.connect(on_yield)

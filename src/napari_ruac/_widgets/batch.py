@@ -1,0 +1,258 @@
+"""Batch segmentation from napari's Plugins menu.
+
+A thin front end to :func:`napari_ruac.batch.segment_files` (the same function the
+``napari-ruac segment`` command runs): it runs in a thread worker, reports each plane to a
+progress bar, and its Cancel button sets the ``threading.Event`` the batch checks between planes
+(a cancelled batch leaves no partial files). Results can be opened as layers when it finishes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import QObject, Signal
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QProgressBar,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from .model_picker import ModelPicker
+from .runner import describe_error, show_worker_warning
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+class _ProgressRelay(QObject):
+    """Carries progress reports from the batch's worker thread to the UI thread (queued)."""
+
+    report = Signal(object)
+
+
+def tiffs_in(folder: str | Path) -> list[Path]:
+    """TIFF files directly inside ``folder``, sorted, skipping our own result files."""
+    folder = Path(folder)
+    return sorted(
+        p for p in folder.iterdir()
+        if p.suffix.lower() in TIFF_SUFFIXES and not p.stem.endswith(("_labels", "_uncertainty"))
+    )
+
+
+class BatchWidget(QWidget):
+    """Pick TIFF files or a folder, a model and an output folder; segment every plane."""
+
+    def __init__(self, napari_viewer, parent=None) -> None:
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.worker = None
+        self.cancel_event: threading.Event | None = None
+        self.summary = None
+        self.error: BaseException | None = None
+        self.reports: list = []
+        self._relay = _ProgressRelay()
+        self._relay.report.connect(self._on_progress)
+
+        self.file_list = QListWidget()
+        self.file_list.setMinimumHeight(80)
+        add_files = QPushButton("Add files…")
+        add_files.clicked.connect(self._pick_files)
+        add_folder = QPushButton("Add folder…")
+        add_folder.clicked.connect(self._pick_folder)
+        clear = QPushButton("Clear")
+        clear.clicked.connect(self.file_list.clear)
+        row = QHBoxLayout()
+        for b in (add_files, add_folder, clear):
+            row.addWidget(b)
+
+        self.model_picker = ModelPicker(self)
+        self.output_edit = QLineEdit()
+        self.output_edit.setPlaceholderText("output folder")
+        browse_out = QPushButton("…")
+        browse_out.setMaximumWidth(30)
+        browse_out.clicked.connect(self._pick_output)
+        out_row = QHBoxLayout()
+        out_row.addWidget(self.output_edit)
+        out_row.addWidget(browse_out)
+        self.open_check = QCheckBox("open results as layers")
+        self.open_check.setChecked(True)
+
+        self.run_button = QPushButton("Run")
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        self.status = QLabel("add TIFF files or a folder")
+        self.status.setWordWrap(True)
+        run_row = QHBoxLayout()
+        run_row.addWidget(self.run_button)
+        run_row.addWidget(self.cancel_button)
+
+        form = QFormLayout()
+        form.addRow(self.model_picker)
+        form.addRow("output", out_row)
+        form.addRow(self.open_check)
+        layout = QVBoxLayout(self)
+        layout.addWidget(QLabel("inputs (TIFF stacks)"))
+        layout.addWidget(self.file_list)
+        layout.addLayout(row)
+        layout.addLayout(form)
+        layout.addLayout(run_row)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+
+    # ------------------------------------------------------------------ inputs
+    def add_inputs(self, paths) -> None:
+        """Add files, or the TIFFs inside folders, to the input list (no duplicates)."""
+        present = set(self.inputs())
+        for p in paths:
+            p = Path(p)
+            for f in tiffs_in(p) if p.is_dir() else [p]:
+                if str(f) not in present:
+                    self.file_list.addItem(str(f))
+                    present.add(str(f))
+
+    def inputs(self) -> list[str]:
+        return [self.file_list.item(i).text() for i in range(self.file_list.count())]
+
+    def _pick_files(self) -> None:
+        files, _ = QFileDialog.getOpenFileNames(self, "TIFF stacks", "", "TIFF (*.tif *.tiff)")
+        self.add_inputs(files)
+
+    def _pick_folder(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Folder of TIFF stacks")
+        if folder:
+            self.add_inputs([folder])
+
+    def _pick_output(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Output folder")
+        if folder:
+            self.output_edit.setText(folder)
+
+    # ------------------------------------------------------------------ running
+    @property
+    def running(self) -> bool:
+        return self.worker is not None
+
+    def run(self) -> None:
+        inputs = self.inputs()
+        output = self.output_edit.text().strip()
+        if not inputs:
+            show_error("batch: add at least one TIFF file or folder")
+            return
+        if not output:
+            show_error("batch: choose an output folder")
+            return
+        if self.running:
+            show_error("batch: a batch is already running")
+            return
+        choice = self.model_picker.choice()
+        self.cancel_event = threading.Event()
+        self.summary, self.error, self.reports = None, None, []
+        self.progress.setRange(0, 0)  # busy until the first plane reports
+        self.status.setText(f"loading {choice.name_or_path}…")
+        self.run_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.worker = create_worker(self._job, inputs, output, choice, self.cancel_event,
+                                    _start_thread=False, _ignore_errors=True)
+        self.worker.warned.connect(show_worker_warning)
+        self.worker.returned.connect(self._on_done)
+        self.worker.errored.connect(self._on_error)
+        self.worker.finished.connect(self._on_finished)
+        self.worker.start()
+
+    def _job(self, inputs, output, choice, cancel):
+        """Runs in the worker thread."""
+        from ..batch import segment_files
+
+        options = {"checkpoint": choice.checkpoint} if choice.checkpoint else {}
+        return segment_files(inputs, output, model=choice.name_or_path, device=choice.device,
+                             progress=self._relay.report.emit, cancel=cancel, **options)
+
+    def cancel(self) -> None:
+        """Ask the batch to stop after the current plane; it removes its partial outputs."""
+        if self.cancel_event is not None:
+            self.cancel_event.set()
+            self.status.setText("cancelling after the current plane…")
+
+    def _on_progress(self, report) -> None:
+        self.reports.append(report)
+        total = max(1, int(getattr(report, "total_planes", 1)))
+        self.progress.setRange(0, total)
+        self.progress.setValue(int(getattr(report, "done_planes", 0)))
+        eta = getattr(report, "eta_s", None)
+        name = Path(str(getattr(report, "current_file", ""))).name
+        eta_text = f", about {eta:.0f} s left" if eta is not None else ""
+        self.status.setText(f"{name}: plane {report.done_planes}/{report.total_planes}{eta_text}")
+
+    def _on_done(self, summary) -> None:
+        self.summary = summary
+        if self.cancel_event is not None and self.cancel_event.is_set():
+            self.status.setText("cancelled: no partial files were kept")
+            return
+        self.progress.setRange(0, 1)
+        self.progress.setValue(1)
+        self.status.setText(f"done: {summary}" if not hasattr(summary, "describe") else summary.describe())
+        if self.open_check.isChecked():
+            self.open_results(self.output_edit.text().strip(), self.inputs())
+
+    def _on_error(self, exc: BaseException) -> None:
+        self.error = exc
+        cancelled = self.cancel_event is not None and self.cancel_event.is_set()
+        if cancelled:
+            self.status.setText("cancelled: no partial files were kept")
+            return
+        show_error(f"batch segmentation failed: {describe_error(exc)}")
+        self.status.setText(f"failed: {describe_error(exc)}")
+
+    def _on_finished(self) -> None:
+        self.worker = None
+        self.run_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        if self.progress.maximum() == 0:
+            self.progress.setRange(0, 1)
+
+    def open_results(self, output: str, inputs: list[str]) -> list:
+        """Add each input's labels + uncertainty from ``output`` as layers."""
+        from .._reader import read_results
+
+        layers = []
+        for path in inputs:
+            stem = Path(path).name
+            for ext in TIFF_SUFFIXES:
+                if stem.lower().endswith(ext):
+                    stem = stem[: -len(ext)]
+            unc = Path(output) / f"{stem}_uncertainty.tif"
+            if not unc.is_file():
+                continue
+            for data, meta, kind in read_results(str(unc)):
+                layers.append(getattr(self.viewer, f"add_{kind}")(data, **meta))
+        if not layers:
+            show_info(f"no results to open in {output}")
+        return layers
+
+
+def wait_until_idle(widget: BatchWidget, timeout_s: float = 60.0) -> bool:
+    """Process Qt events until the batch ends (scripts); False on timeout."""
+    from qtpy.QtWidgets import QApplication
+
+    end = time.monotonic() + timeout_s
+    while widget.running and time.monotonic() < end:
+        QApplication.processEvents()
+        time.sleep(0.01)
+    return not widget.running

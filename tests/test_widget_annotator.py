@@ -1,0 +1,241 @@
+"""The annotator widget in a real napari viewer (Xvfb), docked through the plugin manifest, with
+the real `test-tiny` model (random weights: masks are arbitrary, so these tests check layers,
+alignment, ids, undo, workers and navigation, not mask quality)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_ruac._widgets._testing import click, wait_for
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+WAIT_MS = 60_000
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def stack(n=4, shape=(48, 64)):
+    """A small float32 stack with two bright blobs."""
+    z, r, c = np.ogrid[:n, : shape[0], : shape[1]]
+    out = np.zeros((n, *shape), np.float32)
+    for cz, cr, cc, rad in [(n // 2, 15, 18, 8), (n // 2, 32, 45, 9)]:
+        out += (4 * (z - cz) ** 2 + (r - cr) ** 2 + (c - cc) ** 2 <= rad**2)
+    return out + 0.05 * np.random.default_rng(0).random(out.shape, dtype=np.float32)
+
+
+def dock(viewer, qtbot):
+    """The annotator docked via the manifest, set to the tiny test model."""
+    _, widget = viewer.window.add_plugin_dock_widget("napari-ruac", "RUAC annotator")
+    widget.model_picker.model_combo.setCurrentText("test-tiny")
+    return widget
+
+
+def wait_predictions(qtbot, widget, n):
+    qtbot.waitUntil(lambda: widget.predictions_applied >= n and not widget.predict_runner.busy, timeout=WAIT_MS)
+
+
+def test_layers_follow_a_scaled_translated_stack(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    image = viewer.add_image(stack(), name="cells", scale=(2.0, 0.5, 0.25), translate=(0, 10, -4))
+    widget = dock(viewer, qtbot)
+    names = [l.name for l in viewer.layers]
+    for suffix in ("prompts", "box", "current object", "uncertainty", "objects", "uncertain pixels"):
+        assert f"cells {suffix}" in names
+    for layer in (widget.prompts, widget.boxes, widget.current, widget.uncertainty, widget.objects):
+        np.testing.assert_allclose(layer.scale, image.scale)
+        np.testing.assert_allclose(layer.translate, image.translate)
+    assert widget.current.data.shape == image.data.shape and widget.current.data.dtype == np.uint8
+    assert widget.objects.data.dtype == np.uint32
+    assert widget.uncertainty.data.dtype == np.float32
+    assert tuple(widget.uncertainty.contrast_limits) == (0.0, 1.0)
+    assert widget.uncertainty.colormap.name == "magma"
+
+    viewer.dims.set_point(0, 2.0 * 1)  # world z = 2 -> plane 1
+    assert widget.current_plane() == (1,)
+    widget.add_point((1, 20, 30))  # through the Points layer's own add path
+    wait_predictions(qtbot, widget, 1)
+    # only plane 1 was predicted, and the layers agree with the prediction
+    assert widget.current.data[1].any()
+    assert not widget.current.data[[0, 2, 3]].any()
+    unc = widget.uncertainty.data[1]
+    assert 0.0 <= unc.min() and unc.max() <= 1.0 and unc.any()
+    assert not widget.uncertainty.data[0].any()
+    assert widget.last_latency_s is not None and widget.last_latency_s > 0
+
+
+def test_canvas_clicks_add_positive_and_negative_points(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(stack(n=1)[0], name="cells", scale=(0.5, 0.5), translate=(10, 5))
+    widget = dock(viewer, qtbot)
+    qtbot.wait(50)
+    assert viewer.layers.selection.active.name == "cells prompts"
+    # world (row, col) of data pixel (20, 30) is (10 + 0.5*20, 5 + 0.5*30)
+    click(viewer, (20.0, 20.0))
+    click(viewer, (15.0, 10.0), modifiers=("Shift",))
+    data = widget.prompts.data
+    np.testing.assert_allclose(data, [[20, 30], [10, 10]], atol=0.6)
+    assert list(widget.prompts.features["label"]) == [1, 0]
+    widget.negative_check.setChecked(True)
+    click(viewer, (12.0, 12.0))
+    assert list(widget.prompts.features["label"]) == [1, 0, 0]
+    wait_predictions(qtbot, widget, 1)
+    prompt = widget.prompts_by_plane()[()]
+    assert widget._shown_prompts[()] == prompt and prompt.labels == (1, 0, 0)
+    assert widget.current.data.shape == (48, 64)
+
+
+def test_newest_prompt_supersedes_pending_ones(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    viewer.add_image(stack(n=1)[0], name="cells")
+    widget = dock(viewer, qtbot)
+    for k in range(6):  # six changes before the event loop runs: five are superseded
+        widget.add_point((10 + k, 10 + 2 * k))
+    wait_predictions(qtbot, widget, 1)
+    qtbot.wait(100)
+    assert widget.predictions_applied <= 2
+    assert widget._shown_prompts[()] == widget.prompts_by_plane()[()]
+    assert len(widget._shown_prompts[()].points) == 6
+
+
+def test_box_prompt_commit_two_objects_undo_and_clear(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    viewer.add_image(stack(), name="cells")
+    widget = dock(viewer, qtbot)
+    viewer.dims.set_point(0, 1)
+    widget.add_point((1, 15, 18))
+    widget.add_box((1,), (5, 8, 25, 28))
+    wait_predictions(qtbot, widget, 1)
+    assert widget._shown_prompts[(1,)].box == (5.0, 8.0, 25.0, 28.0)
+    assert widget.current.data[1].any()
+    first = widget.commit()
+    assert first == 1
+    assert not widget.current.data.any() and len(widget.prompts.data) == 0 and len(widget.boxes.data) == 0
+    assert (widget.objects.data[1] == 1).sum() > 0
+
+    viewer.dims.set_point(0, 2)
+    n = widget.predictions_applied
+    widget.add_point((2, 32, 45))
+    widget.add_point((2, 30, 40), positive=False)
+    wait_predictions(qtbot, widget, n + 1)
+    n = widget.predictions_applied
+    widget.undo()  # removes the negative point and re-predicts with the positive one
+    assert len(widget.prompts.data) == 1 and list(widget.prompts.features["label"]) == [1]
+    wait_predictions(qtbot, widget, n + 1)
+    assert widget._shown_prompts[(2,)].points == ((32.0, 45.0),)
+    second = widget.commit()
+    assert second == 2
+    assert set(np.unique(widget.objects.data)) == {0, 1, 2}
+    assert set(widget.records) == {1, 2}
+    assert widget.records[2].planes == ((2,),) and widget.records[2].area == (widget.objects.data == 2).sum()
+    assert widget.object_table.rowCount() == 2
+
+    widget.add_point((2, 5, 5))
+    widget.clear_prompts()
+    qtbot.wait(200)  # a result arriving after Clear must not redraw the cleared object
+    assert not widget.current.data.any()
+    assert widget.commit() is None  # nothing to commit: no new id is used
+    assert set(widget.records) == {1, 2}
+
+
+def test_threshold_navigation_delete_and_reprompt(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    image = viewer.add_image(stack(), name="cells", scale=(1.0, 2.0, 2.0))
+    widget = dock(viewer, qtbot)
+    for plane, point in ((0, (10, 10)), (3, (30, 40))):
+        viewer.dims.set_point(0, plane)
+        n = widget.predictions_applied
+        widget.add_point((plane, *point))
+        wait_predictions(qtbot, widget, n + 1)
+        assert widget.commit() is not None
+    # threshold overlay = uncertainty above the slider's value
+    widget.threshold_slider.setValue(99)
+    np.testing.assert_array_equal(widget.overlay.data.astype(bool), widget.uncertainty.data > 0.99)
+    widget.threshold_slider.setValue(10)
+    np.testing.assert_array_equal(widget.overlay.data.astype(bool), widget.uncertainty.data > 0.10)
+    assert widget.overlay.visible
+
+    # the table sorts by uncertainty; "next" visits objects from the least certain down
+    ranked = sorted(widget.records.values(), key=lambda r: -r.mean_uncertainty)
+    widget.object_table.sortItems(3)
+    assert widget.next_uncertain_object() == ranked[0].id
+    rec = ranked[0]
+    expected_world = image.data_to_world((*rec.worst_plane, *np.argwhere(widget.objects.data[rec.worst_plane] == rec.id).mean(0)))
+    np.testing.assert_allclose(viewer.camera.center[-2:], expected_world[-2:], atol=1e-3)
+    assert widget.current_plane() == rec.worst_plane
+    assert widget.objects.selected_label == rec.id
+    assert widget.next_uncertain_object() == ranked[1].id
+    assert widget.next_uncertain_object() == ranked[0].id  # wraps round
+
+    # re-prompt: the object leaves the objects layer, its prompts come back, commit reuses its id
+    widget.focus_object(ranked[1].id)
+    target = ranked[1].id
+    n = widget.predictions_applied
+    widget.reprompt_selected()
+    assert not (widget.objects.data == target).any() and len(widget.prompts.data) == 1
+    wait_predictions(qtbot, widget, n + 1)
+    assert widget.commit() == target
+    widget.focus_object(target)
+    widget.delete_selected()
+    assert not (widget.objects.data == target).any() and target not in widget.records
+    assert widget.object_table.rowCount() == 1
+
+
+def test_propagate_through_a_small_stack(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    viewer.add_image(stack(n=5), name="cells")
+    widget = dock(viewer, qtbot)
+    viewer.dims.set_point(0, 2)
+    widget.add_point((2, 15, 18))
+    wait_predictions(qtbot, widget, 1)
+    widget.propagate()  # commits the current object first, then carries it through z
+    assert 1 in widget.records
+    qtbot.waitUntil(lambda: not widget.task_runner.busy, timeout=WAIT_MS)
+    curve = widget.propagation_curve(1)
+    assert 2 in curve and all(0.0 <= v <= 1.0 for v in curve.values())
+    # every plane the object occupies is in the per-plane record and table
+    occupied = {int(i) for i in np.nonzero((widget.objects.data == 1).any(axis=(1, 2)))[0]}
+    assert occupied == set(curve)
+    assert widget.plane_table.rowCount() == len(curve)
+    assert widget.records[1].planes == tuple((i,) for i in sorted(curve))
+    assert "spans planes" in widget.status.text()
+    worst = widget.go_to_worst_plane()
+    assert worst == max(curve, key=curve.get) and widget.current_plane() == (worst,)
+
+
+def test_precompute_all_planes_then_cancel(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    viewer.add_image(stack(n=3), name="cells")
+    widget = dock(viewer, qtbot)
+    widget.precompute_all()
+    assert widget.cancel_button.isEnabled()
+    qtbot.waitUntil(lambda: not widget.task_runner.busy, timeout=WAIT_MS)
+    assert "embedded 3 planes" in widget.status.text()
+    assert all(widget._predictor.is_cached(widget._plane_array((i,))) for i in range(3))
+    assert widget.progress.value() == widget.progress.maximum()
+
+
+def test_errors_become_notifications(make_napari_viewer, qtbot, tmp_path):
+    from napari.utils.notifications import notification_manager
+
+    viewer = make_napari_viewer()
+    viewer.add_image(stack(n=1)[0], name="cells")
+    widget = dock(viewer, qtbot)
+    widget.model_picker.model_combo.setCurrentText("checkpoint file…")
+    widget.model_picker.path_edit.setText(str(tmp_path / "missing.pt"))
+    before = len(notification_manager.records)
+    widget.add_point((10, 10))
+    qtbot.waitUntil(lambda: not widget.predict_runner.busy, timeout=WAIT_MS)
+    messages = [str(n.message) for n in notification_manager.records[before:]]
+    assert any("missing.pt" in m for m in messages), messages
+    assert not widget.current.data.any()  # nothing half-applied
+    # an image the widget cannot take is refused with a message, not a crash
+    plane = stack(n=1)[0]
+    viewer.add_image([plane, plane[::2, ::2]], multiscale=True, name="pyramid")
+    widget.image_combo.setCurrentText("pyramid")
+    assert any("multiscale" in str(n.message) for n in notification_manager.records[before:])
+    assert widget.image_layer.name == "cells"
