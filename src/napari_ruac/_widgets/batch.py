@@ -17,6 +17,7 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
+    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
@@ -25,6 +26,7 @@ from qtpy.QtWidgets import (
     QListWidget,
     QProgressBar,
     QPushButton,
+    QSpinBox,
     QVBoxLayout,
     QWidget,
 )
@@ -87,6 +89,17 @@ class BatchWidget(QWidget):
         out_row.addWidget(browse_out)
         self.open_check = QCheckBox("open results as layers")
         self.open_check.setChecked(True)
+        self.points_spin = QSpinBox()
+        self.points_spin.setRange(1, 64)
+        self.points_spin.setValue(16)
+        self.points_spin.setToolTip("grid of point prompts per side of each plane (more = smaller objects found, slower)")
+        self.max_unc_spin = QDoubleSpinBox()
+        self.max_unc_spin.setRange(0.0, 1.0)
+        self.max_unc_spin.setSingleStep(0.05)
+        self.max_unc_spin.setValue(0.6)
+        self.max_unc_spin.setToolTip("drop masks whose mean uncertainty (bits) is above this")
+        #: further segment_files options (e.g. pred_iou_thresh), as on the CLI
+        self.extra_options: dict = {}
 
         self.run_button = QPushButton("Run")
         self.run_button.clicked.connect(self.run)
@@ -104,6 +117,8 @@ class BatchWidget(QWidget):
 
         form = QFormLayout()
         form.addRow(self.model_picker)
+        form.addRow("points per side", self.points_spin)
+        form.addRow("max mean uncertainty", self.max_unc_spin)
         form.addRow("output", out_row)
         form.addRow(self.open_check)
         layout = QVBoxLayout(self)
@@ -168,7 +183,11 @@ class BatchWidget(QWidget):
         self.status.setText(f"loading {choice.name_or_path}…")
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
-        self.worker = create_worker(self._job, inputs, output, choice, self.cancel_event,
+        options = {"points_per_side": self.points_spin.value(),
+                   "max_mean_uncertainty": self.max_unc_spin.value(), **self.extra_options}
+        if choice.checkpoint:
+            options["checkpoint"] = choice.checkpoint
+        self.worker = create_worker(self._job, inputs, output, choice, self.cancel_event, options,
                                     _start_thread=False, _ignore_errors=True)
         self.worker.warned.connect(show_worker_warning)
         self.worker.returned.connect(self._on_done)
@@ -176,11 +195,10 @@ class BatchWidget(QWidget):
         self.worker.finished.connect(self._on_finished)
         self.worker.start()
 
-    def _job(self, inputs, output, choice, cancel):
-        """Runs in the worker thread."""
+    def _job(self, inputs, output, choice, cancel, options):
+        """Runs in the worker thread: the same call as ``napari-ruac segment``."""
         from ..batch import segment_files
 
-        options = {"checkpoint": choice.checkpoint} if choice.checkpoint else {}
         return segment_files(inputs, output, model=choice.name_or_path, device=choice.device,
                              progress=self._relay.report.emit, cancel=cancel, **options)
 
@@ -202,14 +220,16 @@ class BatchWidget(QWidget):
 
     def _on_done(self, summary) -> None:
         self.summary = summary
-        if self.cancel_event is not None and self.cancel_event.is_set():
-            self.status.setText("cancelled: no partial files were kept")
-            return
         self.progress.setRange(0, 1)
-        self.progress.setValue(1)
-        self.status.setText(f"done: {summary}" if not hasattr(summary, "describe") else summary.describe())
+        self.progress.setValue(0 if summary.cancelled else 1)
+        for failure in summary.failures:  # one bad input does not stop the others
+            show_error(f"batch: {Path(failure.input).name} failed: {failure.reason}")
+        if summary.cancelled:
+            self.status.setText("cancelled: finished files are kept, no partial files were left\n" + summary.format())
+            return
+        self.status.setText(summary.format())
         if self.open_check.isChecked():
-            self.open_results(self.output_edit.text().strip(), self.inputs())
+            self.open_results(summary)
 
     def _on_error(self, exc: BaseException) -> None:
         self.error = exc
@@ -227,23 +247,19 @@ class BatchWidget(QWidget):
         if self.progress.maximum() == 0:
             self.progress.setRange(0, 1)
 
-    def open_results(self, output: str, inputs: list[str]) -> list:
-        """Add each input's labels + uncertainty from ``output`` as layers."""
+    def open_results(self, summary) -> list:
+        """Add each finished input's labels + uncertainty as layers."""
         from .._reader import read_results
 
         layers = []
-        for path in inputs:
-            stem = Path(path).name
-            for ext in TIFF_SUFFIXES:
-                if stem.lower().endswith(ext):
-                    stem = stem[: -len(ext)]
-            unc = Path(output) / f"{stem}_uncertainty.tif"
-            if not unc.is_file():
+        for result in summary.succeeded:
+            unc = result.outputs.get("uncertainty")
+            if unc is None or not Path(unc).is_file():
                 continue
-            for data, meta, kind in read_results(str(unc)):
+            for data, meta, kind in read_results(unc):
                 layers.append(getattr(self.viewer, f"add_{kind}")(data, **meta))
         if not layers:
-            show_info(f"no results to open in {output}")
+            show_info(f"no results to open in {summary.output_dir}")
         return layers
 
 

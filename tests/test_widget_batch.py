@@ -1,0 +1,113 @@
+"""The batch widget (Plugins menu) running napari_ruac.batch.segment_files in a worker, on real
+TIFF stacks, with the `test-tiny` model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+FAST = dict(pred_iou_thresh=-1.0, stability_score_thresh=0.0, threads=1)
+WAIT_MS = 120_000
+
+
+def write_stacks(folder, n_files, shape=(3, 32, 40)):
+    paths = []
+    for i in range(n_files):
+        rng = np.random.default_rng(i)
+        paths.append(folder / f"stack{i}.tif")
+        tifffile.imwrite(paths[-1], (rng.random(shape) * 1000).astype(np.uint16))
+    return paths
+
+
+def dock(viewer, out):
+    _, widget = viewer.window.add_plugin_dock_widget("napari-ruac", "Batch segmentation")
+    widget.model_picker.model_combo.setCurrentText("test-tiny")
+    widget.points_spin.setValue(4)
+    widget.max_unc_spin.setValue(1.0)
+    widget.extra_options = dict(FAST)
+    widget.output_edit.setText(str(out))
+    return widget
+
+
+def leftovers(out):
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.name.endswith(".tmp") or ".ruac-work" in p.parts)
+
+
+def test_batch_two_stacks_from_a_folder_and_open_results(make_napari_viewer, qtbot, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    write_stacks(src, 2)
+    out = tmp_path / "out"
+    viewer = make_napari_viewer()
+    widget = dock(viewer, out)
+    widget.add_inputs([src])
+    assert [p.split("/")[-1] for p in widget.inputs()] == ["stack0.tif", "stack1.tif"]
+    widget.run_button.click()
+    assert widget.running and widget.cancel_button.isEnabled()
+    qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
+    assert widget.error is None, widget.error
+    assert widget.summary.ok and len(widget.summary.succeeded) == 2
+    # one progress report per plane, ending at the total
+    assert [r.done_planes for r in widget.reports][-1] == 6 and widget.reports[-1].total_planes == 6
+    assert widget.progress.value() == widget.progress.maximum()
+    for stem in ("stack0", "stack1"):
+        labels = tifffile.imread(out / f"{stem}_labels.tif")
+        unc = tifffile.imread(out / f"{stem}_uncertainty.tif")
+        assert labels.shape == unc.shape == (3, 32, 40) and unc.dtype == np.float32
+        assert f"{stem} labels" in viewer.layers and f"{stem} uncertainty" in viewer.layers
+        layer = viewer.layers[f"{stem} uncertainty"]
+        assert tuple(layer.contrast_limits) == (0.0, 1.0)
+        np.testing.assert_array_equal(viewer.layers[f"{stem} labels"].data, labels)
+    assert leftovers(out) == []
+    assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
+
+
+def test_cancel_midway_leaves_no_partial_files(make_napari_viewer, qtbot, tmp_path):
+    inputs = write_stacks(tmp_path, 3, shape=(6, 48, 48))
+    out = tmp_path / "out"
+    viewer = make_napari_viewer()
+    widget = dock(viewer, out)
+    widget.add_inputs(inputs)
+    # the user presses Cancel as soon as the first plane is reported
+    widget._relay.report.connect(lambda _r: widget.cancel_button.click() if widget.cancel_button.isEnabled() else None)
+    widget.run_button.click()
+    qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
+    summary = widget.summary
+    assert summary is not None and summary.cancelled
+    assert "cancelled" in widget.status.text()
+    statuses = [f.status for f in summary.files]
+    assert "cancelled" in statuses
+    # every input has either its complete set of outputs or nothing at all
+    for f in summary.files:
+        stem = f.input.split("/")[-1][:-4]
+        present = sorted(p.name for p in out.glob(f"{stem}_*"))
+        if f.status == "done":
+            assert len(present) == 4, present
+        else:
+            assert present == [], present
+    assert leftovers(out) == []
+    assert not any(name.endswith(" uncertainty") for name in viewer.layers)  # nothing opened
+
+
+def test_bad_inputs_and_missing_output_are_notified(make_napari_viewer, qtbot, tmp_path):
+    from napari.utils.notifications import notification_manager
+
+    (tmp_path / "broken.tif").write_bytes(b"not a tiff at all")
+    good = write_stacks(tmp_path, 1, shape=(2, 32, 32))
+    viewer = make_napari_viewer()
+    widget = dock(viewer, tmp_path / "out")
+    before = len(notification_manager.records)
+    widget.output_edit.setText("")
+    widget.add_inputs([tmp_path / "broken.tif", *good])
+    widget.run()
+    assert not widget.running
+    assert any("output folder" in str(n.message) for n in notification_manager.records[before:])
+    widget.output_edit.setText(str(tmp_path / "out"))
+    widget.run()
+    qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
+    messages = [str(n.message) for n in notification_manager.records[before:]]
+    assert any("broken.tif" in m for m in messages), messages
+    assert [f.status for f in widget.summary.files] == ["failed", "done"]
+    assert not (tmp_path / "out" / "broken_labels.tif").exists()
