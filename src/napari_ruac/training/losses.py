@@ -1,0 +1,122 @@
+"""Losses of RUAC training (DESIGN.md, "Training").
+
+Mask logits come from the decoder at 1/4 of the input size. They are upsampled bilinearly to
+the input size (exactly as :class:`~napari_ruac.model.Predictor` upsamples them at inference)
+and compared with the full-resolution ground truth, so training optimises the masks users see.
+
+* ``L_seg = w_focal * focal + dice + IoU-L1 (+ object score BCE)`` (``form="focal"``, the paper),
+  or ``BCE + dice + IoU-L1`` (``form="bce"``): from scratch the focal form collapsed to empty
+  masks in our prototype while BCE learned, so the micro recipes use ``bce``.
+* ``KL``: the decoder's closed-form Weibull-Gamma KL (mean per element).
+* ``L_cal = e * exp(-sg[u]) + (1 - e) * exp(sg[u])``, ``e = |p - M*|`` per pixel, sg = stop-gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..model.weibull import binary_entropy_from_logit
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    form: str = "bce"  # "bce" or "focal"
+    focal_weight: float = 20.0
+    bce_weight: float = 1.0
+    dice_weight: float = 1.0
+    iou_weight: float = 1.0
+    object_weight: float = 1.0
+    kl_weight: float = 1e-3  # beta
+    cal_weight: float = 0.1  # lambda (attackers only)
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "LossConfig":
+        cfg = cls(**(data or {}))
+        if cfg.form not in ("bce", "focal"):
+            raise ValueError(f"loss form must be 'bce' or 'focal', got {cfg.form!r}")
+        return cfg
+
+
+def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(P, M, h, w) decoder-resolution logits -> (P, M, H, W), as the predictor does."""
+    return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+    """Sigmoid focal loss, mean over pixels, per object: (P, H, W) -> (P,)."""
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p = torch.sigmoid(logits)
+    p_t = p * target + (1 - p) * (1 - target)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = (alpha * target + (1 - alpha) * (1 - target)) * loss
+    return loss.flatten(1).mean(1)
+
+
+def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(P, H, W) -> (P,)."""
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).mean(1)
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Soft Dice loss per object: (P, H, W) -> (P,)."""
+    p = torch.sigmoid(logits).flatten(1)
+    t = target.flatten(1)
+    return 1 - (2 * (p * t).sum(1) + eps) / (p.sum(1) + t.sum(1) + eps)
+
+
+def mask_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """IoU of boolean masks per object: (P, H, W) -> (P,); an empty union counts as 1."""
+    pred, target = pred.flatten(1), target.flatten(1) > 0.5
+    inter = (pred & target).sum(1).float()
+    union = (pred | target).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+
+
+def segmentation_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    iou_pred: torch.Tensor,
+    object_logits: torch.Tensor,
+    cfg: LossConfig,
+) -> dict[str, torch.Tensor]:
+    """All parts of ``L_seg`` for one mask per object.
+
+    ``logits`` (P, H, W) full-resolution, ``target`` (P, H, W) in {0, 1}, ``iou_pred`` (P,),
+    ``object_logits`` (P,). Every prompted object exists, so the object score's target is 1.
+    Returns scalars: ``seg`` (the weighted sum), ``focal`` or ``bce``, ``dice``, ``iou``, ``obj``.
+    """
+    parts: dict[str, torch.Tensor] = {}
+    if cfg.form == "focal":
+        parts["focal"] = focal_loss(logits, target, cfg.focal_alpha, cfg.focal_gamma).mean()
+        pix = cfg.focal_weight * parts["focal"]
+    else:
+        parts["bce"] = bce_loss(logits, target).mean()
+        pix = cfg.bce_weight * parts["bce"]
+    parts["dice"] = dice_loss(logits, target).mean()
+    with torch.no_grad():
+        actual_iou = mask_iou(logits > 0, target)
+    parts["iou"] = F.l1_loss(iou_pred.float(), actual_iou)
+    parts["obj"] = F.binary_cross_entropy_with_logits(object_logits.float(), torch.ones_like(object_logits.float()))
+    parts["seg"] = pix + cfg.dice_weight * parts["dice"] + cfg.iou_weight * parts["iou"] + cfg.object_weight * parts["obj"]
+    parts["train_iou"] = actual_iou.mean()
+    return parts
+
+
+def calibration_loss(prob_logit: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``mean(e * exp(-sg[u]) + (1 - e) * exp(sg[u]))`` with ``e = |p - M*|``.
+
+    ``prob_logit`` (P, H, W) is the logit of the predictive probability ``p``; ``u`` is its
+    binary entropy in bits (the uncertainty users see). The stop-gradient on ``u`` means only
+    the error term carries gradient: an attacker maximising this loss seeks errors where the
+    model is confident (where ``exp(-u)`` is large), not merely more uncertainty.
+    """
+    p = torch.sigmoid(prob_logit)
+    e = (p - target).abs()
+    u = binary_entropy_from_logit(prob_logit).detach()
+    return (e * torch.exp(-u) + (1 - e) * torch.exp(u)).mean()

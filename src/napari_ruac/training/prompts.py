@@ -1,0 +1,156 @@
+"""Prompts drawn from ground-truth instance masks, as SAM2 is trained.
+
+Per object: one positive point (uniform inside the object), several points (1-3 positive
+inside, 0-2 negative in a ring around it), or a jittered tight box. During training
+:func:`correction_clicks` adds SAM2-style clicks drawn from the current prediction's error.
+
+Coordinates follow the model: (x, y) = (col, row) in model-input pixels, labels
+-1 padding, 0 negative, 1 positive, 2/3 box corners.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..model.sam import LABEL_BOX_BR, LABEL_BOX_TL, LABEL_NEG, LABEL_PAD, LABEL_POS
+
+KIND_POINT, KIND_POINTS, KIND_BOX = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    objects_per_image: int = 8
+    p_point: float = 0.4
+    p_points: float = 0.3
+    p_box: float = 0.3
+    max_positive: int = 3
+    max_negative: int = 2
+    box_jitter: float = 0.1  # of the box side, per corner, at most
+    box_jitter_px: float = 5.0
+    min_area: int = 12  # pixels; smaller objects are not prompted
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "PromptConfig":
+        return cls(**(data or {}))
+
+
+@dataclass
+class PromptSet:
+    """Prompts for P objects of a batch (numpy; converted to tensors by the data loader).
+
+    ``image_index`` (P,) which image; ``object_id`` (P,) its label value; ``coords``
+    (P, N, 2) float32 (x, y); ``labels`` (P, N) int64; ``kind`` (P,) int64.
+    """
+
+    image_index: np.ndarray
+    object_id: np.ndarray
+    coords: np.ndarray
+    labels: np.ndarray
+    kind: np.ndarray
+
+
+def sample_prompts(rng: np.random.Generator, label_maps: np.ndarray, cfg: PromptConfig) -> PromptSet:
+    """Prompts for up to ``cfg.objects_per_image`` objects of each (H, W) label map."""
+    rows = []
+    for b, labels in enumerate(label_maps):
+        ids, counts = np.unique(labels, return_counts=True)
+        keep = (ids > 0) & (counts >= cfg.min_area)
+        ids = ids[keep]
+        if len(ids) == 0:
+            continue
+        chosen = rng.choice(ids, size=min(cfg.objects_per_image, len(ids)), replace=False)
+        for obj in chosen:
+            rows.append((b, int(obj), *object_prompt(rng, labels == obj, cfg)))
+    if not rows:
+        raise ValueError("no object large enough to prompt in this batch")
+    n = max(len(r[2]) for r in rows)
+    p = len(rows)
+    coords = np.zeros((p, n, 2), np.float32)
+    labs = np.full((p, n), LABEL_PAD, np.int64)
+    for i, (_, _, pts, lab, _) in enumerate(rows):
+        coords[i, : len(pts)] = pts
+        labs[i, : len(lab)] = lab
+    return PromptSet(
+        image_index=np.array([r[0] for r in rows], np.int64),
+        object_id=np.array([r[1] for r in rows], np.int64),
+        coords=coords,
+        labels=labs,
+        kind=np.array([r[4] for r in rows], np.int64),
+    )
+
+
+def object_prompt(rng: np.random.Generator, mask: np.ndarray, cfg: PromptConfig):
+    """One object's prompt: (points (N, 2) as (x, y), labels (N,), kind)."""
+    p = np.array([cfg.p_point, cfg.p_points, cfg.p_box], float)
+    kind = int(rng.choice(3, p=p / p.sum()))
+    rr, cc = np.nonzero(mask)
+    if kind == KIND_BOX:
+        return _box(rng, rr, cc, mask.shape, cfg) + (kind,)
+    n_pos = 1 if kind == KIND_POINT else int(rng.integers(1, cfg.max_positive + 1))
+    pick = rng.integers(0, len(rr), size=n_pos)
+    # a pixel index is the pixel's centre in the model's coordinates (Predictor convention)
+    pts = [(cc[i] + rng.uniform(-0.5, 0.5), rr[i] + rng.uniform(-0.5, 0.5)) for i in pick]
+    lab = [LABEL_POS] * n_pos
+    if kind == KIND_POINTS:
+        for _ in range(int(rng.integers(0, cfg.max_negative + 1))):
+            neg = _negative_point(rng, mask, rr, cc)
+            if neg is not None:
+                pts.append(neg)
+                lab.append(LABEL_NEG)
+    return np.array(pts, np.float32), np.array(lab, np.int64), kind
+
+
+def _box(rng, rr, cc, shape, cfg):
+    h, w = shape
+    r0, r1, c0, c1 = rr.min(), rr.max() + 1, cc.min(), cc.max() + 1
+    jh = min(cfg.box_jitter * (r1 - r0), cfg.box_jitter_px)
+    jw = min(cfg.box_jitter * (c1 - c0), cfg.box_jitter_px)
+    r0, r1 = r0 + rng.uniform(-jh, jh), r1 + rng.uniform(-jh, jh)
+    c0, c1 = c0 + rng.uniform(-jw, jw), c1 + rng.uniform(-jw, jw)
+    r0, r1 = np.clip(sorted((r0, r1)), 0, h)
+    c0, c1 = np.clip(sorted((c0, c1)), 0, w)
+    # box corners: pixel edges, so the far corner is one past the last pixel's index
+    return np.array([(c0, r0), (c1, r1)], np.float32), np.array([LABEL_BOX_TL, LABEL_BOX_BR], np.int64)
+
+
+def _negative_point(rng, mask, rr, cc):
+    """A background point in a ring around the object (where negatives are informative)."""
+    h, w = mask.shape
+    r0, r1, c0, c1 = rr.min(), rr.max() + 1, cc.min(), cc.max() + 1
+    mr, mc = max(3, (r1 - r0) // 2), max(3, (c1 - c0) // 2)
+    for _ in range(10):
+        r = int(rng.integers(max(0, r0 - mr), min(h, r1 + mr)))
+        c = int(rng.integers(max(0, c0 - mc), min(w, c1 + mc)))
+        if not mask[r, c]:
+            return (c + rng.uniform(-0.5, 0.5), r + rng.uniform(-0.5, 0.5))
+    return None
+
+
+def correction_clicks(
+    pred: torch.Tensor, target: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SAM2-style correction click per object from the current error.
+
+    ``pred``, ``target`` (P, H, W) bool. Where misses outnumber false positives a positive
+    click is drawn uniformly from the missed pixels, else a negative click from the false
+    positives. Returns coords (P, 1, 2) float (x, y) at pixel centres and labels (P, 1);
+    objects without error get a padding label.
+    """
+    fn = target & ~pred
+    fp = pred & ~target
+    n_fn = fn.flatten(1).sum(1)
+    n_fp = fp.flatten(1).sum(1)
+    positive = n_fn >= n_fp
+    region = torch.where(positive.view(-1, 1, 1), fn, fp).flatten(1).float()
+    has_error = region.sum(1) > 0
+    # multinomial needs a non-zero row; rows without error get a dummy weight and a pad label
+    region[~has_error, 0] = 1.0
+    idx = torch.multinomial(region, 1, generator=generator).squeeze(1)
+    w = pred.shape[-1]
+    coords = torch.stack([(idx % w).float(), (idx // w).float()], dim=-1).unsqueeze(1)
+    labels = torch.where(positive, LABEL_POS, LABEL_NEG).long()
+    labels = torch.where(has_error, labels, torch.full_like(labels, LABEL_PAD)).unsqueeze(1)
+    return coords, labels
