@@ -1,5 +1,7 @@
 """The Bayesian mask decoder on real SAM2 modules (test-tiny config)."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -43,13 +45,65 @@ def test_multimask_returns_three_masks(tiny_model, embedded):
     assert not torch.allclose(out.logits[:, :1], single.logits)  # token 0 is not a multimask token
 
 
-def test_analytic_uncertainty_agrees_with_monte_carlo(tiny_model, embedded):
+@pytest.fixture(scope="module")
+def spread_model(tiny_model):
+    """test-tiny with its Weibull head's scales spread out like a trained head's.
+
+    With random weights every pixel has p ~ 0.54 (uncertainty ~ 0.996 everywhere), and a
+    correlation over such a flat map measures nothing. Larger pixel scales and foreground /
+    background rows that favour different channels give logits of both signs and uncertainty
+    from ~0.5 to 1, which is what a comparison of the two estimators needs.
+    """
+    model = copy.deepcopy(tiny_model)
+    head = model.sam_mask_decoder.weibull_head
+    c = head.channels
+    with torch.no_grad():
+        head.pixel_head.weight[:c] *= 8
+        last = head.token_head.layers[-1]
+        last.bias[: c // 2] += 1.5  # foreground scales of the first half of the channels
+        last.bias[2 * c + c // 2 : 3 * c] += 1.5  # background scales of the second half
+    return model
+
+
+def test_analytic_uncertainty_agrees_with_monte_carlo(spread_model, embedded):
     emb, coords, labels = embedded
-    analytic = _decode(tiny_model, emb, coords, labels, mode="analytic")
-    mc = _decode(tiny_model, emb, coords, labels, mode="mc", samples=256, generator=torch.Generator().manual_seed(0))
+    analytic = _decode(spread_model, emb, coords, labels, mode="analytic")
+    mc = _decode(spread_model, emb, coords, labels, mode="mc", samples=256, generator=torch.Generator().manual_seed(0))
+    assert analytic.uncertainty.std() > 0.03  # the map is not flat
     for a, m in ((analytic.uncertainty, mc.uncertainty), (analytic.probability, mc.probability)):
         r = np.corrcoef(a.flatten().numpy(), m.flatten().numpy())[0, 1]
         assert r > 0.9, r
+
+
+def test_mc_band_shortcut_matches_full_sampling(spread_model, embedded):
+    """Pixels outside the sampled band take analytic values; that must not change the map."""
+    emb, coords, labels = embedded
+    dec = spread_model.sam_mask_decoder
+    c = dec.weibull_head.channels
+    head = dec.weibull_head
+    saved = copy.deepcopy(head.state_dict())
+    with torch.no_grad():  # large, nearly deterministic weights: many certain pixels
+        head.pixel_head.weight[:c] *= 20
+        head.pixel_head.bias[c:] += 6
+        head.token_head.layers[-1].bias[:c] += 3  # foreground rows dominate: confident pixels
+        head.token_head.layers[-1].bias[2 * c : 3 * c] -= 3
+        head.token_head.layers[-1].bias[c : 2 * c] += 6
+        head.token_head.layers[-1].bias[3 * c :] += 6
+    try:
+        banked = _decode(spread_model, emb, coords, labels, mode="mc", samples=64)
+        again = _decode(spread_model, emb, coords, labels, mode="mc", samples=64)
+        torch.testing.assert_close(banked.uncertainty, again.uncertainty)  # fixed noise bank
+        dec.mc_band = False
+        full = _decode(spread_model, emb, coords, labels, mode="mc", samples=64, generator=torch.Generator().manual_seed(5))
+        moments = _decode(spread_model, emb, coords, labels, mode="analytic")
+        certain = moments.logit_mean.abs() > 8 + 6 * moments.logit_var.sqrt()  # outside the band
+        assert certain.float().mean() > 0.05  # the shortcut was exercised
+        assert (full.uncertainty - banked.uncertainty)[certain].abs().max() < 5e-3
+        r = np.corrcoef(full.uncertainty.flatten().numpy(), banked.uncertainty.flatten().numpy())[0, 1]
+        assert r > 0.95
+    finally:
+        dec.mc_band = True
+        head.load_state_dict(saved)
 
 
 def test_analytic_moments_match_sampled_logits(tiny_model, embedded):

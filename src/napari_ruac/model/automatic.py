@@ -402,8 +402,7 @@ class AutomaticSegmenter:
         boxes = crop_boxes((h, w), self.crop_n_layers, self.crop_overlap_ratio)
         for box, layer in boxes:
             n_side = max(1, self.points_per_side // (self.crop_n_points_downscale_factor**layer))
-            cands = self._crop_candidates(image, box, layer, n_side, stats)
-            per_crop.extend(box_nms(cands, self.box_nms_thresh))
+            per_crop.extend(self._crop_candidates(image, box, layer, n_side, stats))
         stats.n_crops += len(boxes)
         if len(boxes) > 1:
             per_crop = drop_cut_candidates(per_crop, (h, w))
@@ -431,7 +430,8 @@ class AutomaticSegmenter:
     def _crop_candidates(
         self, image: torch.Tensor, box: Box, layer: int, n_side: int, stats: AutoStats
     ) -> list[MaskCandidate]:
-        """Decode the point grid of one crop. ``image`` (3, H, W) float in [0, 1]."""
+        """Decode the point grid of one crop; filter and de-duplicate at decoder resolution,
+        then bring the survivors to full resolution. ``image`` (3, H, W) float in [0, 1]."""
         r0, c0, r1, c1 = box
         crop = image[:, r0:r1, c0:c1]
         frame = self._frame((r1 - r0, c1 - c0), layer)
@@ -441,7 +441,7 @@ class AutomaticSegmenter:
         stats.n_points += len(points)
         # model coordinates are (x, y) pixel indices; embed_prompts adds the half-pixel
         xy = torch.from_numpy(points[:, ::-1] * frame.scale - 0.5).float()
-        found: list[MaskCandidate] = []
+        found: list[_LowRes] = []
         for start in range(0, len(xy), self.points_per_batch):
             coords = xy[start : start + self.points_per_batch].unsqueeze(1).to(self.model.device)
             labels = torch.full(coords.shape[:2], LABEL_POS, dtype=torch.long, device=coords.device)
@@ -452,89 +452,126 @@ class AutomaticSegmenter:
             )
             stats.n_decoder_calls += 1
             stats.n_masks_decoded += out.logits.shape[0] * out.logits.shape[1]
-            found.extend(self._filter_batch(out, frame, box, layer))
+            found.extend(self._filter_batch(out, frame))
         stats.n_after_filters += len(found)
-        return found
+        survivors = box_nms(found, self.box_nms_thresh)
+        cands = [self._full_resolution(lr, frame, box, layer) for lr in survivors]
+        return [c for c in cands if c is not None]
 
-    def _filter_batch(self, out, frame: _Frame, box: Box, layer: int) -> list[MaskCandidate]:
-        """IoU/object/stability filters at decoder resolution, then full-resolution windows for
-        the survivors and the mean-uncertainty filter."""
+    def _filter_batch(self, out, frame: _Frame) -> list["_LowRes"]:
+        """IoU, object-score, stability and mean-uncertainty filters, all on the decoder's
+        1/4-resolution logits and vectorised over the batch."""
         logits = out.logits.float()  # (B, M, h4, w4)
         b, m, h4, w4 = logits.shape
-        logits = logits.reshape(b * m, h4, w4)
+        down = frame.input_size[0] / h4  # model pixels per low-res pixel
+        # only the low-res pixels that cover the image, not the padding
+        vh4 = int(math.ceil(frame.valid[0] / down))
+        vw4 = int(math.ceil(frame.valid[1] / down))
+        logits = logits.reshape(b * m, h4, w4)[:, :vh4, :vw4]
         iou = out.iou_pred.float().reshape(b * m)
         obj = out.object_score_logits.float()[:, 0].repeat_interleave(m)
-        # the low-res pixels that cover the valid (non-padding) part of the input
-        down = frame.input_size[0] / h4
-        vh4, vw4 = int(math.ceil(frame.valid[0] / down)), int(math.ceil(frame.valid[1] / down))
-        logits = logits[:, :vh4, :vw4]
         off = self.stability_score_offset
+        mask = logits > 0
+        area = mask.flatten(1).sum(1)
         inter = (logits > off).flatten(1).sum(1).float()
         union = (logits > -off).flatten(1).sum(1).float()
-        stability = torch.where(union > 0, inter / union.clamp_min(1), torch.zeros_like(inter))
-        keep = (iou > self.pred_iou_thresh) & (obj > self.object_score_thresh)
+        stability = inter / union.clamp_min(1)
+        entropy = binary_entropy(torch.sigmoid(logits))
+        mean_unc = (entropy * mask).flatten(1).sum(1) / area.clamp_min(1)
+        keep = (iou > self.pred_iou_thresh) & (obj > self.object_score_thresh) & (area > 0)
         keep &= stability >= self.stability_score_thresh
-        keep &= (logits > 0).flatten(1).any(1)
+        keep &= mean_unc <= self.max_mean_uncertainty
+        idx = torch.nonzero(keep).flatten()
+        if idx.numel() == 0:
+            return []
+        rows_any = mask[idx].any(2)  # (K, vh4)
+        cols_any = mask[idx].any(1)  # (K, vw4)
+        px = down / frame.scale  # crop pixels per low-res pixel
+        margin = int(math.ceil(self.window_margin / px)) + 2
         result = []
-        for k in torch.nonzero(keep).flatten().tolist():
-            cand = self._full_resolution(logits[k], frame, down, box, layer)
-            if cand is None:
-                continue
-            cand.iou_score = float(iou[k])
-            cand.stability = float(stability[k])
-            if cand.mean_uncertainty <= self.max_mean_uncertainty:
-                result.append(cand)
+        for j, k in enumerate(idx.tolist()):
+            rows = torch.nonzero(rows_any[j]).flatten()
+            cols = torch.nonzero(cols_any[j]).flatten()
+            i0, i1 = int(rows[0]), int(rows[-1]) + 1
+            j0, j1 = int(cols[0]), int(cols[-1]) + 1
+            a0, b0 = max(0, i0 - margin), max(0, j0 - margin)
+            a1, b1 = min(vh4, i1 + margin), min(vw4, j1 + margin)
+            result.append(_LowRes(
+                logits=logits[k, a0:a1, b0:b1].clone(),
+                origin=(a0, b0),
+                full_shape=(vh4, vw4),
+                box=(i0 * px, j0 * px, i1 * px, j1 * px),
+                iou_score=float(iou[k]),
+                stability=float(stability[k]),
+                mean_uncertainty=float(mean_unc[k]),
+                px=px,
+            ))
         return result
 
-    def _full_resolution(
-        self, low: torch.Tensor, frame: _Frame, down: float, box: Box, layer: int
-    ) -> MaskCandidate | None:
-        """Logits of one low-res mask (h4, w4) sampled at crop pixels inside a window around it."""
-        rows = torch.nonzero((low > 0).any(1)).flatten()
-        cols = torch.nonzero((low > 0).any(0)).flatten()
-        px = down / frame.scale  # crop pixels per low-res pixel
+    def _full_resolution(self, lr: "_LowRes", frame: _Frame, box: Box, layer: int) -> MaskCandidate | None:
+        """Full-resolution logits of a low-res mask inside the part of its low-res window where
+        bilinear interpolation needs nothing from outside the window."""
         h, w = frame.shape
-        margin = self.window_margin + int(math.ceil(px))
-        wr0 = max(0, int(math.floor(int(rows[0]) * px)) - margin)
-        wc0 = max(0, int(math.floor(int(cols[0]) * px)) - margin)
-        wr1 = min(h, int(math.ceil((int(rows[-1]) + 1) * px)) + margin)
-        wc1 = min(w, int(math.ceil((int(cols[-1]) + 1) * px)) + margin)
+        (a0, b0), (lh, lw) = lr.origin, lr.logits.shape
+        full_h, full_w = lr.full_shape
+        px = lr.px
+        wr0 = 0 if a0 == 0 else int(math.ceil((a0 + 0.5) * px - 0.5))
+        wc0 = 0 if b0 == 0 else int(math.ceil((b0 + 0.5) * px - 0.5))
+        wr1 = h if a0 + lh == full_h else int(math.floor((a0 + lh - 0.5) * px - 0.5)) + 1
+        wc1 = w if b0 + lw == full_w else int(math.floor((b0 + lw - 0.5) * px - 0.5)) + 1
+        wr1, wc1 = min(wr1, h), min(wc1, w)
         if wr1 <= wr0 or wc1 <= wc0:
             return None
-        window_logits = _sample_window(low, (wr0, wc0, wr1, wc1), frame.scale / down)
+        window_logits = _sample_window(lr.logits, (wr0, wc0, wr1, wc1), 1.0 / px, origin=lr.origin)
         mask = window_logits > 0
         if not mask.any():
             return None
         rr = np.flatnonzero(mask.any(1))
         cc = np.flatnonzero(mask.any(0))
-        p = _sigmoid(window_logits[mask])
-        mean_unc = float(binary_entropy(torch.from_numpy(p)).mean())
         r0, c0 = box[0], box[1]
         return MaskCandidate(
             window=(r0 + wr0, c0 + wc0, r0 + wr1, c0 + wc1),
             logits=window_logits,
             box=(r0 + wr0 + int(rr[0]), c0 + wc0 + int(cc[0]), r0 + wr0 + int(rr[-1]) + 1, c0 + wc0 + int(cc[-1]) + 1),
             area=int(mask.sum()),
-            iou_score=0.0,
-            stability=0.0,
-            mean_uncertainty=mean_unc,
+            iou_score=lr.iou_score,
+            stability=lr.stability,
+            mean_uncertainty=lr.mean_uncertainty,
             source=box,
             layer=layer,
         )
 
 
-def _sample_window(low: torch.Tensor, window: Box, lowres_per_px: float) -> np.ndarray:
+@dataclass
+class _LowRes:
+    """A candidate that passed the filters, still at decoder resolution: ``logits`` a window
+    of the low-res map starting at low-res pixel ``origin``; ``box`` its bounding box in crop
+    pixels (for NMS); ``px`` crop pixels per low-res pixel."""
+
+    logits: torch.Tensor
+    origin: tuple[int, int]
+    full_shape: tuple[int, int]
+    box: tuple[float, float, float, float]
+    iou_score: float
+    stability: float
+    mean_uncertainty: float
+    px: float
+
+
+def _sample_window(low: torch.Tensor, window: Box, lowres_per_px: float,
+                   origin: tuple[int, int] = (0, 0)) -> np.ndarray:
     """Bilinear logits at the pixel centres of ``window`` (crop pixels) from a low-res map.
 
-    ``low`` (h4, w4); crop pixel centre ``r + 0.5`` sits at ``(r + 0.5) * lowres_per_px`` in
-    low-res units — the same mapping as upsampling the whole map with ``align_corners=False``.
+    ``low`` (h, w) is the part of the low-res map that starts at low-res pixel ``origin``.
+    Crop pixel centre ``r + 0.5`` sits at ``(r + 0.5) * lowres_per_px`` in low-res units — the
+    same mapping as upsampling the whole map with ``align_corners=False``.
     """
     r0, c0, r1, c1 = window
     h4, w4 = low.shape
-    ys = (torch.arange(r0, r1, dtype=torch.float32) + 0.5) * lowres_per_px
-    xs = (torch.arange(c0, c1, dtype=torch.float32) + 0.5) * lowres_per_px
-    gy = ys / h4 * 2 - 1
-    gx = xs / w4 * 2 - 1
+    ys = (torch.arange(r0, r1, dtype=torch.float64) + 0.5) * lowres_per_px - origin[0]
+    xs = (torch.arange(c0, c1, dtype=torch.float64) + 0.5) * lowres_per_px - origin[1]
+    gy = (ys / h4 * 2 - 1).float()
+    gx = (xs / w4 * 2 - 1).float()
     grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1).unsqueeze(0).to(low.device)
     out = F.grid_sample(low[None, None], grid, mode="bilinear", padding_mode="border", align_corners=False)
     return out[0, 0].cpu().numpy().astype(np.float32)

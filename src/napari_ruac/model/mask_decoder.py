@@ -3,8 +3,11 @@
 SAM2 forms mask logits as ``hyper_in @ upscaled_embedding``. RUAC makes both factors
 non-negative Weibull random variables (DESIGN.md, "The method"):
 
-* image tokens: a 1x1 conv on the upscaled features gives per-pixel, per-channel
-  ``(lambda_z, kappa_z)`` -> ``z`` of shape (B, C, h, w), ``C = transformer_dim // 8``;
+* image tokens: a 1x1 conv on the upscaled features gives per-pixel ``(lambda_z, kappa_z)``:
+  a scale per channel and one shape per pixel -> ``z`` of shape (B, C, h, w),
+  ``C = transformer_dim // 8``. Sharing kappa over a pixel's channels means the Gamma-function
+  terms are computed once per pixel, not C times: the analytic mode costs little more than SAM2's
+  deterministic product;
 * mask tokens: one MLP shared by all mask tokens gives per-channel ``(lambda, kappa)`` for a
   foreground and a background row -> ``w_fg, w_bg`` of shape (B, K, C);
 * ``logit_k = <z, w_k,fg> - <z, w_k,bg>`` (signed, although every factor is positive).
@@ -31,6 +34,7 @@ from .weibull import (
     kl_weibull_gamma,
     probit_logit,
     weibull_moments,
+    weibull_shape_factors,
     weibull_transform,
 )
 
@@ -88,13 +92,15 @@ class WeibullHead(nn.Module):
         if not 0 < self.kappa_min < kappa_init < self.kappa_max:
             raise ValueError(f"kappa_init {kappa_init} must lie inside kappa_range {kappa_range}")
         c = self.channels
-        self.pixel_head = nn.Conv2d(c, 2 * c, kernel_size=1)
+        # C scales + one shape per pixel
+        self.pixel_head = nn.Conv2d(c, c + 1, kernel_size=1)
         self.token_head = MLP(transformer_dim, transformer_dim, 4 * c, 3)
         # start with moderately certain weights: kappa = kappa_init everywhere
         frac = (kappa_init - self.kappa_min) / (self.kappa_max - self.kappa_min)
         kappa_bias = math.log(frac / (1.0 - frac))
         with torch.no_grad():
             self.pixel_head.bias[c:].fill_(kappa_bias)
+            self.pixel_head.weight[c:].mul_(0.1)
             last = self.token_head.layers[-1]
             last.bias[c : 2 * c].fill_(kappa_bias)
             last.bias[3 * c :].fill_(kappa_bias)
@@ -106,7 +112,7 @@ class WeibullHead(nn.Module):
         return self.kappa_min + (self.kappa_max - self.kappa_min) * torch.sigmoid(x)
 
     def pixel_params(self, upscaled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, C, h, w) features -> ``lambda_z, kappa_z`` each (B, C, h, w)."""
+        """(B, C, h, w) features -> ``lambda_z`` (B, C, h, w) and ``kappa_z`` (B, 1, h, w)."""
         raw = self.pixel_head(upscaled)
         c = self.channels
         return self._lam(raw[:, :c]), self._kappa(raw[:, c:])
@@ -146,6 +152,9 @@ class BayesianMaskDecoder(MaskDecoder):
         self.prior_alpha = prior_alpha
         self.prior_beta = prior_beta
         self.mc_chunk = mc_chunk
+        self._noise_banks: dict = {}
+        # sample only the pixels that can be uncertain (see _monte_carlo); off = sample all
+        self.mc_band = True
 
     # ------------------------------------------------------------------ transformer trunk
     def _run_transformer(
@@ -295,17 +304,21 @@ class BayesianMaskDecoder(MaskDecoder):
         """Mean and variance of ``logit = <z, w_fg - w_bg>`` with all factors independent.
 
         ``d = w_fg - w_bg``: ``E d = E fg - E bg``, ``Var d = Var fg + Var bg``;
-        ``Var(z d) = Var z Var d + Var z (E d)^2 + (E z)^2 Var d``; channels add up.
+        ``Var(z d) = Var z Var d + Var z (E d)^2 + (E z)^2 Var d``; channels add up. With one
+        kappa per pixel, ``E z_c = g1 lam_c`` and ``Var z_c = g1^2 r lam_c^2`` where
+        ``g1 = Gamma(1 + 1/kappa)`` and ``r = Gamma(1 + 2/kappa) / g1^2 - 1``, so
+        ``mu = g1 <lam, E d>`` and ``var = g1^2 (r <lam^2, Var d + (E d)^2> + <lam^2, Var d>)``.
         """
         lam_fg, k_fg, lam_bg, k_bg = token_params
-        ez, vz = weibull_moments(lam_z, k_z)
+        g1, r = weibull_shape_factors(k_z)
         efg, vfg = weibull_moments(lam_fg, k_fg)
         ebg, vbg = weibull_moments(lam_bg, k_bg)
         ed = efg - ebg
         vd = vfg + vbg
-        mu = torch.einsum("bkc,bchw->bkhw", ed, ez)
-        var = torch.einsum("bkc,bchw->bkhw", vd + ed.square(), vz) + torch.einsum(
-            "bkc,bchw->bkhw", vd, ez.square()
+        lam2 = lam_z.square()
+        mu = g1 * torch.einsum("bkc,bchw->bkhw", ed, lam_z)
+        var = g1.square() * (
+            r * torch.einsum("bkc,bchw->bkhw", vd + ed.square(), lam2) + torch.einsum("bkc,bchw->bkhw", vd, lam2)
         )
         return mu, var
 
@@ -318,27 +331,54 @@ class BayesianMaskDecoder(MaskDecoder):
         return kl_pixels + kl_tokens
 
     def _monte_carlo(self, lam_z, k_z, token_params, samples, generator, iou_pred, obj_logits, kl):
-        """S samples of the head; total = H(mean p), aleatoric = mean H(p_s), epistemic = MI."""
+        """S samples of the head; total = H(mean p), aleatoric = mean H(p_s), epistemic = MI.
+
+        Pixels whose logit stays far from zero in every plausible sample (``|mu| > 8 + 6 sd`` by
+        the analytic moments, so every sample has ``|logit| > 8``, entropy < 0.005 bits) take
+        the analytic values and only the remaining band is sampled: on a trained model most of
+        an image is confidently background, so this is most of the MC cost saved. Without a ``generator``
+        the noise comes from a fixed bank (seed 0), so a repeated click gives the same map.
+        """
         lam_fg, k_fg, lam_bg, k_bg = token_params
-        p_sum = None
-        h_sum = None
-        done = 0
-        # chunks bound the memory of the (S, B, C, h, w) sample tensor
-        while done < samples:
-            s = min(self.mc_chunk, samples - done)
-            z = weibull_transform(lam_z, k_z, _uniform_like(lam_z, generator, s))
-            w_fg = weibull_transform(lam_fg, k_fg, _uniform_like(lam_fg, generator, s))
-            w_bg = weibull_transform(lam_bg, k_bg, _uniform_like(lam_bg, generator, s))
-            logit_s = torch.einsum("sbkc,sbchw->sbkhw", w_fg - w_bg, z)
-            p_s = torch.sigmoid(logit_s).sum(0)
-            h_s = binary_entropy_from_logit(logit_s).sum(0)
-            p_sum = p_s if p_sum is None else p_sum + p_s
-            h_sum = h_s if h_sum is None else h_sum + h_s
-            done += s
-        p = p_sum / samples
-        aleatoric = h_sum / samples
-        total = binary_entropy(p)
+        # the (small) token noise is drawn from a seeded generator when none is given
+        token_gen = generator or torch.Generator(device=lam_fg.device).manual_seed(0)
+        mu, var = self._analytic_moments(lam_z, k_z, token_params)
+        analytic_logit = probit_logit(mu, var)
+        p = torch.sigmoid(analytic_logit)
+        total = binary_entropy_from_logit(analytic_logit)
+        aleatoric = total.clone()
+        b, k, h, w = mu.shape
+        band = (mu.abs() <= 8.0 + 6.0 * var.sqrt()).any(1).flatten(1)  # (B, h*w)
+        if not self.mc_band:
+            band = torch.ones_like(band)
+        log_k = torch.log(k_z).flatten(2)  # (B, 1, h*w)
+        lam_flat = lam_z.flatten(2)  # (B, C, h*w)
+        for i in range(b):
+            idx = band[i].nonzero().squeeze(1)
+            if idx.numel() == 0:
+                continue
+            inv_k = torch.exp(-log_k[i][:, idx])  # (1, n)
+            lam_i = lam_flat[i][:, idx]  # (C, n)
+            p_sum = torch.zeros(k, idx.numel(), dtype=mu.dtype, device=mu.device)
+            h_sum = torch.zeros_like(p_sum)
+            done = 0
+            while done < samples:
+                s = min(self.mc_chunk, samples - done)
+                log_e = self._log_exponential_noise(s, lam_i.shape[0], idx, generator, done, mu)
+                z = lam_i * torch.exp(log_e * inv_k)  # (s, C, n)
+                u_fg = _uniform_like(lam_fg[i], token_gen, s)
+                u_bg = _uniform_like(lam_bg[i], token_gen, s)
+                d = weibull_transform(lam_fg[i], k_fg[i], u_fg) - weibull_transform(lam_bg[i], k_bg[i], u_bg)
+                logit_s = torch.bmm(d, z)  # (s, K, n)
+                p_sum += torch.sigmoid(logit_s).sum(0)
+                h_sum += binary_entropy_from_logit(logit_s).sum(0)
+                done += s
+            p_i = p_sum / samples
+            p.view(b, k, -1)[i][:, idx] = p_i
+            total.view(b, k, -1)[i][:, idx] = binary_entropy(p_i)
+            aleatoric.view(b, k, -1)[i][:, idx] = h_sum / samples
         epistemic = (total - aleatoric).clamp_min(0.0)
+        aleatoric = torch.minimum(aleatoric, total)
         eps = 1e-6
         logits = torch.logit(p.clamp(eps, 1 - eps))
         return DecoderOutput(
@@ -351,6 +391,28 @@ class BayesianMaskDecoder(MaskDecoder):
             aleatoric=aleatoric,
             kl=kl,
         )
+
+    _NOISE_SLOTS = 16384
+
+    def _log_exponential_noise(self, s, c, idx, generator, offset, like):
+        """``log E`` with ``E ~ Exp(1)`` for s samples, c channels and the pixels ``idx``.
+
+        With a generator: fresh noise. Without: slices of a fixed bank of ``_NOISE_SLOTS``
+        pixel slots (pixel i uses slot i mod slots), built once per (samples, channels, device);
+        this skips the uniform draws and two logarithms per element on every click.
+        """
+        if generator is not None:
+            u = torch.rand((s, c, idx.numel()), generator=generator, device=like.device, dtype=like.dtype)
+            return torch.log(-torch.log1p(-u.clamp(1e-6, 1 - 1e-6)))
+        key = (c, like.device, like.dtype)
+        bank = self._noise_banks.get(key)
+        if bank is None or bank.shape[0] < offset + s:
+            g = torch.Generator(device="cpu").manual_seed(0)
+            n_samples = max(offset + s, 64)
+            u = torch.rand((n_samples, c, self._NOISE_SLOTS), generator=g, dtype=torch.float32)
+            bank = torch.log(-torch.log1p(-u.clamp(1e-6, 1 - 1e-6))).to(like.device, like.dtype)
+            self._noise_banks[key] = bank
+        return bank[offset : offset + s][:, :, idx % self._NOISE_SLOTS]
 
 
 def _uniform_like(t: torch.Tensor, generator: torch.Generator | None, samples: int | None = None):

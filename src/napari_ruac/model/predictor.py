@@ -156,10 +156,12 @@ class Predictor:
         mode: str | None = None,
         samples: int = 20,
         multimask: bool = False,
-        seed: int | None = 0,
+        seed: int | None = None,
     ) -> Prediction:
         """Segment one object. Points are (row, col) in image pixels; labels 1 = object,
-        0 = background (default all 1); box = (row0, col0, row1, col1)."""
+        0 = background (default all 1); box = (row0, col0, row1, col1). ``seed`` draws fresh
+        Monte-Carlo noise; by default MC mode uses a fixed noise bank, so the same click always
+        gives the same uncertainty map."""
         return self.predict_batch([Prompt(points, labels, box)], mode, samples, multimask, seed)[0]
 
     def predict_batch(
@@ -168,7 +170,7 @@ class Predictor:
         mode: str | None = None,
         samples: int = 20,
         multimask: bool = False,
-        seed: int | None = 0,
+        seed: int | None = None,
     ) -> list[Prediction]:
         """Segment several objects in one decoder pass (one prompt set per object)."""
         if self._embedding is None:

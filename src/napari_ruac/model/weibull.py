@@ -51,6 +51,15 @@ def weibull_moments(lam: torch.Tensor, kappa: torch.Tensor) -> tuple[torch.Tenso
     return mean, var
 
 
+def weibull_shape_factors(kappa: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``g1 = Gamma(1 + 1/kappa)`` and the squared coefficient of variation
+    ``r = Gamma(1 + 2/kappa) / g1^2 - 1``, so ``E w = lam g1`` and ``Var w = (E w)^2 r``."""
+    inv = 1.0 / kappa
+    lg1 = torch.lgamma(1.0 + inv)
+    lg2 = torch.lgamma(1.0 + 2.0 * inv)
+    return torch.exp(lg1), torch.expm1((lg2 - 2.0 * lg1).clamp_min(0.0))
+
+
 def weibull_variance(lam: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
     return weibull_moments(lam, kappa)[1]
 

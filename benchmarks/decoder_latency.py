@@ -1,0 +1,70 @@
+"""Per-click latency: SAM2's deterministic decoder vs RUAC analytic vs RUAC MC-20.
+
+Random weights are fine for timing (the work done does not depend on the values). Each
+repetition runs the three modes back to back, so machine noise hits them alike; the table
+shows medians and the ratios to the deterministic decoder measured in this same run.
+
+    python benchmarks/decoder_latency.py [--size 1024] [--reps 15] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from napari_ruac import Predictor
+from napari_ruac.model import build_model, resolve_spec
+
+MODES = [("deterministic", "SAM2 decoder"), ("analytic", "RUAC analytic"), ("mc", "RUAC MC-20")]
+
+
+def bench(name: str, size: int, reps: int) -> dict:
+    model = build_model(resolve_spec(name).config).eval()
+    predictor = Predictor(model)
+    img = np.random.default_rng(0).integers(0, 4000, (size, size)).astype(np.uint16)
+    t0 = time.perf_counter()
+    predictor.set_image(img)
+    set_image_s = time.perf_counter() - t0
+    rng = np.random.default_rng(1)
+    times = {m: [] for m, _ in MODES}
+    for m, _ in MODES:  # warm-up
+        predictor.predict(points=[(size // 2, size // 2)], mode=m, samples=20)
+    for _ in range(reps):
+        point = [tuple(rng.integers(0, size, 2))]
+        for m, _ in MODES:
+            t0 = time.perf_counter()
+            predictor.predict(points=point, mode=m, samples=20)
+            times[m].append(time.perf_counter() - t0)
+    return {"set_image": set_image_s, **{m: statistics.median(v) for m, v in times.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--models", nargs="+", default=["micro", "sam2.1_hiera_tiny"])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")
+    print(f"image {args.size}x{args.size}, {args.threads} threads, median of {args.reps} clicks, "
+          "click = predict() incl. upsampling to full size")
+    print()
+    print("| model | set_image (s) | SAM2 decoder (ms) | RUAC analytic (ms) | RUAC MC-20 (ms) | analytic / SAM2 | MC-20 / SAM2 |")
+    print("|---|---|---|---|---|---|---|")
+    for name in args.models:
+        r = bench(name, args.size, args.reps)
+        d = r["deterministic"]
+        print(
+            f"| {name} | {r['set_image']:.2f} | {1e3 * d:.1f} | {1e3 * r['analytic']:.1f} | {1e3 * r['mc']:.1f} "
+            f"| {r['analytic'] / d:.2f}x | {r['mc'] / d:.2f}x |"
+        )
+
+
+if __name__ == "__main__":
+    main()
