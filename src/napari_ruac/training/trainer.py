@@ -327,8 +327,11 @@ class Trainer:
         freeze_unused(model, self.variant)
         adversaries = None
         if self.variant == "ruac":
-            adversaries = Adversaries(AdversaryConfig.from_dict(self.cfg["adversaries"]),
-                                      model.config.d_model).to(self.device)
+            # seeded like the model, so two processes of one recipe start identical
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.cfg["seed"] + 1)
+                adversaries = Adversaries(AdversaryConfig.from_dict(self.cfg["adversaries"]),
+                                          model.config.d_model).to(self.device)
         self.model = model
         self.adversaries = adversaries
         self.step_module = TrainStep(model, adversaries, self.variant, self.loss_cfg,

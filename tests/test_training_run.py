@@ -1,0 +1,199 @@
+"""Training runs end to end (issue 3): the loss falls, kill-and-resume reproduces the log,
+a 2-process gloo DDP run completes with agreeing replicas, export loads back."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from napari_ruac.training.trainer import LOSS_FIELDS, Trainer, read_log
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_recipe(variant="ruac", steps=30, **over) -> dict:
+    cfg = {
+        "name": f"test-{variant}",
+        "variant": variant,
+        "seed": 3,
+        "model": {"spec": "test-tiny", "init": "scratch"},
+        "data": {"batch_size": 2, "crop_size": 128, "large_sizes": [160], "p_large": 0.2, "p_small": 0.1,
+                 "workers": 0, "synthetic": {"max_objects": 30},
+                 "prompts": {"objects_per_image": 4}},
+        "loss": {"form": "bce", "kl_weight": 0.001, "cal_weight": 0.1},
+        "optim": {"steps": steps, "lr": 2e-3, "warmup": 3, "min_lr_ratio": 0.1},
+        "curriculum": {"kl_start": 2, "adv_start": 4, "adv_ramp": 4, "gamma": 0.5},
+        "train": {"checkpoint_every": 4, "val_every": 0, "correction_prob": 0.5, "threads": 1},
+        "val": {"images": 2, "size": 128, "batch_size": 2},
+    }
+    for k, v in over.items():
+        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) else v
+    return cfg
+
+
+def test_a_30_step_run_on_synthetic_data_lowers_the_loss(tmp_path):
+    torch.set_num_threads(1)
+    cfg = tiny_recipe("bayes", steps=30, data={"p_large": 0.0, "p_small": 0.0})
+    trainer = Trainer(cfg, tmp_path, quiet=True)
+    assert trainer.fit() == 30
+    rows = read_log(tmp_path / "log.csv")
+    assert [int(r["step"]) for r in rows] == list(range(30))
+    seg = [float(r["seg"]) for r in rows]
+    first, last = sum(seg[:8]) / 8, sum(seg[-8:]) / 8
+    assert last < 0.85 * first, (first, last)
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    ckpt = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["step"] == 30
+
+
+def test_full_ruac_step_trains_attackers_and_model(tmp_path):
+    torch.set_num_threads(1)
+    cfg = tiny_recipe("ruac", steps=6, curriculum={"adv_start": 0, "adv_ramp": 1})
+    trainer = Trainer(cfg, tmp_path, quiet=True)
+    before = {k: v.clone() for k, v in trainer.adversaries.state_dict().items()}
+    trainer.fit()
+    rows = read_log(tmp_path / "log.csv")
+    assert all(float(r["gamma"]) > 0 and r["adv_seg"] and r["cal"] for r in rows)
+    after = trainer.adversaries.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    # parameters the variant never uses are out of the optimiser
+    dec = trainer.model.sam_mask_decoder
+    assert not any(p.requires_grad for p in dec.output_hypernetworks_mlps.parameters())
+    assert all(p.requires_grad for p in dec.weibull_head.parameters())
+
+
+def _cli(args, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen([sys.executable, "-m", "napari_ruac.cli", "train", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _losses(rows):
+    return [[r["step"]] + [r[k] for k in LOSS_FIELDS] + [r["size"], r["prompts"], r["lr"]] for r in rows]
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_loss_log(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe("ruac", steps=12)))
+    full, broken = tmp_path / "full", tmp_path / "broken"
+
+    proc = _cli([str(recipe), "--run-dir", str(full), "--threads", "1"])
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out
+
+    # the same run, SIGKILLed after step 6 (its last checkpoint is step 4), then resumed
+    proc = _cli([str(recipe), "--run-dir", str(broken), "--threads", "1"])
+    log = broken / "log.csv"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if log.is_file() and len(log.read_text().splitlines()) >= 1 + 7:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    killed_rows = read_log(log)
+    assert 7 <= len(killed_rows) < 12
+    ckpt = torch.load(broken / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["step"] in (4, 8)
+
+    proc = _cli([str(recipe), "--run-dir", str(broken), "--threads", "1", "--resume"])
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out
+    assert f"resumed {broken / 'last.pt'} at step {ckpt['step']}" in out
+
+    a, b = read_log(full / "log.csv"), read_log(broken / "log.csv")
+    assert [r["step"] for r in b] == [str(i) for i in range(12)]
+    assert _losses(a) == _losses(b)
+    assert any(float(r["gamma"]) > 0 for r in a)  # the adversarial phase was part of it
+
+
+def test_export_writes_an_fp16_package_checkpoint_that_loads(tmp_path):
+    from napari_ruac import load_model
+    from napari_ruac.model import read_checkpoint
+
+    torch.set_num_threads(1)
+    cfg = tiny_recipe("bayes", steps=2)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(cfg))
+    Trainer(str(recipe), tmp_path / "run", quiet=True).fit()
+    proc = _cli([str(recipe), "--run-dir", str(tmp_path / "run"), "--export", str(tmp_path / "m.pt")])
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    raw = torch.load(tmp_path / "m.pt", map_location="cpu", weights_only=True)
+    assert all(v.dtype == torch.float16 for v in raw["model"].values() if v.is_floating_point())
+    _, info = read_checkpoint(tmp_path / "m.pt")
+    assert info.variant == "test-bayes" and info.metadata["steps"] == 2
+    assert info.recipe["model"]["spec"] == "test-tiny"
+    model = load_model(tmp_path / "m.pt")
+    assert model.info["trained"]
+
+
+def test_export_without_a_run_is_a_clear_error(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe("bayes", steps=2)))
+    proc = _cli([str(recipe), "--run-dir", str(tmp_path / "none"), "--export", str(tmp_path / "m.pt")])
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert "nothing to export" in out
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_bad_recipes_are_rejected_with_a_message(tmp_path):
+    with pytest.raises(ValueError, match="unknown training config sections"):
+        Trainer({"optimiser": {}}, tmp_path)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        Trainer({"variant": "bayesian"}, tmp_path)
+    with pytest.raises(FileNotFoundError, match="training config not found"):
+        Trainer(str(tmp_path / "missing.yaml"), tmp_path)
+
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, torch, torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    from napari_ruac.training.trainer import Trainer
+    cfg = json.loads(sys.argv[1])
+    trainer = Trainer(cfg, sys.argv[2], quiet=True)
+    assert isinstance(trainer.wrapped, torch.nn.parallel.DistributedDataParallel)
+    trainer.fit()
+    flat = torch.cat([p.detach().flatten() for p in trainer.step_module.parameters()])
+    digests = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, [float(flat.sum()), float(flat.abs().sum()), trainer.step])
+    if dist.get_rank() == 0:
+        open(sys.argv[3], "w").write(json.dumps(digests))
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_two_process_gloo_ddp_run_completes_and_replicas_agree(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    cfg = tiny_recipe("ruac", steps=3, curriculum={"adv_start": 1, "adv_ramp": 1})
+    result = tmp_path / "digests.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", "29533", str(script), json.dumps(cfg), str(tmp_path / "run"), str(result)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    digests = json.loads(result.read_text())
+    assert len(digests) == 2
+    assert digests[0][2] == digests[1][2] == 3
+    assert digests[0][0] == pytest.approx(digests[1][0], rel=1e-6, abs=1e-6)
+    assert digests[0][1] == pytest.approx(digests[1][1], rel=1e-6)
+    rows = read_log(tmp_path / "run" / "log.csv")  # only rank 0 writes
+    assert len(rows) == 3
