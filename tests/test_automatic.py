@@ -81,6 +81,10 @@ def test_window_sampling_equals_upsampling_the_whole_map():
     window = (10, 7, 41, 66)
     got = _sample_window(low, window, 0.25)
     assert np.allclose(got, full[10:41, 7:66].numpy(), atol=1e-5)
+    # from a low-res window: exact wherever interpolation needs nothing outside it
+    part = low[2:12, 1:17]  # low-res rows 2..11 cover pixel rows 10..45 (centres (r+.5)/4-.5 in [2, 11])
+    got = _sample_window(part, (10, 6, 46, 66), 0.25, origin=(2, 1))
+    assert np.allclose(got, full[10:46, 6:66].numpy(), atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- the model path

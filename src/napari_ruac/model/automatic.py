@@ -476,7 +476,8 @@ class AutomaticSegmenter:
         inter = (logits > off).flatten(1).sum(1).float()
         union = (logits > -off).flatten(1).sum(1).float()
         stability = inter / union.clamp_min(1)
-        entropy = binary_entropy(torch.sigmoid(logits))
+        # the decoder already gives the entropy of its probability (same shape as the logits)
+        entropy = out.uncertainty.float().reshape(b * m, h4, w4)[:, :vh4, :vw4]
         mean_unc = (entropy * mask).flatten(1).sum(1) / area.clamp_min(1)
         keep = (iou > self.pred_iou_thresh) & (obj > self.object_score_thresh) & (area > 0)
         keep &= stability >= self.stability_score_thresh
