@@ -134,12 +134,17 @@ def build_training_model(cfg: dict) -> RuacSam:
             config = ModelConfig(**{**config.to_dict(), "head": want})
         return build_model(config, seed=cfg["seed"])
     if mcfg["init"] == "pretrained":
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # an untrained head is exactly what fine-tuning fixes
-            return load_model(mcfg.get("checkpoint") or mcfg["spec"], device="cpu",
-                              checkpoint=mcfg.get("checkpoint") if mcfg["spec"] in MODEL_SPECS else None)
+        source = mcfg.get("checkpoint") if mcfg["spec"] not in MODEL_SPECS else mcfg["spec"]
+        checkpoint = mcfg.get("checkpoint") if mcfg["spec"] in MODEL_SPECS else None
+        # an UntrainedWeightsWarning (e.g. official SAM2 weights: no Bayesian head yet) is
+        # left to reach the user: fine-tuning is what trains that head
+        model = load_model(source or mcfg["spec"], device="cpu", checkpoint=checkpoint)
+        if (model.config.head == "deterministic") != (cfg["variant"] == "det"):
+            raise ValueError(
+                f"model {mcfg['spec']!r} has a {model.config.head} decoder but the recipe's variant is "
+                f"{cfg['variant']!r} (use variant 'det' exactly for deterministic models)"
+            )
+        return model
     raise ValueError(f"model.init must be 'scratch' or 'pretrained', got {mcfg['init']!r}")
 
 
@@ -444,6 +449,19 @@ class Trainer:
     def fit(self, max_steps: int | None = None) -> int:
         """Train until ``optim.steps`` (or ``max_steps``, without changing the schedule).
         Returns the step reached."""
+        steps = self.iter_steps(max_steps)
+        try:
+            for result in steps:
+                if self.callback is not None and self.callback(result):
+                    break
+        finally:
+            steps.close()  # checkpoints a run stopped between checkpoints
+        return self.step
+
+    def iter_steps(self, max_steps: int | None = None):
+        """The training loop as a generator of :class:`StepResult` (one per step), so a GUI
+        thread worker can report progress and stop between steps. Checkpoints, the log and
+        validation happen inside; closing the generator early checkpoints the last step."""
         total = self.cfg["optim"]["steps"]
         stop = min(total, max_steps) if max_steps is not None else total
         tcfg = self.cfg["train"]
@@ -453,30 +471,32 @@ class Trainer:
                            length=total)
         loader = make_loader(maker, self.step, stop, self.workers)
         self.wrapped.train()
-        stopped = False
-        for batch in loader:
-            t0 = time.perf_counter()
-            row = self.train_step(batch)
-            dt = time.perf_counter() - t0
-            self.elapsed += dt
-            row["sec"] = dt
-            self.step += 1
-            if tcfg["val_every"] and self.step % tcfg["val_every"] == 0:
-                row.update(self.run_validation())
-            if self.rank == 0 and (self.step % tcfg["log_every"] == 0 or "val_pcc" in row):
-                self._append_log(row)
-            if self.step % tcfg["checkpoint_every"] == 0 or self.step == stop:
+        saved_at = self.step
+        try:
+            for batch in loader:
+                t0 = time.perf_counter()
+                row = self.train_step(batch)
+                dt = time.perf_counter() - t0
+                self.elapsed += dt
+                row["sec"] = dt
+                self.step += 1
+                if tcfg["val_every"] and self.step % tcfg["val_every"] == 0:
+                    row.update(self.run_validation())
+                if self.rank == 0 and (self.step % tcfg["log_every"] == 0 or "val_pcc" in row):
+                    self._append_log(row)
+                if self.step % tcfg["checkpoint_every"] == 0 or self.step == stop:
+                    self.save()
+                    saved_at = self.step
+                    if self.rank == 0:
+                        self.plot()
+                if not self.quiet and self.rank == 0 and self.step % 20 == 0:
+                    print(_progress_line(row, total), flush=True)
+                yield StepResult(self.step, row)
+        finally:
+            if saved_at != self.step:  # stopped early (cancelled): keep what was learned
                 self.save()
                 if self.rank == 0:
                     self.plot()
-            if not self.quiet and self.rank == 0 and self.step % 20 == 0:
-                print(_progress_line(row, total), flush=True)
-            if self.callback is not None and self.callback(StepResult(self.step, row)):
-                stopped = True
-                break
-        if stopped and self.step % tcfg["checkpoint_every"] != 0:
-            self.save()
-        return self.step
 
     def train_step(self, batch: dict) -> dict:
         """One optimisation step on ``batch``; returns the log row (floats)."""
@@ -552,7 +572,7 @@ class Trainer:
             "train_seconds": round(self.elapsed, 1),
             "variant": self.variant,
             "validation": self.last_val,
-            "torch": torch.__version__,
+            "torch": str(torch.__version__),
         }
         save_checkpoint(self.model, path, variant=self.cfg["name"], recipe=self.cfg, metadata=metadata, half=half)
         return Path(path)
