@@ -1,0 +1,450 @@
+"""Evaluation: accuracy and uncertainty quality of a model on image/mask folders.
+
+Prompts come from the ground truth with a fixed seed (DESIGN.md): ``point1`` one point uniform
+inside the object; ``point3`` that point, then two correction clicks, each at the centre of the
+largest error region (positive on a miss, negative on a false positive); ``box`` the tight box.
+
+Per object: IoU (J), boundary F-measure (F), J&F, and inside the object's dilated region
+(ground truth union prediction, dilated by ``REGION_DILATION`` px) the Pearson correlation of
+uncertainty with error (PCC). Pooled over the regions of all objects: AUROC of uncertainty as an
+error detector, PAvPU at ``PAVPU_THRESHOLD`` bits, ECE (15 bins) and NLL of the probability.
+Trivial baselines (ellipse in the box, Otsu in the box, Otsu region under the point) are
+reported beside the model so every table shows what the model adds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+PROMPT_MODES = ("point1", "point3", "box")
+REGION_DILATION = 5
+PAVPU_THRESHOLD = 0.5
+ECE_BINS = 15
+MIN_OBJECT_AREA = 10
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
+
+
+# ---------------------------------------------------------------------------- metrics
+def iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    union = np.logical_or(pred, gt).sum()
+    return float(np.logical_and(pred, gt).sum() / union) if union else 1.0
+
+
+def _boundary(mask: np.ndarray) -> np.ndarray:
+    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+
+
+def boundary_f(pred: np.ndarray, gt: np.ndarray, tolerance: float | None = None) -> float:
+    """DAVIS-style boundary F-measure; boundary pixels match within ``tolerance`` px
+    (default 0.008 of the image diagonal, at least 1 px)."""
+    if tolerance is None:
+        tolerance = _tolerance(gt.shape)
+    bp, bg = _boundary(pred.astype(bool)), _boundary(gt.astype(bool))
+    if not bp.any() and not bg.any():
+        return 1.0
+    if not bp.any() or not bg.any():
+        return 0.0
+    dist_to_gt = ndimage.distance_transform_edt(~bg)
+    dist_to_pred = ndimage.distance_transform_edt(~bp)
+    precision = float((dist_to_gt[bp] <= tolerance).mean())
+    recall = float((dist_to_pred[bg] <= tolerance).mean())
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson r; NaN when either input is constant (undefined, left out of means)."""
+    x = np.asarray(x, np.float64).ravel()
+    y = np.asarray(y, np.float64).ravel()
+    if x.size < 2 or x.std() == 0 or y.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
+    """Area under the ROC curve of ``scores`` separating ``positives`` (Mann-Whitney, ties halved)."""
+    scores = np.asarray(scores, np.float64).ravel()
+    positives = np.asarray(positives, bool).ravel()
+    n_pos = int(positives.sum())
+    n_neg = positives.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = _rankdata(scores)
+    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _rankdata(a: np.ndarray) -> np.ndarray:
+    from scipy.stats import rankdata
+
+    return rankdata(a)
+
+
+def pavpu(uncertainty: np.ndarray, error: np.ndarray, threshold: float = PAVPU_THRESHOLD) -> float:
+    """(accurate & certain + inaccurate & uncertain) / all pixels."""
+    uncertain = np.asarray(uncertainty) > threshold
+    error = np.asarray(error, bool)
+    return float(((~error & ~uncertain).sum() + (error & uncertain).sum()) / max(error.size, 1))
+
+
+def ece(prob: np.ndarray, target: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Expected calibration error of foreground probabilities (equal-width bins)."""
+    prob = np.asarray(prob, np.float64).ravel()
+    target = np.asarray(target, np.float64).ravel()
+    if prob.size == 0:
+        return float("nan")
+    idx = np.minimum((prob * bins).astype(int), bins - 1)
+    count = np.bincount(idx, minlength=bins)
+    conf = np.bincount(idx, weights=prob, minlength=bins)
+    acc = np.bincount(idx, weights=target, minlength=bins)
+    nonzero = count > 0
+    return float(np.abs(conf[nonzero] - acc[nonzero]).sum() / prob.size)
+
+
+def nll(prob: np.ndarray, target: np.ndarray, eps: float = 1e-6) -> float:
+    p = np.clip(np.asarray(prob, np.float64), eps, 1 - eps)
+    t = np.asarray(target, bool)
+    return float(-np.mean(np.where(t, np.log(p), np.log1p(-p)))) if p.size else float("nan")
+
+
+# ---------------------------------------------------------------------------- prompts
+def random_point_inside(mask: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
+    rows, cols = np.nonzero(mask)
+    i = rng.integers(len(rows))
+    return int(rows[i]), int(cols[i])
+
+
+def tight_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    rows, cols = np.nonzero(mask)
+    return int(rows.min()), int(cols.min()), int(rows.max()) + 1, int(cols.max()) + 1
+
+
+def correction_click(pred: np.ndarray, gt: np.ndarray) -> tuple[tuple[int, int], int] | None:
+    """The centre (farthest from its border) of the largest error region, and its label:
+    1 if the region is a miss, 0 if it is a false positive. None when there is no error."""
+    best = None
+    for region, label in ((gt & ~pred, 1), (pred & ~gt, 0)):
+        lab, n = ndimage.label(region)
+        if n == 0:
+            continue
+        sizes = ndimage.sum(region, lab, range(1, n + 1))
+        k = int(np.argmax(sizes)) + 1
+        if best is None or sizes[k - 1] > best[0]:
+            best = (sizes[k - 1], lab == k, label)
+    if best is None:
+        return None
+    _, region, label = best
+    dist = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
+    r, c = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    return (int(r), int(c)), label
+
+
+# ---------------------------------------------------------------------------- baselines
+def ellipse_in_box(shape: tuple[int, int], box: tuple[int, int, int, int]) -> np.ndarray:
+    r0, c0, r1, c1 = box
+    rr, cc = np.mgrid[: shape[0], : shape[1]]
+    cy, cx = (r0 + r1 - 1) / 2, (c0 + c1 - 1) / 2
+    ry, rx = max((r1 - r0) / 2, 0.5), max((c1 - c0) / 2, 0.5)
+    return ((rr - cy) / ry) ** 2 + ((cc - cx) / rx) ** 2 <= 1.0
+
+
+def _otsu_foreground(values: np.ndarray, image: np.ndarray) -> np.ndarray:
+    from skimage.filters import threshold_otsu
+
+    if values.size == 0 or values.min() == values.max():
+        return np.zeros(image.shape, bool)
+    return image > threshold_otsu(values)
+
+
+def otsu_in_box(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    r0, c0, r1, c1 = box
+    out = np.zeros(image.shape, bool)
+    crop = image[r0:r1, c0:c1]
+    out[r0:r1, c0:c1] = _otsu_foreground(crop.ravel(), crop)
+    return out
+
+
+def otsu_region_under_point(image: np.ndarray, point: tuple[int, int]) -> np.ndarray:
+    return _component_at(_otsu_foreground(image.ravel(), image), point)
+
+
+def _component_at(foreground: np.ndarray, point: tuple[int, int]) -> np.ndarray:
+    """The connected region of the Otsu class the point falls in."""
+    lab, _ = ndimage.label(foreground if foreground[point] else ~foreground)
+    return lab == lab[point]
+
+
+def _window(mask: np.ndarray, margin: int) -> tuple[slice, slice]:
+    """Bounding box of ``mask`` grown by ``margin`` px, clipped to the image."""
+    rows, cols = np.nonzero(mask)
+    if rows.size == 0:
+        return slice(0, 0), slice(0, 0)
+    return (slice(max(rows.min() - margin, 0), rows.max() + margin + 1),
+            slice(max(cols.min() - margin, 0), cols.max() + margin + 1))
+
+
+def _tolerance(shape: tuple[int, int]) -> float:
+    return max(1.0, 0.008 * math.hypot(*shape))
+
+
+# ---------------------------------------------------------------------------- the loop
+@dataclass
+class ObjectRow:
+    image: str
+    plane: int
+    label: int
+    prompt: str
+    method: str
+    area: int
+    iou: float
+    boundary_f: float
+    jf: float
+    pcc: float
+    mean_uncertainty: float
+    iou_score: float
+
+
+@dataclass
+class _Pooled:
+    unc: list = field(default_factory=list)
+    err: list = field(default_factory=list)
+    prob: list = field(default_factory=list)
+    gt: list = field(default_factory=list)
+
+    def add(self, unc, err, prob, gt):
+        self.unc.append(unc.astype(np.float32))
+        self.err.append(err)
+        self.prob.append(prob.astype(np.float32))
+        self.gt.append(gt)
+
+    def metrics(self) -> dict:
+        if not self.unc:
+            return {k: float("nan") for k in ("auroc", "pavpu", "ece", "nll")}
+        unc, err = np.concatenate(self.unc), np.concatenate(self.err)
+        prob, gt = np.concatenate(self.prob), np.concatenate(self.gt)
+        return {"auroc": auroc(unc, err), "pavpu": pavpu(unc, err), "ece": ece(prob, gt), "nll": nll(prob, gt)}
+
+
+def _nanmean(values: Iterable[float]) -> float:
+    arr = np.asarray(list(values), np.float64)
+    arr = arr[np.isfinite(arr)]
+    return float(arr.mean()) if arr.size else float("nan")
+
+
+@dataclass
+class EvaluationReport:
+    model: str
+    n_images: int
+    results: dict
+    baselines: dict
+    rows: list[ObjectRow]
+
+    def to_json(self) -> dict:
+        return {"model": self.model, "n_images": self.n_images, "results": self.results, "baselines": self.baselines}
+
+
+def iter_planes(image: np.ndarray, mask: np.ndarray):
+    """(plane index, image plane, label plane) for 2D images or 3D stacks."""
+    if mask.ndim == 2:
+        yield 0, image, mask
+        return
+    if mask.ndim != 3 or image.shape[: mask.ndim] != mask.shape:
+        raise ValueError(f"image {image.shape} and mask {mask.shape} do not match plane by plane")
+    for z in range(mask.shape[0]):
+        yield z, image[z], mask[z]
+
+
+def evaluate_model(
+    model,
+    samples: Sequence[tuple[str, np.ndarray, np.ndarray]],
+    prompt_modes: Sequence[str] = PROMPT_MODES,
+    mode: str | None = None,
+    mc_samples: int = 20,
+    seed: int = 0,
+    baselines: bool = True,
+    model_name: str = "model",
+    progress=None,
+) -> EvaluationReport:
+    """Evaluate ``model`` on ``(name, image, instance_labels)`` samples (2D or 3D)."""
+    from .model import Predictor
+
+    for p in prompt_modes:
+        if p not in PROMPT_MODES:
+            raise ValueError(f"unknown prompt mode {p!r}; expected some of {PROMPT_MODES}")
+    predictor = Predictor(model)
+    rows: list[ObjectRow] = []
+    pooled = {p: _Pooled() for p in prompt_modes}
+    structure = ndimage.generate_binary_structure(2, 1)
+    for name, image, labels in samples:
+        for z, plane, lab in iter_planes(np.asarray(image), np.asarray(labels)):
+            ids = [int(i) for i in np.unique(lab) if i != 0]
+            if not ids:
+                continue
+            predictor.set_image(plane)
+            grey = plane if plane.ndim == 2 else plane.mean(-1)
+            plane_fg = _otsu_foreground(grey.ravel(), grey) if baselines else None
+            # one generator per plane, so results do not depend on the order of planes
+            rng = np.random.default_rng([seed, z, len(name)])
+            for obj in ids:
+                gt = lab == obj
+                area = int(gt.sum())
+                if area < MIN_OBJECT_AREA:
+                    continue
+                point = random_point_inside(gt, rng)
+                box = tight_box(gt)
+                for prompt in prompt_modes:
+                    pred = _predict(predictor, prompt, gt, point, box, mode, mc_samples)
+                    # metrics on a window around the object: whole-image morphology per object
+                    # would dominate the run time
+                    win = _window(gt | pred.mask, REGION_DILATION + 3)
+                    g, m = gt[win], pred.mask[win]
+                    region = ndimage.binary_dilation(g | m, structure, iterations=REGION_DILATION)
+                    err = m[region] != g[region]
+                    unc, prob = pred.uncertainty[win][region], pred.probability[win][region]
+                    pooled[prompt].add(unc, err, prob, g[region])
+                    j, f = iou(m, g), boundary_f(m, g, tolerance=_tolerance(gt.shape))
+                    rows.append(ObjectRow(name, z, obj, prompt, "model", area, j, f, (j + f) / 2,
+                                          pearson(unc, err), pred.mean_uncertainty, pred.iou_score))
+                if baselines:
+                    under_point = _component_at(plane_fg, point)
+                    for method, m in (("ellipse_in_box", ellipse_in_box(gt.shape, box)),
+                                      ("otsu_in_box", otsu_in_box(grey, box)),
+                                      ("otsu_under_point", under_point)):
+                        prompt = "point1" if method == "otsu_under_point" else "box"
+                        win = _window(gt | m, 3)
+                        j, f = iou(m[win], gt[win]), boundary_f(m[win], gt[win], tolerance=_tolerance(gt.shape))
+                        rows.append(ObjectRow(name, z, obj, prompt, method, area, j, f, (j + f) / 2,
+                                              float("nan"), float("nan"), float("nan")))
+            if progress is not None:
+                progress(name, z)
+    results = {}
+    for prompt in prompt_modes:
+        mine = [r for r in rows if r.prompt == prompt and r.method == "model"]
+        results[prompt] = {
+            "n_objects": len(mine),
+            "miou": _nanmean(r.iou for r in mine),
+            "jf": _nanmean(r.jf for r in mine),
+            "pcc": _nanmean(r.pcc for r in mine),
+            **pooled[prompt].metrics(),
+        }
+    base = {}
+    for method in ("ellipse_in_box", "otsu_in_box", "otsu_under_point"):
+        theirs = [r for r in rows if r.method == method]
+        if theirs:
+            base[method] = {"prompt": theirs[0].prompt, "n_objects": len(theirs),
+                            "miou": _nanmean(r.iou for r in theirs), "jf": _nanmean(r.jf for r in theirs)}
+    return EvaluationReport(model_name, len(samples), results, base, rows)
+
+
+def _predict(predictor, prompt, gt, point, box, mode, mc_samples):
+    kw = dict(mode=mode, samples=mc_samples)
+    if prompt == "box":
+        return predictor.predict(box=box, **kw)
+    points, labels = [point], [1]
+    pred = predictor.predict(points=points, labels=labels, **kw)
+    if prompt == "point3":
+        for _ in range(2):
+            click = correction_click(pred.mask, gt)
+            if click is None:
+                break
+            points.append(click[0])
+            labels.append(click[1])
+            pred = predictor.predict(points=points, labels=labels, **kw)
+    return pred
+
+
+# ---------------------------------------------------------------------------- folders + CLI
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".ome.tif", ".ome.tiff") + IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def match_folders(images: Path, masks: Path) -> list[tuple[str, Path, Path]]:
+    """Pair images with masks by file name (a mask may end in _mask/_masks/_labels/_label)."""
+    images, masks = Path(images), Path(masks)
+    for folder in (images, masks):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"folder not found: {folder}")
+    mask_files = {}
+    for p in sorted(masks.iterdir()):
+        if p.suffix.lower() in IMAGE_SUFFIXES:
+            stem = _stem(p)
+            for tag in ("_masks", "_mask", "_labels", "_label"):
+                if stem.endswith(tag):
+                    stem = stem[: -len(tag)]
+                    break
+            mask_files[stem] = p
+    pairs = []
+    for p in sorted(images.iterdir()):
+        if p.suffix.lower() in IMAGE_SUFFIXES and _stem(p) in mask_files:
+            if images == masks and p == mask_files[_stem(p)]:
+                continue
+            pairs.append((_stem(p), p, mask_files[_stem(p)]))
+    if not pairs:
+        raise ValueError(f"no image in {images} has a mask with the same name in {masks}")
+    return pairs
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images", required=True, help="folder of images (TIFF/PNG, 2D or 3D)")
+    parser.add_argument("--masks", required=True, help="folder of instance label masks, same file names")
+    parser.add_argument("--model", default="micro", help="model name or checkpoint path")
+    parser.add_argument("--checkpoint", default=None, help="weights file for an official SAM2.1 model")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--prompts", default="point1,point3,box", help="comma list of point1, point3, box")
+    parser.add_argument("--mode", choices=["analytic", "mc"], default=None, help="uncertainty mode")
+    parser.add_argument("--samples", type=int, default=20, help="MC samples (--mode mc)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--json", default=None, help="write results JSON here (per-object CSV beside it)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .io.imageio import read_image
+    from .model import load_model
+
+    pairs = match_folders(Path(args.images), Path(args.masks))
+    samples = [(name, read_image(img), read_image(msk)) for name, img, msk in pairs]
+    model = load_model(args.model, device=args.device, checkpoint=args.checkpoint)
+    prompts = [p.strip() for p in args.prompts.split(",") if p.strip()]
+    report = evaluate_model(model, samples, prompts, mode=args.mode, mc_samples=args.samples, seed=args.seed,
+                            baselines=not args.no_baselines, model_name=str(args.model))
+    print_report(report)
+    if args.json:
+        write_report(report, Path(args.json))
+        print(f"wrote {args.json} and {Path(args.json).with_suffix('.csv')}")
+    return 0
+
+
+def print_report(report: EvaluationReport) -> None:
+    print(f"model {report.model}, {report.n_images} images")
+    print("| prompt | objects | mIoU | J&F | PCC | AUROC | PAvPU | ECE | NLL |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for prompt, r in report.results.items():
+        print(f"| {prompt} | {r['n_objects']} | {r['miou']:.3f} | {r['jf']:.3f} | {r['pcc']:.3f} | "
+              f"{r['auroc']:.3f} | {r['pavpu']:.3f} | {r['ece']:.3f} | {r['nll']:.3f} |")
+    for method, b in report.baselines.items():
+        print(f"| baseline {method} ({b['prompt']}) | {b['n_objects']} | {b['miou']:.3f} | {b['jf']:.3f} | | | | | |")
+
+
+def write_report(report: EvaluationReport, path: Path) -> None:
+    from .io.imageio import atomic_write_text
+
+    atomic_write_text(path, json.dumps(report.to_json(), indent=2, allow_nan=True))
+    lines = [list(asdict(report.rows[0]).keys())] if report.rows else []
+    lines += [list(asdict(r).values()) for r in report.rows]
+    import io
+
+    buf = io.StringIO()
+    csv.writer(buf).writerows(lines)
+    atomic_write_text(path.with_suffix(".csv"), buf.getvalue())

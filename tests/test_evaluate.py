@@ -1,0 +1,112 @@
+"""Evaluation metrics, GT prompts, baselines and the evaluate CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_ruac import evaluate as ev
+from napari_ruac.cli import main
+
+
+def disk(shape, center, radius):
+    rr, cc = np.mgrid[: shape[0], : shape[1]]
+    return (rr - center[0]) ** 2 + (cc - center[1]) ** 2 <= radius**2
+
+
+def test_iou_and_boundary_f():
+    a = disk((64, 64), (32, 32), 10)
+    assert ev.iou(a, a) == 1.0 and ev.boundary_f(a, a) == 1.0
+    b = np.roll(a, 6, axis=1)
+    assert 0 < ev.iou(a, b) < 0.7
+    assert ev.boundary_f(a, b, tolerance=1) < 0.5 < ev.boundary_f(a, b, tolerance=7)
+    assert ev.boundary_f(a, np.zeros_like(a)) == 0.0
+
+
+def test_auroc_pavpu_ece_nll():
+    rng = np.random.default_rng(0)
+    err = rng.random(2000) < 0.3
+    assert ev.auroc(err.astype(float), err) == 1.0
+    assert ev.auroc(-err.astype(float), err) == 0.0
+    assert abs(ev.auroc(rng.random(2000), err) - 0.5) < 0.05
+    assert np.isnan(ev.auroc(np.ones(3), np.zeros(3, bool)))
+    assert ev.pavpu(err.astype(float), err) == 1.0
+    prob = rng.random(20000)
+    calibrated = rng.random(20000) < prob
+    assert ev.ece(prob, calibrated) < 0.02
+    assert ev.ece(np.full(1000, 0.9), np.zeros(1000)) == pytest.approx(0.9)
+    assert ev.nll(np.array([0.5, 0.5]), np.array([1, 0])) == pytest.approx(np.log(2))
+
+
+def test_correction_click_targets_largest_error():
+    gt = disk((80, 80), (40, 40), 20)
+    pred = gt & (np.mgrid[:80, :80][1] < 35)  # missed the right part
+    (r, c), label = ev.correction_click(pred, gt)
+    assert label == 1 and gt[r, c] and not pred[r, c]
+    fp = gt | disk((80, 80), (10, 10), 8)
+    (r, c), label = ev.correction_click(fp, gt)
+    assert label == 0 and fp[r, c] and not gt[r, c]
+    assert ev.correction_click(gt, gt) is None
+
+
+def test_baselines_on_a_disk():
+    gt = disk((60, 60), (30, 28), 12)
+    image = 10 + 100 * gt.astype(float)
+    box = ev.tight_box(gt)
+    assert ev.iou(ev.ellipse_in_box(gt.shape, box), gt) > 0.9
+    assert ev.iou(ev.otsu_in_box(image, box), gt) == 1.0
+    assert ev.iou(ev.otsu_region_under_point(image, (30, 28)), gt) == 1.0
+
+
+def _two_nuclei():
+    labels = np.zeros((96, 128), np.uint16)
+    labels[disk(labels.shape, (30, 30), 12)] = 1
+    labels[disk(labels.shape, (60, 90), 15)] = 2
+    image = (20 + 200 * (labels > 0)).astype(np.uint8)
+    return image, labels
+
+
+def test_evaluate_model_report(tiny_model):
+    image, labels = _two_nuclei()
+    stack = np.stack([labels, labels])
+    report = ev.evaluate_model(tiny_model, [("a", image, labels), ("b", np.stack([image, image]), stack)],
+                               prompt_modes=("point1", "box"))
+    assert set(report.results) == {"point1", "box"}
+    for r in report.results.values():
+        assert r["n_objects"] == 6  # 2 in the 2D image + 2 in each of 2 planes
+        assert 0 <= r["miou"] <= 1 and 0 <= r["auroc"] <= 1 or np.isnan(r["auroc"])
+        assert set(r) == {"n_objects", "miou", "jf", "pcc", "auroc", "pavpu", "ece", "nll"}
+    assert report.baselines["otsu_in_box"]["miou"] == 1.0
+    again = ev.evaluate_model(tiny_model, [("a", image, labels)], prompt_modes=("point1",), baselines=False)
+    first = [r.iou for r in report.rows if r.image == "a" and r.prompt == "point1" and r.method == "model"]
+    assert first == [r.iou for r in again.rows]  # fixed seed: same prompts, same result
+
+
+def test_evaluate_cli_writes_json_and_csv(tmp_path):
+    image, labels = _two_nuclei()
+    (tmp_path / "img").mkdir()
+    (tmp_path / "msk").mkdir()
+    tifffile.imwrite(tmp_path / "img" / "cell.tif", image)
+    tifffile.imwrite(tmp_path / "msk" / "cell_labels.tif", labels)
+    tifffile.imwrite(tmp_path / "img" / "no_mask.tif", image)  # unmatched: ignored
+    out = tmp_path / "res" / "eval.json"
+    rc = main(["evaluate", "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "msk"),
+               "--model", "test-tiny", "--prompts", "point1,point3", "--json", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["model"] == "test-tiny" and data["n_images"] == 1
+    assert set(data["results"]) == {"point1", "point3"}
+    assert data["results"]["point3"]["n_objects"] == 2
+    rows = out.with_suffix(".csv").read_text().splitlines()
+    assert rows[0].startswith("image,plane,label,prompt,method") and len(rows) == 1 + 2 * 2 + 2 * 3
+
+
+def test_evaluate_cli_errors(tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert main(["evaluate", "--images", str(tmp_path / "a"), "--masks", str(tmp_path / "b"), "--model", "test-tiny"]) == 1
+    assert "no image" in capsys.readouterr().err
+    assert main(["evaluate", "--images", str(tmp_path / "x"), "--masks", str(tmp_path / "b")]) == 1
+    with pytest.raises(ValueError, match="unknown prompt mode"):
+        ev.evaluate_model(None, [], prompt_modes=("point7",))
