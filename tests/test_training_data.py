@@ -1,0 +1,169 @@
+"""Training data (issue 3): synthetic microscopy, annotated folders/stacks, prompts, losses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from napari_ruac.io.normalize import ImageError
+from napari_ruac.training.data import AnnotatedImages, BatchMaker, DataConfig
+from napari_ruac.training.losses import LossConfig, calibration_loss, dice_loss, segmentation_loss
+from napari_ruac.training.prompts import KIND_BOX, PromptConfig, correction_clicks, sample_prompts
+from napari_ruac.training.synthetic import MODES, SyntheticMicroscopy
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_synthetic_mode_gives_an_image_with_exact_instance_labels(mode):
+    gen = SyntheticMicroscopy(seed=1)
+    s = gen.sample(7, (96, 128), mode=mode)
+    assert s.labels.shape == (96, 128) and s.labels.dtype == np.int32
+    ids = np.unique(s.labels)
+    assert ids[0] == 0 and len(ids) >= 2 and np.array_equal(ids, np.arange(len(ids)))  # 1..n, no gaps
+    if mode == "histology":
+        assert s.image.shape == (96, 128, 3) and s.image.dtype == np.uint8
+        # stained nuclei absorb more light than the tissue around them
+        assert s.image[s.labels > 0].mean() < s.image[s.labels == 0].mean()
+    else:
+        assert s.image.shape == (96, 128) and s.image.dtype == np.float32
+    if mode in ("fluorescence", "cells"):
+        assert s.image[s.labels > 0].mean() > s.image[s.labels == 0].mean()
+
+
+def test_synthetic_images_are_a_pure_function_of_seed_and_index():
+    a, b = SyntheticMicroscopy(seed=3), SyntheticMicroscopy(seed=3)
+    s1, s2 = a.sample(11, 64), b.sample(11, 64)
+    assert s1.mode == s2.mode and np.array_equal(s1.image, s2.image) and np.array_equal(s1.labels, s2.labels)
+    assert not np.array_equal(a.sample(12, 64).labels, s1.labels)
+    assert not np.array_equal(SyntheticMicroscopy(seed=4).sample(11, 64).image, s1.image)
+
+
+def test_synthetic_nuclei_touch_and_vary_in_size():
+    gen = SyntheticMicroscopy(seed=0)
+    sizes, touching = [], 0
+    for i in range(12):
+        lab = gen.sample(i, 192, mode="fluorescence").labels
+        counts = np.bincount(lab.ravel())[1:]
+        sizes += list(counts[counts > 0])
+        # two different objects side by side (horizontally) = touching or overlapping nuclei
+        touching += int(((lab[:, 1:] != lab[:, :-1]) & (lab[:, 1:] > 0) & (lab[:, :-1] > 0)).any())
+    diam = 2 * np.sqrt(np.array(sizes) / np.pi)
+    assert diam.min() < 12 and diam.max() > 40
+    assert touching >= 3
+
+
+def test_batches_are_deterministic_per_step_and_prompts_lie_on_their_objects():
+    maker = BatchMaker(DataConfig(batch_size=2, crop_size=96, large_sizes=(128,), p_large=0.5,
+                                  prompts={"objects_per_image": 3}), seed=5)
+    a, b = maker[3], maker[3]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    sizes = {maker[s]["images"].shape[-1] for s in range(12)}
+    assert sizes == {96, 128}
+    for s in range(4):
+        batch = maker[s]
+        img, lab = batch["images"], batch["label_maps"]
+        assert img.dtype == torch.float32 and 0 <= img.min() and img.max() <= 1
+        for p in range(batch["targets"].shape[0]):
+            target = batch["targets"][p]
+            obj = batch["object_id"][p]
+            assert torch.equal(target > 0.5, lab[batch["image_index"][p]] == obj)
+            pts, labels = batch["coords"][p], batch["point_labels"][p]
+            if batch["kind"][p] == KIND_BOX:
+                rows, cols = torch.nonzero(target, as_tuple=True)
+                assert pts[0, 0] <= cols.min() + 0.5 + 5 and pts[1, 0] >= cols.max() + 0.5 - 5
+                continue
+            for (x, y), l in zip(pts.tolist(), labels.tolist()):
+                if l == 1:
+                    assert target[round(y), round(x)] == 1
+                elif l == 0:
+                    assert target[round(y), round(x)] == 0
+
+
+def test_correction_clicks_target_the_larger_error():
+    target = torch.zeros(2, 10, 10, dtype=torch.bool)
+    target[:, 2:8, 2:8] = True
+    pred = torch.zeros_like(target)
+    pred[0, 2:8, 2:5] = True  # object 0: half missed -> a positive click in the missed part
+    pred[1] = target[1]
+    pred[1, 0:2, :] = True  # object 1: false positives only -> a negative click on them
+    coords, labels = correction_clicks(pred, target, torch.Generator().manual_seed(0))
+    x, y = coords[0, 0].long().tolist()
+    assert labels[0, 0] == 1 and target[0, y, x] and not pred[0, y, x]
+    x, y = coords[1, 0].long().tolist()
+    assert labels[1, 0] == 0 and pred[1, y, x] and not target[1, y, x]
+    same = correction_clicks(target, target)
+    assert same[1].tolist() == [[-1], [-1]]  # nothing to correct: a padding click
+
+
+def test_prompts_skip_images_without_objects_and_refuse_empty_batches():
+    rng = np.random.default_rng(0)
+    labels = np.zeros((2, 32, 32), np.int64)
+    labels[1, 4:12, 4:12] = 1
+    ps = sample_prompts(rng, labels, PromptConfig())
+    assert ps.image_index.tolist() == [1]
+    with pytest.raises(ValueError, match="no object"):
+        sample_prompts(rng, np.zeros((1, 32, 32), np.int64), PromptConfig())
+
+
+def test_annotated_folders_and_stacks(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    lab = np.zeros((3, 40, 50), np.uint16)
+    lab[:, 5:15, 5:20] = 1
+    lab[:, 20:30, 25:40] = 2
+    tifffile.imwrite(tmp_path / "images" / "stack.tif", (rng.random((3, 40, 50)) * 500).astype(np.uint16))
+    tifffile.imwrite(tmp_path / "masks" / "stack.tif", lab)
+    tifffile.imwrite(tmp_path / "images" / "single.tif", rng.random((40, 50)).astype(np.float32))
+    tifffile.imwrite(tmp_path / "masks" / "single.tif", lab[0])
+    data = AnnotatedImages.from_folder(tmp_path)
+    assert len(data) == 4  # three planes of the stack + one image
+    maker = BatchMaker(DataConfig(source=str(tmp_path), batch_size=2, crop_size=32, large_sizes=(), p_small=0.0),
+                       seed=0)
+    batch = maker[0]
+    assert batch["images"].shape == (2, 3, 32, 32) and batch["targets"].shape[0] >= 1
+
+    (tmp_path / "images" / "orphan.tif").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="no mask for orphan.tif"):
+        AnnotatedImages.from_folder(tmp_path)
+    with pytest.raises(ImageError, match="differ in size"):
+        AnnotatedImages([np.zeros((10, 10))], [np.zeros((10, 12), np.uint8)])
+    with pytest.raises(ImageError, match="integer instance labels"):
+        AnnotatedImages([np.zeros((10, 10))], [np.full((10, 10), 0.5)])
+    with pytest.raises(ValueError, match="no objects"):
+        AnnotatedImages([np.zeros((10, 10))], [np.zeros((10, 10), np.uint8)])
+
+
+def test_segmentation_and_calibration_losses():
+    target = torch.zeros(2, 16, 16)
+    target[:, 4:12, 4:12] = 1
+    good = (target * 2 - 1) * 8
+    bad = -good
+    cfg = LossConfig()
+    iou = torch.tensor([1.0, 1.0])
+    obj = torch.tensor([5.0, 5.0])
+    lg, lb = segmentation_loss(good, target, iou, obj, cfg), segmentation_loss(bad, target, iou, obj, cfg)
+    assert lg["seg"] < 0.1 < 2 < lb["seg"]
+    assert lg["iou"] < 1e-6 and abs(lb["iou"] - 1) < 1e-6  # predicted IoU 1 vs actual 1 / 0
+    focal = segmentation_loss(good, target, iou, obj, LossConfig(form="focal"))
+    assert "focal" in focal and "bce" not in focal
+    assert dice_loss(good, target).max() < 0.01
+    with pytest.raises(ValueError, match="loss form"):
+        LossConfig.from_dict({"form": "mse"})
+
+    # calibration: L_cal = e exp(-u) + (1 - e) exp(u); a sure and wrong pixel (e = 1, u = 0)
+    # costs exactly 1, and the uncertainty gets no gradient (stop-gradient): only e does
+    t = torch.zeros(1, 1, 1)
+    assert calibration_loss(torch.tensor([[[30.0]]]), t).item() == pytest.approx(1.0, abs=1e-6)
+    t = torch.zeros(1, 1, 2)
+    logit = torch.tensor([[[0.5, -0.5]]], requires_grad=True)
+    calibration_loss(logit, t).backward()
+    p = torch.sigmoid(logit.detach())
+    from napari_ruac.model.weibull import binary_entropy_from_logit
+
+    u = binary_entropy_from_logit(logit.detach())
+    # d/dlogit of mean(e exp(-u) + (1 - e) exp(u)) with u fixed, e = p (target 0)
+    expected = (torch.exp(-u) - torch.exp(u)) * p * (1 - p) / 2
+    torch.testing.assert_close(logit.grad, expected)
