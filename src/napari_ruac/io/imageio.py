@@ -20,12 +20,16 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     suffix = path.suffix.lower()
     try:
         if suffix in (".tif", ".tiff"):
-            return tifffile.imread(path)
-        from skimage import io as skio
+            data = tifffile.imread(path)
+        else:
+            from skimage import io as skio
 
-        return np.asarray(skio.imread(path))
-    except (tifffile.TiffFileError, ValueError, OSError, SyntaxError, IndexError, KeyError) as exc:
+            data = np.asarray(skio.imread(path))
+    except Exception as exc:  # tifffile/zlib/imageio raise many types for damaged files
         raise ValueError(f"{path} is not a readable image (corrupt or truncated?): {exc}") from exc
+    if data.size == 0:
+        raise ValueError(f"{path} is not a readable image (corrupt or truncated?): it holds no pixel data")
+    return data
 
 
 def write_tiff_atomic(path: str | os.PathLike, data: np.ndarray, **kwargs) -> Path:

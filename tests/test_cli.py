@@ -1,0 +1,90 @@
+"""The napari-ruac command line: info and predict."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_ruac.cli import main
+
+
+@pytest.fixture
+def image_file(tmp_path):
+    img = np.zeros((90, 120), np.uint16)
+    img[30:60, 40:80] = 1000
+    path = tmp_path / "cells.ome.tif"
+    tifffile.imwrite(path, img)
+    return path
+
+
+def test_info_lists_models_and_versions(capsys):
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["torch"] and info["sam2"] == "1.1.0" and "cpu" in info["devices"]
+    assert {"micro", "micro-det", "micro-bayes", "test-tiny", "sam2.1_hiera_large"} <= set(info["models"])
+
+
+def test_predict_writes_mask_and_uncertainty(image_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["predict", str(image_file), "--point", "45,60", "--negative", "10,10",
+               "--box", "25,35,65,85", "--model", "test-tiny", "-o", str(out)])
+    assert rc == 0
+    mask = tifffile.imread(out / "cells_mask.tif")
+    unc = tifffile.imread(out / "cells_uncertainty.tif")
+    assert mask.shape == unc.shape == (90, 120)
+    assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+    assert unc.dtype == np.float32 and 0 <= unc.min() and unc.max() <= 1
+    assert "wrote" in capsys.readouterr().out
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_predict_plane_of_a_stack(tmp_path):
+    stack = np.random.default_rng(0).integers(0, 255, (3, 64, 64)).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "stack.tif", stack)
+    assert main(["predict", str(tmp_path / "stack.tif"), "--plane", "1", "--point", "5,5",
+                 "--model", "test-tiny", "-o", str(tmp_path / "o")]) == 0
+    assert tifffile.imread(tmp_path / "o" / "stack_mask.tif").shape == (64, 64)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--point", "500,5"], "outside the image"),
+        (["--point", "a,b"], "ROW,COL"),
+        (["--box", "1,2,3"], "4 numbers"),
+        ([], "at least one --point"),
+        (["--point", "5,5", "--model", "/no/such.pt"], "not found"),
+        (["--point", "5,5", "--plane", "3"], "--plane 3"),
+    ],
+)
+def test_predict_errors_are_clear_and_write_nothing(image_file, tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    model = [] if "--model" in args else ["--model", "test-tiny"]
+    assert main(["predict", str(image_file), *args, *model, "-o", str(out)]) == 1
+    assert message in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("damage", ["no pages", "truncated zlib", "truncated raw"])
+def test_corrupt_image_file(tmp_path, capsys, damage):
+    bad = tmp_path / "bad.tif"
+    if damage == "no pages":
+        bad.write_bytes(b"II*\x00" + b"\x00" * 20)
+    else:
+        kw = {"compression": "zlib"} if damage == "truncated zlib" else {}
+        tifffile.imwrite(bad, np.random.default_rng(0).random((3, 100, 100)).astype(np.float32), **kw)
+        data = bad.read_bytes()
+        bad.write_bytes(data[: len(data) // 2])
+    assert main(["predict", str(bad), "--point", "1,1", "--model", "test-tiny", "-o", str(tmp_path / "o")]) == 1
+    assert "not a readable image" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_console_script_entry_point(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "napari_ruac.cli", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip()
+    result = subprocess.run([sys.executable, "-m", "napari_ruac.cli", "bogus"], capture_output=True, text=True)
+    assert result.returncode == 2
