@@ -26,6 +26,11 @@ class LossConfig:
     form: str = "bce"  # "bce" or "focal"
     focal_weight: float = 20.0
     bce_weight: float = 1.0
+    # foreground pixels' weight in BCE at step 0, decaying linearly to 1 at fg_weight_steps:
+    # objects cover a few % of a crop, and from scratch the masks first collapse to empty;
+    # the weight pulls them out early and is gone (calibrated p) once the decay ends
+    fg_weight_start: float = 1.0
+    fg_weight_steps: int = 0
     dice_weight: float = 1.0
     iou_weight: float = 1.0
     object_weight: float = 1.0
@@ -58,9 +63,17 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, 
     return loss.flatten(1).mean(1)
 
 
-def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(P, H, W) -> (P,)."""
-    return F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).mean(1)
+def bce_loss(logits: torch.Tensor, target: torch.Tensor, fg_weight: float = 1.0) -> torch.Tensor:
+    """(P, H, W) -> (P,); foreground pixels weigh ``fg_weight``."""
+    weight = None if fg_weight == 1.0 else 1.0 + (fg_weight - 1.0) * target
+    return F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="none").flatten(1).mean(1)
+
+
+def fg_weight_at(step: int, cfg: "LossConfig") -> float:
+    """The foreground weight of BCE at ``step`` (linear decay to 1)."""
+    if cfg.fg_weight_steps <= 0 or step >= cfg.fg_weight_steps:
+        return 1.0
+    return 1.0 + (cfg.fg_weight_start - 1.0) * (1.0 - step / cfg.fg_weight_steps)
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
@@ -84,6 +97,7 @@ def segmentation_loss(
     iou_pred: torch.Tensor,
     object_logits: torch.Tensor,
     cfg: LossConfig,
+    fg_weight: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """All parts of ``L_seg`` for one mask per object.
 
@@ -96,7 +110,7 @@ def segmentation_loss(
         parts["focal"] = focal_loss(logits, target, cfg.focal_alpha, cfg.focal_gamma).mean()
         pix = cfg.focal_weight * parts["focal"]
     else:
-        parts["bce"] = bce_loss(logits, target).mean()
+        parts["bce"] = bce_loss(logits, target, fg_weight).mean()
         pix = cfg.bce_weight * parts["bce"]
     parts["dice"] = dice_loss(logits, target).mean()
     with torch.no_grad():

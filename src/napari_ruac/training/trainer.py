@@ -40,7 +40,7 @@ from ..model.sam import RuacSam
 from ..model.weibull import binary_entropy_from_logit, probit_logit
 from .adversaries import AdversaryConfig, Adversaries
 from .data import AnnotatedImages, BatchMaker, DataConfig, make_loader
-from .losses import LossConfig, calibration_loss, mask_iou, segmentation_loss, upsample_logits
+from .losses import LossConfig, calibration_loss, fg_weight_at, mask_iou, segmentation_loss, upsample_logits
 from .prompts import KIND_BOX, KIND_POINT, PromptConfig, correction_clicks
 
 VARIANTS = ("det", "bayes", "ruac")
@@ -178,14 +178,15 @@ class TrainStep(nn.Module):
         return self.model.decode(emb, coords, labels, image_index=image_index, mode=mode,
                                  return_kl=self.variant != "det", generator=generator)
 
-    def _losses(self, out, targets, size, prefix=""):
+    def _losses(self, out, targets, size, prefix="", fg_weight=1.0):
         logits = upsample_logits(out.logits, size)[:, 0]
-        parts = segmentation_loss(logits, targets, out.iou_pred[:, 0], out.object_score_logits[:, 0], self.loss_cfg)
+        parts = segmentation_loss(logits, targets, out.iou_pred[:, 0], out.object_score_logits[:, 0], self.loss_cfg,
+                                  fg_weight)
         parts["kl"] = out.kl if out.kl is not None else logits.new_zeros(())
         return {prefix + k: v for k, v in parts.items()}
 
     def forward(self, batch: dict, gamma: float, beta: float, correct: bool,
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                generator: torch.Generator | None = None, fg_weight: float = 1.0) -> dict[str, torch.Tensor]:
         images, targets = batch["images"], batch["targets"]
         coords, labels, idx = batch["coords"], batch["point_labels"], batch["image_index"]
         size = tuple(images.shape[-2:])
@@ -193,14 +194,14 @@ class TrainStep(nn.Module):
         if correct:
             coords, labels = self._add_correction(emb, coords, labels, idx, targets, size, generator)
         out = self._decode(emb, coords, labels, idx, generator)
-        parts = self._losses(out, targets, size)
+        parts = self._losses(out, targets, size, fg_weight=fg_weight)
         total = parts["seg"] + beta * parts["kl"]
         if gamma > 0 and self.adversaries is not None:
             adv = self.adversaries(images, batch["label_maps"], batch["edges"], emb.image_embed, targets, idx,
                                    coords, labels)
             emb_a = self.model.encode(adv.images)
             out_a = self._decode(emb_a, adv.coords, labels, idx, generator)
-            adv_parts = self._losses(out_a, adv.targets, size, "adv_")
+            adv_parts = self._losses(out_a, adv.targets, size, "adv_", fg_weight)
             total = total + gamma * (adv_parts["adv_seg"] + beta * adv_parts["adv_kl"])
             prob_logit = upsample_logits(probit_logit(out_a.logit_mean, out_a.logit_var), size)[:, 0]
             parts["cal"] = calibration_loss(prob_logit, adv.targets)
@@ -316,6 +317,9 @@ class Trainer:
                  callback: Callable[[StepResult], bool | None] | None = None, quiet: bool = False) -> None:
         self.cfg = load_config(config)
         self.run_dir = Path(run_dir)
+        checkpoint = self.run_dir / "last.pt"
+        if resume and checkpoint.is_file():
+            self.cfg = self._saved_config(checkpoint, quiet)
         self.device = torch.device(device)
         self.callback = callback
         self.quiet = quiet
@@ -357,6 +361,15 @@ class Trainer:
         self._val_batches = None
 
     # -------------------------------------------------------------- set-up
+    def _saved_config(self, checkpoint: Path, quiet: bool) -> dict:
+        """A resumed run keeps the recipe it started with (a run is one recipe); a recipe file
+        edited since is reported and ignored."""
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)["config"]
+        changed = sorted(_diff_keys(saved, self.cfg))
+        if changed and not quiet:
+            print(f"resuming with the recipe saved in {checkpoint}; ignoring edits to: {', '.join(changed)}")
+        return load_config(saved)
+
     def _optimizer(self) -> torch.optim.Optimizer:
         o = self.cfg["optim"]
         enc_lr = o["lr"] if o["encoder_lr"] is None else o["encoder_lr"]
@@ -510,7 +523,7 @@ class Trainer:
         correct = bool(torch.rand((), generator=self.generator) < self.cfg["train"]["correction_prob"])
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         with autocast:
-            parts = self.wrapped(batch, gamma, beta, correct, self.generator)
+            parts = self.wrapped(batch, gamma, beta, correct, self.generator, fg_weight_at(step, self.loss_cfg))
         self.optimizer.zero_grad(set_to_none=True)
         cal_grads = self._calibration_grads(parts.get("cal"))
         parts["loss"].backward()
@@ -576,6 +589,17 @@ class Trainer:
         }
         save_checkpoint(self.model, path, variant=self.cfg["name"], recipe=self.cfg, metadata=metadata, half=half)
         return Path(path)
+
+
+def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in set(a) | set(b):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff_keys(va, vb, f"{prefix}{k}.")
+        elif va != vb and not (isinstance(va, (list, tuple)) and isinstance(vb, (list, tuple)) and list(va) == list(vb)):
+            out.append(prefix + str(k))
+    return out
 
 
 def read_log(path: str | os.PathLike) -> list[dict]:
