@@ -169,6 +169,34 @@ def sam2_view(model):
     return View().eval()
 
 
+def same_network_check(model, size: int) -> float:
+    """Max |logit difference| between SAM2's image predictor on the adapter and our model's
+    deterministic decoder, for a few points on one image: ~0 means both run the same network."""
+    import torch
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    from napari_ruac.model.sam import LABEL_POS
+
+    rng = np.random.default_rng(1)
+    rgb8 = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    predictor = SAM2ImagePredictor(sam2_view(model))
+    s = size
+    predictor._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
+    worst = 0.0
+    with torch.inference_mode():
+        predictor.set_image(rgb8)
+        x = predictor._transforms(rgb8)[None]  # SAM2's own normalisation, undone for ours
+        mean, std = model.pixel_mean, model.pixel_std
+        emb = model.encode(x * std + mean)
+        for r, c in rng.integers(0, size, (4, 2)):
+            _, _, low = predictor.predict(np.array([[c, r]]), np.array([1]), multimask_output=True,
+                                          return_logits=True)
+            out = model.decode(emb, torch.tensor([[[float(c), float(r)]]]),
+                               torch.tensor([[LABEL_POS]]), multimask_output=True, mode="deterministic")
+            worst = max(worst, float(np.abs(out.logits[0].clamp(-32, 32).numpy() - low).max()))
+    return worst
+
+
 def versus_sam2(model, size: int, repeats: int, **thresholds) -> list[tuple[str, float, int]]:
     from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
 
@@ -263,6 +291,7 @@ def main() -> None:
     print(f"worker peak RSS MB: {', '.join(f'{v:.0f}' for v in dsk['worker_rss_mb'])}\n")
 
     print("3. automatic segmentation vs SAM2AutomaticMaskGenerator (same network, image, grid)")
+    print(f"  same-network check: max |logit(SAM2 predictor) - logit(ours)| = {same_network_check(model, size):.2e}")
     regimes = {
         f"thresholds iou {OPTIONS['pred_iou_thresh']}, stability {OPTIONS['stability_score_thresh']}": {},
         "every candidate passes the filters (iou 0, stability 0)": dict(pred_iou_thresh=0.0, stability_score_thresh=0.0),

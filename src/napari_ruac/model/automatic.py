@@ -439,8 +439,9 @@ class AutomaticSegmenter:
         stats.n_encoder_calls += 1
         points = point_grid(n_side) * np.array(frame.shape, dtype=np.float64)  # (P, 2) row, col
         stats.n_points += len(points)
-        # model coordinates are (x, y) pixel indices; embed_prompts adds the half-pixel
-        xy = torch.from_numpy(points[:, ::-1] * frame.scale - 0.5).float()
+        # model coordinates are (x, y); grid positions are passed as SAM's generators pass them
+        # (embed_prompts then adds half a pixel), so the same grid means the same prompts
+        xy = torch.from_numpy(points[:, ::-1] * frame.scale).float()
         found: list[_LowRes] = []
         for start in range(0, len(xy), self.points_per_batch):
             coords = xy[start : start + self.points_per_batch].unsqueeze(1).to(self.model.device)
