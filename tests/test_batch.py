@@ -286,6 +286,9 @@ def test_bad_options_stop_before_any_work(tmp_path):
     tifffile.imwrite(tmp_path / "s.tif", stack((32, 32)))
     with pytest.raises(BatchError, match="unknown option"):
         segment_files([tmp_path / "s.tif"], tmp_path / "out", model="test-tiny", points_per_sid=3)
+    with pytest.raises(BatchError, match="unknown model 'nope'"):
+        segment_files([tmp_path / "s.tif"], tmp_path / "out", model="nope")
+    assert not (tmp_path / "out" / "s_labels.tif").exists()
     with pytest.raises(BatchError, match="either workers"):
         segment_files([tmp_path / "s.tif"], tmp_path / "out", model="test-tiny", workers=2, scheduler="tcp://x:1")
 

@@ -771,20 +771,27 @@ def add_arguments(parser) -> None:
     parser.add_argument("--channel", type=int, default=None, help="channel to segment when there are more than 4")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per process")
     g = parser.add_argument_group("automatic segmentation")
-    g.add_argument("--points-per-side", type=int, default=16)
-    g.add_argument("--points-per-batch", type=int, default=64)
-    g.add_argument("--iou-thresh", dest="pred_iou_thresh", type=float, default=0.7)
-    g.add_argument("--stability-thresh", dest="stability_score_thresh", type=float, default=0.8)
+    g.add_argument("--points-per-side", type=int, default=16,
+                   help="grid of point prompts per tile/crop side (default: 16)")
+    g.add_argument("--points-per-batch", type=int, default=64, help="points decoded in one decoder pass")
+    g.add_argument("--iou-thresh", dest="pred_iou_thresh", type=float, default=0.7,
+                   help="drop masks whose predicted IoU is not above this (default: 0.7)")
+    g.add_argument("--stability-thresh", dest="stability_score_thresh", type=float, default=0.8,
+                   help="drop masks whose stability score is below this (default: 0.8)")
     g.add_argument("--max-uncertainty", dest="max_mean_uncertainty", type=float, default=0.6,
                    help="drop masks whose mean uncertainty (bits) exceeds this")
-    g.add_argument("--nms-thresh", dest="box_nms_thresh", type=float, default=0.7)
+    g.add_argument("--nms-thresh", dest="box_nms_thresh", type=float, default=0.7,
+                   help="box IoU above which the weaker of two masks is dropped (default: 0.7)")
     g.add_argument("--crop-layers", dest="crop_n_layers", type=int, default=0,
                    help="zoomed crop layers for small objects")
-    g.add_argument("--min-area", type=int, default=0)
-    g.add_argument("--mode", choices=("analytic", "mc", "deterministic"), default=None)
+    g.add_argument("--min-area", type=int, default=0, help="smallest object kept, in pixels")
+    g.add_argument("--mode", choices=("analytic", "mc", "deterministic"), default=None,
+                   help="uncertainty mode (default: the model's, analytic for Bayesian models)")
     g.add_argument("--samples", type=int, default=8, help="Monte-Carlo samples (mode mc)")
-    g.add_argument("--tile-size", type=int, default=None)
-    g.add_argument("--tile-overlap", type=int, default=None)
+    g.add_argument("--tile-size", type=int, default=None,
+                   help="planes larger than this are tiled (default: the model's largest input)")
+    g.add_argument("--tile-overlap", type=int, default=None,
+                   help="tile overlap in pixels, larger than the biggest object (default: tile/4)")
 
 
 def run(args) -> int:
