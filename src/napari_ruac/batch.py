@@ -180,7 +180,7 @@ def segment_files(
     spec = ModelSpec(model, device, run_options["checkpoint"], seg_options, run_options["threads"])
     files = _expand_inputs(inputs)
     jobs, results = _plan_jobs(files, out, run_options)
-    total = sum(job.stack.n_planes for job in jobs)
+    total = sum(job.n_planes for job in jobs)
     tracker = _Tracker(total, len(files), progress)
     executor = None
     cancelled = False
@@ -190,18 +190,14 @@ def segment_files(
             executor = _make_executor(spec, workers, scheduler)
             tracker.start = time.monotonic()  # the rate (and ETA) counts planes, not start-up
             for job in jobs:
-                job.fingerprint = _fingerprint(job.stack, spec, identity)
                 if cancelled or (cancel is not None and cancel.is_set()):
                     cancelled = True
                     results[job.order] = FileResult(str(job.path), "cancelled")
-                    job.stack.close()
                     continue
                 tracker.file_index = job.order + 1
                 results[job.order] = _run_job(job, out, spec, identity, executor, resume, tracker, cancel, run_options)
                 cancelled = results[job.order].status == "cancelled"
     finally:
-        for job in jobs:
-            job.stack.close()
         if executor is not None:
             executor.close()
         _remove_if_empty(out / WORK_DIR)
@@ -228,8 +224,7 @@ class ModelSpec:
 class _Job:
     order: int
     path: Path
-    stack: Stack
-    fingerprint: str = ""
+    n_planes: int
 
 
 def _expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
@@ -270,12 +265,14 @@ def _plan_jobs(files: list[Path], out: Path, run_options: dict) -> tuple[list[_J
             )
             continue
         try:
-            stack = open_stack(path, axes=run_options["axes"], channel=run_options["channel"])
+            # metadata only, and closed again: hundreds of inputs must not hold hundreds of files open
+            with open_stack(path, axes=run_options["axes"], channel=run_options["channel"]) as stack:
+                n_planes = stack.n_planes
         except (ImageError, OSError) as exc:
             results[i] = FileResult(str(path), "failed", reason=_reason(exc))
             continue
         stems[stem] = path
-        jobs.append(_Job(i, path, stack))
+        jobs.append(_Job(i, path, n_planes))
     return jobs, results
 
 
@@ -385,17 +382,33 @@ def _input_identity(path: Path) -> dict:
 # ---------------------------------------------------------------------------- one input
 def _run_job(job: _Job, out: Path, spec: ModelSpec, identity: dict, executor, resume: bool,
              tracker: "_Tracker", cancel: threading.Event | None, run_options: dict) -> FileResult:
-    stack, stem = job.stack, stack_stem(job.path)
     tracker.current_file = str(job.path)
+    try:
+        stack = open_stack(job.path, axes=run_options["axes"], channel=run_options["channel"])
+    except (ImageError, OSError) as exc:  # changed or removed since the batch was planned
+        tracker.skip(job.n_planes)
+        return FileResult(str(job.path), "failed", reason=_reason(exc))
+    before = tracker.done
+    with stack:
+        result = _run_stack(job, stack, out, spec, identity, executor, resume, tracker, cancel, run_options)
+    if result.status == "failed":
+        tracker.done = before + job.n_planes  # its remaining planes will not come: keep the ETA honest
+    return result
+
+
+def _run_stack(job: _Job, stack: Stack, out: Path, spec: ModelSpec, identity: dict, executor, resume: bool,
+               tracker: "_Tracker", cancel: threading.Event | None, run_options: dict) -> FileResult:
+    stem = stack_stem(job.path)
+    fingerprint = _fingerprint(stack, spec, identity)
     finals = _final_paths(out, stem)
     work = out / WORK_DIR / stem
-    if resume and not work.exists() and _outputs_current(finals, job.fingerprint):
+    if resume and not work.exists() and _outputs_current(finals, fingerprint):
         tracker.skip(stack.n_planes)
         meta = json.loads(finals["metadata"].read_text())
         return FileResult(str(job.path), "complete", {k: str(v) for k, v in finals.items()},
                           stack.n_planes, meta.get("n_objects", 0))
     try:
-        store = WorkStore.open(work, stack, job.fingerprint, resume)
+        store = WorkStore.open(work, stack, fingerprint, resume)
         todo = store.missing_planes()
         resumed = stack.n_planes - len(todo)
         tracker.skip(resumed)
@@ -404,7 +417,7 @@ def _run_job(job: _Job, out: Path, spec: ModelSpec, identity: dict, executor, re
             tracker.plane_done()
         if cancel is not None and cancel.is_set():
             raise _Cancelled
-        n_objects = _finalize(store, stack, finals, spec, identity, job.fingerprint)
+        n_objects = _finalize(store, stack, finals, spec, identity, fingerprint)
         store.remove()
     except _Cancelled:
         if not run_options.get("keep_work"):
