@@ -239,3 +239,29 @@ def test_errors_become_notifications(make_napari_viewer, qtbot, tmp_path):
     widget.image_combo.setCurrentText("pyramid")
     assert any("multiscale" in str(n.message) for n in notification_manager.records[before:])
     assert widget.image_layer.name == "cells"
+
+
+def test_switching_images_and_recreating_deleted_layers(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    viewer.add_image(stack(n=1)[0], name="a")
+    viewer.add_image(stack(n=2), name="b")
+    widget = dock(viewer, qtbot)
+    assert widget.image_layer.name == "a"
+    widget.image_combo.setCurrentText("b")
+    assert widget.image_layer.name == "b" and widget.current.data.shape == (2, 48, 64)
+    # points added to the old image's prompt layer no longer drive the widget
+    viewer.layers["a prompts"].add(np.array([5.0, 5.0]))
+    assert len(widget.prompts.data) == 0 and widget._history == []
+    viewer.layers.remove("b uncertainty")
+    widget.add_point((0, 10, 10))  # the next action makes the deleted layer again
+    assert "b uncertainty" in viewer.layers and widget.uncertainty.name == "b uncertainty"
+    wait_predictions(qtbot, widget, 1)
+    assert widget.uncertainty.data[0].any()
+
+
+def test_out_of_memory_message_gives_advice():
+    from napari_ruac._widgets.runner import describe_error
+
+    text = describe_error(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert "out of memory" in text and "smaller model" in text and "Nothing was changed" in text
+    assert describe_error(FileNotFoundError("x.pt")) == "FileNotFoundError: x.pt"

@@ -33,6 +33,7 @@ from qtpy.QtWidgets import (
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
+    QHeaderView,
     QLabel,
     QProgressBar,
     QPushButton,
@@ -167,6 +168,8 @@ class AnnotatorWidget(QWidget):
         self.plane_table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.plane_table.setMaximumHeight(140)
         self.plane_table.cellDoubleClicked.connect(self._on_plane_row)
+        self.plane_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        self.plane_table.verticalHeader().setVisible(False)
         prop_box = QGroupBox("3D / time")
         prop = QVBoxLayout(prop_box)
         row = QHBoxLayout()
@@ -190,6 +193,8 @@ class AnnotatorWidget(QWidget):
         self.object_table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.object_table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.object_table.cellClicked.connect(self._on_object_row)
+        self.object_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        self.object_table.verticalHeader().setVisible(False)
         self.next_button = QPushButton("Next uncertain object [n]")
         self.next_button.clicked.connect(self.next_uncertain_object)
         self.delete_button = QPushButton("Delete")
@@ -221,9 +226,26 @@ class AnnotatorWidget(QWidget):
 
     def _connect_viewer(self) -> None:
         self.viewer.layers.events.inserted.connect(self._refresh_image_choices)
-        self.viewer.layers.events.removed.connect(self._refresh_image_choices)
+        self.viewer.layers.events.removed.connect(self._on_layer_removed)
 
-    def _refresh_image_choices(self, event=None) -> None:
+    def _on_layer_removed(self, event=None) -> None:
+        # never create layers here: closing the viewer removes every layer, one event each
+        if self.image_layer is not None and self.image_layer not in self.viewer.layers:
+            self._unwire_prompt_layers()
+            self.image_layer = None
+        self._refresh_image_choices(bind=False)
+
+    def _ensure_layers(self) -> bool:
+        """Before acting: make again any of our layers the user deleted. False without an image."""
+        if self.image_layer is None:
+            return False
+        ours = [self.prompts, self.boxes, self.current, self.uncertainty, self.objects, self.overlay]
+        if any(layer not in self.viewer.layers for layer in ours):
+            image, self.image_layer = self.image_layer, None
+            self.bind_image(image)  # missing layers are made, the others reused by name
+        return True
+
+    def _refresh_image_choices(self, event=None, bind: bool = True) -> None:
         ours = {id(x) for x in (self.uncertainty, self.overlay) if x is not None}
         names = [l.name for l in self.viewer.layers if isinstance(l, Image) and id(l) not in ours
                  and not l.name.endswith((" uncertainty", " uncertain pixels"))]
@@ -234,7 +256,7 @@ class AnnotatorWidget(QWidget):
         if current in names:
             self.image_combo.setCurrentText(current)
         self.image_combo.blockSignals(False)
-        if self.image_layer is None or self.image_layer not in self.viewer.layers:
+        if bind and (self.image_layer is None or self.image_layer not in self.viewer.layers):
             if names:
                 self._on_image_chosen(self.image_combo.currentText())
 
@@ -268,6 +290,7 @@ class AnnotatorWidget(QWidget):
         shape = tuple(layer.data.shape[:-1] if layer.rgb else layer.data.shape)
         if len(shape) < 2:
             raise ValueError(f"the image has shape {layer.data.shape}: need at least rows and columns")
+        self._unwire_prompt_layers()
         self.image_layer = layer
         self._current_preds.clear()
         self._shown_prompts.clear()
@@ -321,6 +344,15 @@ class AnnotatorWidget(QWidget):
             # first in the list: runs before the add-mode callback creates the point
             self.prompts.mouse_drag_callbacks.insert(0, self._remember_modifiers)
 
+    def _unwire_prompt_layers(self) -> None:
+        """Stop listening to the previous image's prompt layers (they stay in the viewer)."""
+        if self.prompts is not None:
+            self.prompts.events.data.disconnect(self._on_point_data)
+            if self._remember_modifiers in self.prompts.mouse_drag_callbacks:
+                self.prompts.mouse_drag_callbacks.remove(self._remember_modifiers)
+        if self.boxes is not None:
+            self.boxes.events.data.disconnect(self._on_box_data)
+
     def _remember_modifiers(self, layer, event) -> None:
         mods = {str(getattr(m, "name", m)) for m in event.modifiers}
         self._negative_click = bool(mods & {"Shift", "Control", "Meta"})
@@ -357,11 +389,15 @@ class AnnotatorWidget(QWidget):
 
     def add_point(self, position, positive: bool = True) -> None:
         """Add a prompt point at ``position`` (data coordinates, all axes) — what a click does."""
+        if not self._ensure_layers():
+            raise RuntimeError("choose an image in the annotator first")
         self._negative_click = not positive
         self.prompts.add(np.asarray(position, dtype=float))
 
     def add_box(self, plane: Plane, box) -> None:
         """Add a box prompt (row0, col0, row1, col1) on ``plane`` — what drawing a rectangle does."""
+        if not self._ensure_layers():
+            raise RuntimeError("choose an image in the annotator first")
         r0, c0, r1, c1 = box
         corners = [(r0, c0), (r0, c1), (r1, c1), (r1, c0)]  # nD rectangles need all four
         self.boxes.add_rectangles(np.array([[*plane, r, c] for r, c in corners], float))
@@ -398,7 +434,7 @@ class AnnotatorWidget(QWidget):
 
     def _schedule_prediction(self) -> None:
         """Predict every plane whose prompts differ from what the layers show."""
-        if self.image_layer is None:
+        if not self._ensure_layers():
             return
         wanted = self.prompts_by_plane()
         stale_planes = [p for p in set(self._shown_prompts) | set(wanted)
@@ -457,6 +493,8 @@ class AnnotatorWidget(QWidget):
                 self.progress.setRange(0, 0)  # busy while the model loads or embeds a plane
 
     def _apply_predictions(self, results: list[PlanePrediction]) -> None:
+        if not self._ensure_layers():
+            return
         wanted = self.prompts_by_plane()
         for res in results:
             if wanted.get(res.plane) != res.prompt:
@@ -519,7 +557,7 @@ class AnnotatorWidget(QWidget):
     def commit(self) -> int | None:
         """Write the current object into the objects layer with a new id (or the id being
         re-prompted) and clear the prompts. Returns the id, or None when there is nothing."""
-        if self.image_layer is None:
+        if not self._ensure_layers():
             return None
         # committed objects are protected: a new mask only fills unlabelled pixels (re-prompt
         # or delete an object to change it), so a sloppy click never erases earlier work
@@ -696,7 +734,7 @@ class AnnotatorWidget(QWidget):
 
     def precompute_all(self) -> None:
         """Embed every plane of the image in a worker (later clicks on any plane are fast)."""
-        if self.image_layer is None:
+        if not self._ensure_layers():
             return
         planes = list(itertools.product(*(range(n) for n in self.spatial_shape[:-2])))
         if not self._start_task(f"embedding {len(planes)} planes…", len(planes)):
@@ -726,7 +764,7 @@ class AnnotatorWidget(QWidget):
 
     def propagate(self) -> None:
         """Carry the current (committed first) or selected object through the chosen axis."""
-        if self.image_layer is None or self.n_lead == 0:
+        if not self._ensure_layers() or self.n_lead == 0:
             show_warning("propagation needs a stack (z or t axis)")
             return
         plane = self.current_plane()
