@@ -49,7 +49,7 @@ DEFAULTS: dict = {
     "name": "custom",
     "variant": "ruac",
     "seed": 0,
-    "model": {"spec": "micro", "init": "scratch", "checkpoint": None, "config": None},
+    "model": {"spec": "micro", "init": "scratch", "checkpoint": None, "config": None, "align_image_to_token": True},
     "data": {},
     "loss": {},
     "adversaries": {},
@@ -132,7 +132,12 @@ def build_training_model(cfg: dict) -> RuacSam:
         want = "deterministic" if cfg["variant"] == "det" else "bayesian"
         if config.head != want:
             config = ModelConfig(**{**config.to_dict(), "head": want})
-        return build_model(config, seed=cfg["seed"])
+        model = build_model(config, seed=cfg["seed"])
+        if mcfg.get("align_image_to_token", True):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg["seed"] + 2)
+                align_image_to_token(model)
+        return model
     if mcfg["init"] == "pretrained":
         source = mcfg.get("checkpoint") if mcfg["spec"] not in MODEL_SPECS else mcfg["spec"]
         checkpoint = mcfg.get("checkpoint") if mcfg["spec"] in MODEL_SPECS else None
@@ -146,6 +151,26 @@ def build_training_model(cfg: dict) -> RuacSam:
             )
         return model
     raise ValueError(f"model.init must be 'scratch' or 'pretrained', got {mcfg['init']!r}")
+
+
+def align_image_to_token(model: RuacSam, scale: float = 1.0) -> None:
+    """Give the image->token cross-attention the same query and key projection.
+
+    ``build_model`` does this for token->image attention (a prompt attends to the image
+    positions it encodes). Here image positions attend most to the prompt tokens whose
+    positional encoding matches theirs, so from step 0 the image embedding is updated near the
+    prompt: a from-scratch decoder then has a positional route to make its mask depend on the
+    prompt, instead of first learning "all objects" and ignoring where the user clicked.
+    """
+    with torch.no_grad():
+        for layer in model.sam_mask_decoder.transformer.layers:
+            attn = layer.cross_attn_image_to_token
+            fan_in = attn.q_proj.weight.shape[1]
+            weight = torch.randn_like(attn.q_proj.weight) * (scale / math.sqrt(fan_in))
+            attn.q_proj.weight.copy_(weight)
+            attn.k_proj.weight.copy_(weight)
+            attn.q_proj.bias.zero_()
+            attn.k_proj.bias.zero_()
 
 
 def freeze_unused(model: RuacSam, variant: str) -> None:
