@@ -265,3 +265,33 @@ def test_out_of_memory_message_gives_advice():
     text = describe_error(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert "out of memory" in text and "smaller model" in text and "Nothing was changed" in text
     assert describe_error(FileNotFoundError("x.pt")) == "FileNotFoundError: x.pt"
+
+
+def test_propagate_along_time_keeps_z_fixed_and_hotkeys(make_napari_viewer, qtbot):
+    from qtpy.QtCore import Qt
+
+    viewer = make_napari_viewer(show=True)
+    data = np.stack([stack(n=3), stack(n=3)])  # (t=2, z=3, 48, 64)
+    viewer.add_image(data, name="movie")
+    widget = dock(viewer, qtbot)
+    viewer.dims.set_point(0, 1)
+    viewer.dims.set_point(1, 1)
+    assert widget.current_plane() == (1, 1)
+    widget.add_point((1, 1, 15, 18))
+    assert widget.predictions_applied == 0 and widget.predict_runner.busy  # not on the UI thread
+    wait_predictions(qtbot, widget, 1)
+    # "c" on the prompts layer commits, through napari's real key handling on the canvas
+    viewer.layers.selection.active = widget.prompts
+    canvas = viewer.window._qt_viewer.canvas.native
+    canvas.setFocus()
+    qtbot.keyClick(canvas, Qt.Key.Key_C)
+    qtbot.waitUntil(lambda: 1 in widget.records, timeout=5_000)
+    widget.axis_combo.setCurrentIndex(0)  # along t, with z fixed at 1
+    widget.focus_object(1)
+    widget.propagate()
+    qtbot.waitUntil(lambda: not widget.task_runner.busy, timeout=WAIT_MS)
+    curve = widget.propagation_curve(1)
+    assert set(curve) <= {0, 1} and 1 in curve
+    present = np.argwhere((widget.objects.data == 1).any(axis=(2, 3)))
+    assert all(z == 1 for _, z in present)  # never spilled into other z planes
+    assert {t for t, _ in present} == set(curve)
