@@ -214,9 +214,17 @@ def test_precompute_all_planes_then_cancel(make_napari_viewer, qtbot):
     widget.precompute_all()
     assert widget.cancel_button.isEnabled()
     qtbot.waitUntil(lambda: not widget.task_runner.busy, timeout=WAIT_MS)
-    assert "embedded 3 planes" in widget.status.text()
+    assert "embedded 3 of 3 planes" in widget.status.text()
     assert all(widget._predictor.is_cached(widget._plane_array((i,))) for i in range(3))
     assert widget.progress.value() == widget.progress.maximum()
+    assert not widget.cancel_button.isEnabled()
+
+    widget._predictor.clear_cache()
+    widget.precompute_all()
+    widget.cancel_button.click()  # before the worker reaches its first yield
+    qtbot.waitUntil(lambda: not widget.task_runner.busy, timeout=WAIT_MS)
+    assert "cancelled" in widget.status.text() and not widget.cancel_button.isEnabled()
+    assert sum(widget._predictor.is_cached(widget._plane_array((i,))) for i in range(3)) <= 1
 
 
 def test_errors_become_notifications(make_napari_viewer, qtbot, tmp_path):

@@ -104,13 +104,14 @@ class AnnotatorWidget(QWidget):
         self._reprompt_id: int | None = None
         self._focused_id: int | None = None
         self._propagation: dict[int, dict] = {}
+        self._cancelled = False
         self._predictor = None
         self._predictor_choice: ModelChoice | None = None
         self._model_lock = threading.Lock()
         self.predictions_applied = 0
         self.last_latency_s: float | None = None
         self.predict_runner = LatestOnlyRunner(name="prediction")
-        self.task_runner = LatestOnlyRunner(name="task", on_error=lambda e: self._task_done())
+        self.task_runner = LatestOnlyRunner(name="task")
         self._build_ui()
         self._connect_viewer()
         self._refresh_image_choices()
@@ -729,6 +730,8 @@ class AnnotatorWidget(QWidget):
         self.progress.setValue(1)
 
     def cancel_task(self) -> None:
+        """Stop precompute/propagation after the plane in progress; finished planes are kept."""
+        self._cancelled = True
         self.task_runner.quit()
         self.status.setText("cancelling…")
 
@@ -739,8 +742,9 @@ class AnnotatorWidget(QWidget):
         planes = list(itertools.product(*(range(n) for n in self.spatial_shape[:-2])))
         if not self._start_task(f"embedding {len(planes)} planes…", len(planes)):
             return
+        self._cancelled = False
         self.task_runner.submit(self._precompute_job, self.model_picker.choice(), planes,
-                                on_yield=self._on_task_progress, on_result=self._on_precompute_done)
+                                on_yield=self._on_task_progress, on_finished=self._on_precompute_done)
 
     def _precompute_job(self, choice: ModelChoice, planes: list):
         for i, plane in enumerate(planes):
@@ -758,9 +762,11 @@ class AnnotatorWidget(QWidget):
         elif isinstance(value, dict):
             self._apply_propagated_plane(value)
 
-    def _on_precompute_done(self, n: int) -> None:
+    def _on_precompute_done(self) -> None:
+        done, total = self.progress.value(), self.progress.maximum()
         self._task_done()
-        self.status.setText(f"embedded {n} planes")
+        word = "cancelled after embedding" if self._cancelled else "embedded"
+        self.status.setText(f"{word} {max(done, 0)} of {total} planes")
 
     def propagate(self) -> None:
         """Carry the current (committed first) or selected object through the chosen axis."""
@@ -784,9 +790,10 @@ class AnnotatorWidget(QWidget):
             self.uncertainty.data[plane][start_mask].mean())}, "stops": []}
         self.plane_table.setRowCount(0)
         self._add_plane_row(plane[axis], int(start_mask.sum()), self._propagation[obj_id]["planes"][plane[axis]])
+        self._cancelled = False
         self.task_runner.submit(self._propagate_job, self.model_picker.choice(), obj_id, axis, plane, start_mask,
                                 self.mode_combo.currentText(), on_yield=self._on_task_progress,
-                                on_result=self._on_propagate_done)
+                                on_finished=lambda: self._on_propagate_done(obj_id))
 
     def _propagate_job(self, choice, obj_id, axis, plane, start_mask, mode):
         from ..model.propagation import iter_propagate
@@ -842,7 +849,8 @@ class AnnotatorWidget(QWidget):
         rec = self._propagation[obj_id]
         self._record(obj_id, self.records[obj_id].iou_score if obj_id in self.records else float("nan"))
         planes = sorted(rec["planes"])
-        self.status.setText(f"object {obj_id} spans planes {planes[0]}-{planes[-1]}; " + "; ".join(rec["stops"]))
+        why = "propagation cancelled" if self._cancelled else "; ".join(rec["stops"])
+        self.status.setText(f"object {obj_id} spans planes {planes[0]}-{planes[-1]}; {why}")
         self._focused_id = obj_id
 
     def propagation_curve(self, obj_id: int | None = None) -> dict[int, float]:

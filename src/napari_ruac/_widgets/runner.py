@@ -33,7 +33,8 @@ def show_worker_warning(warning_args) -> None:
 class LatestOnlyRunner:
     """One worker at a time; pending work is superseded by newer work.
 
-    ``submit(func, *args, on_result=..., on_yield=...)``: ``func`` runs in a thread worker (a
+    ``submit(func, *args, on_result=..., on_yield=..., on_finished=...)``: ``func`` runs in a
+    thread worker (a
     generator function may ``yield`` progress messages, passed to ``on_yield`` on the UI thread);
     its return value goes to ``on_result`` on the UI thread unless newer work is pending (then it
     is stale and dropped). Errors become napari notifications (``on_error`` may add to that).
@@ -51,8 +52,8 @@ class LatestOnlyRunner:
         return self._worker is not None or self._pending is not None
 
     def submit(self, func: Callable, *args: Any, on_result: Callable | None = None,
-               on_yield: Callable | None = None) -> None:
-        job = (func, args, on_result, on_yield)
+               on_yield: Callable | None = None, on_finished: Callable | None = None) -> None:
+        job = (func, args, on_result, on_yield, on_finished)
         if self._worker is None:
             self._start(job)
         else:
@@ -68,7 +69,7 @@ class LatestOnlyRunner:
             self._worker.quit()
 
     def _start(self, job: tuple) -> None:
-        func, args, on_result, on_yield = job
+        func, args, on_result, on_yield, on_finished = job
         # errors are ours to report (a notification), not re-raised into Qt's event loop
         worker = create_worker(func, *args, _start_thread=False, _ignore_errors=True)
         self._worker = worker
@@ -87,6 +88,8 @@ class LatestOnlyRunner:
         worker.errored.connect(errored)
         if on_yield is not None and hasattr(worker, "yielded"):
             worker.yielded.connect(on_yield)
+        if on_finished is not None:  # also after a cancel or an error, when nothing returns
+            worker.finished.connect(on_finished)
         worker.finished.connect(self._finished)
         worker.start()
 
