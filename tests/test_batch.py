@@ -16,7 +16,7 @@ import pytest
 import tifffile
 import zarr
 
-from napari_ruac.batch import BatchError, BatchProgress, segment_files
+from napari_ruac.batch import BatchError, BatchProgress, model_loads, segment_files
 from napari_ruac.io.normalize import ImageError
 from napari_ruac.io.stacks import open_stack
 
@@ -132,6 +132,16 @@ def test_a_finished_input_is_not_redone_and_changed_parameters_redo_it(tmp_path)
     assert changed.files[0].status == "done" and first.ok
     meta = json.loads(outputs(tmp_path / "out", "s")["metadata"].read_text())
     assert meta["parameters"]["points_per_side"] == 3
+
+
+def test_the_model_is_loaded_once_per_process(tmp_path):
+    src = tmp_path / "s.tif"
+    tifffile.imwrite(src, stack((3, 32, 32)))
+    segment_files([src], tmp_path / "a", **FAST)
+    before = model_loads()
+    segment_files([src], tmp_path / "b", **FAST)
+    segment_files([src], tmp_path / "c", **{**FAST, "points_per_side": 3})  # other options, same model
+    assert model_loads() == before
 
 
 def test_a_stale_work_store_is_not_mixed_in(tmp_path):

@@ -35,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -187,6 +188,7 @@ def segment_files(
     try:
         if jobs:
             identity = model_identity(spec)
+            spec.weights = str(identity.get("weights"))
             executor = _make_executor(spec, workers, scheduler)
             tracker.start = time.monotonic()  # the rate (and ETA) counts planes, not start-up
             for job in jobs:
@@ -214,10 +216,12 @@ class ModelSpec:
     checkpoint: str | None
     options: dict
     threads: int | None = None
+    weights: str | None = None  # the weights' identity (hash): a changed file is reloaded
 
     @property
     def key(self) -> str:
-        return json.dumps([self.model, self.device, self.checkpoint, sorted(self.options.items())], default=str)
+        return json.dumps([self.model, self.device, self.checkpoint, self.weights,
+                           sorted(self.options.items())], default=str)
 
 
 @dataclass
@@ -586,31 +590,53 @@ def _iter_planes(array, n: int) -> Iterator[np.ndarray]:
 
 
 # ---------------------------------------------------------------------------- execution
-_SEGMENTERS: dict[str, Any] = {}
+_MODELS: "OrderedDict[tuple, Any]" = OrderedDict()  # (model, device, checkpoint, weights) -> model
+_SEGMENTERS: "OrderedDict[str, Any]" = OrderedDict()
 _MODEL_LOADS = 0
+_CACHE_SIZE = 2  # a long-lived process (napari, a dask worker) keeps at most this many models
 _SEGMENTER_LOCK = threading.Lock()
 
 
 def get_segmenter(spec: ModelSpec):
-    """This process's segmenter for ``spec``: the model is loaded once per process."""
-    global _MODEL_LOADS
+    """This process's segmenter for ``spec``: the model is loaded once per process (and again
+    only when its weights file changed)."""
+    from .model.automatic import AutomaticSegmenter
+
     with _SEGMENTER_LOCK:
         seg = _SEGMENTERS.get(spec.key)
         if seg is None:
-            import warnings
-
-            from .model import load_model
-            from .model.automatic import AutomaticSegmenter
-            from .model.build import UntrainedWeightsWarning
-
-            with warnings.catch_warnings():
-                # said once per batch by the client, not once per worker
-                warnings.simplefilter("ignore", UntrainedWeightsWarning)
-                model = load_model(spec.model, device=spec.device, checkpoint=spec.checkpoint)
-            seg = AutomaticSegmenter(model, **spec.options)
+            seg = AutomaticSegmenter(_get_model(spec), **spec.options)
             _SEGMENTERS[spec.key] = seg
-            _MODEL_LOADS += 1
+        _SEGMENTERS.move_to_end(spec.key)
+        while len(_SEGMENTERS) > 4 * _CACHE_SIZE:
+            _SEGMENTERS.popitem(last=False)
         return seg
+
+
+def _get_model(spec: ModelSpec):
+    global _MODEL_LOADS
+    import warnings
+
+    from .model import load_model
+    from .model.build import UntrainedWeightsWarning
+
+    key = (spec.model, spec.device, spec.checkpoint, spec.weights)
+    model = _MODELS.get(key)
+    if model is None:
+        with warnings.catch_warnings():
+            # said once per batch by the client, not once per worker
+            warnings.simplefilter("ignore", UntrainedWeightsWarning)
+            model = load_model(spec.model, device=spec.device, checkpoint=spec.checkpoint)
+        _MODELS[key] = model
+        _MODEL_LOADS += 1
+        # segmenters of evicted models go with them
+        while len(_MODELS) > _CACHE_SIZE:
+            _MODELS.popitem(last=False)
+            live = {id(m) for m in _MODELS.values()}
+            for k in [k for k, sg in _SEGMENTERS.items() if id(sg.model) not in live]:
+                del _SEGMENTERS[k]
+    _MODELS.move_to_end(key)
+    return model
 
 
 def model_loads() -> int:
