@@ -222,7 +222,8 @@ def resolve_labels(
         better = p > view_p
         view_p[better] = p[better]
         owner[r0:r1, c0:c1][better] = k + 1
-    uncertainty = binary_entropy(torch.from_numpy(best_p)).numpy().astype(np.float32)
+    # "+ 0.0" turns the -0.0 that the entropy gives at p = 0 into +0.0 (clean TIFF bytes)
+    uncertainty = np.clip(binary_entropy(torch.from_numpy(best_p)).numpy(), 0.0, 1.0).astype(np.float32) + 0.0
     owner[best_p <= 0.5] = 0
     areas = np.bincount(owner.ravel(), minlength=len(candidates) + 1)
     small = np.flatnonzero(areas < max(min_area, 1))
