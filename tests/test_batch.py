@@ -74,6 +74,12 @@ def test_axes_override_and_channel_choice(tmp_path):
         assert s.n_planes == 12
     with pytest.raises(ImageError, match="do not fit"):
         open_stack(tmp_path / "zc.tif", axes="ZYX")
+    # five named axes with two channels: the model needs one of them chosen
+    tifffile.imwrite(tmp_path / "tzc.ome.tif", stack((2, 2, 2, 16, 16)), metadata={"axes": "TZCYX"})
+    with pytest.raises(ImageError, match="2 channels"):
+        open_stack(tmp_path / "tzc.ome.tif")
+    with open_stack(tmp_path / "tzc.ome.tif", channel=1) as s:
+        assert s.n_planes == 4 and s.output_shape == (2, 2, 16, 16) and s.read_plane(3).shape == (16, 16)
 
 
 # ---------------------------------------------------------------------------- outputs

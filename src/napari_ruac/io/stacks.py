@@ -179,7 +179,8 @@ def _make_stack(path, array, file_axes, axes, channel, closer) -> Stack:
         n = shape[axes.index(colour[0])]
         if channel is not None and not 0 <= channel < n:
             raise ImageError(f"{path}: channel {channel} does not exist (the image has {n})")
-        if channel is None and n > 4:
+        if channel is None and n not in (1, 3, 4):
+            # the model takes grey, RGB or RGBA planes; any other count needs a choice
             raise ImageError(
                 f"{path}: the channel axis has {n} channels; pick one with --channel (0..{n - 1})"
             )
