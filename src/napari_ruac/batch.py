@@ -19,6 +19,12 @@ process, on a local dask cluster (``workers=N``) or on an existing one (``schedu
 either way each process loads the model once. Peak memory does not grow with stack depth: a
 plane is read, segmented, written and dropped, and at most a few planes are in flight.
 
+Reproducibility: a resumed run writes the same bytes as an uninterrupted one (the final files
+are built only from the store; planes are computed deterministically). The number of torch
+threads changes float rounding in the last bits of the uncertainty (labels and the CSV are
+unaffected); it is not part of the fingerprint, so give the same ``--threads`` (dask workers use
+1) when bytes must match across differently configured runs.
+
 The napari batch widget calls :func:`segment_files`, the same code as the CLI.
 """
 
