@@ -863,10 +863,14 @@ def run(args) -> int:
 class ProgressBar:
     """A one-line text progress bar with rate and ETA."""
 
-    def __init__(self, stream, width: int = 30) -> None:
+    def __init__(self, stream, width: int = 30, log_every_s: float = 10.0) -> None:
         self.stream = stream
         self.width = width
         self.used = False
+        # redirected to a file or a cluster job log: whole lines now and then, no \r redraws
+        self.interactive = hasattr(stream, "isatty") and stream.isatty()
+        self.log_every_s = log_every_s
+        self.last_line = -math.inf
 
     def __call__(self, p: BatchProgress) -> None:
         frac = p.done_planes / max(p.total_planes, 1)
@@ -874,10 +878,15 @@ class ProgressBar:
         eta = _hms(p.eta_s) if p.eta_s is not None else "--:--"
         rate = f"{p.planes_per_s:.2f} planes/s" if p.planes_per_s else ""
         name = Path(p.current_file).name
-        self.stream.write(f"\r[{bar:<{self.width}}] {p.done_planes}/{p.total_planes} planes "
-                          f"{rate} ETA {eta} file {p.file_index}/{p.n_files} {name}\x1b[K")
+        text = (f"[{bar:<{self.width}}] {p.done_planes}/{p.total_planes} planes "
+                f"{rate} ETA {eta} file {p.file_index}/{p.n_files} {name}")
+        if self.interactive:
+            self.stream.write(f"\r{text}\x1b[K")
+            self.used = True
+        elif time.monotonic() - self.last_line >= self.log_every_s or p.done_planes == p.total_planes:
+            self.stream.write(text + "\n")
+            self.last_line = time.monotonic()
         self.stream.flush()
-        self.used = True
 
     def finish(self) -> None:
         if self.used:
