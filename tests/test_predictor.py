@@ -65,9 +65,9 @@ def test_embedding_is_cached_by_content(predictor):
     original = predictor.model.encode
     predictor.model.encode = lambda x: calls.append(1) or original(x)
     try:
-        predictor.set_image(img.copy())  # same content, new array
+        assert predictor.set_image(img.copy())  # same content, new array: from the cache
         assert calls == []
-        predictor.set_image(img + 1)
+        assert not predictor.set_image(img + 1)
         assert calls == [1]
         assert predictor.is_cached(img)
     finally:

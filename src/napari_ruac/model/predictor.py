@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from ..io.normalize import to_rgb_float, validate_plane
 from .mask_decoder import DecoderOutput
 from .sam import INPUT_MULTIPLE, LABEL_BOX_BR, LABEL_BOX_TL, ImageEmbedding, RuacSam
-from .weibull import binary_entropy
 
 
 class PromptError(ValueError):
@@ -99,12 +98,13 @@ class Predictor:
     def is_image_set(self) -> bool:
         return self._embedding is not None
 
-    def set_image(self, image) -> None:
+    def set_image(self, image) -> bool:
         """Embed ``image`` ((H, W) or (H, W, C), any numeric dtype and size), or reuse its
-        cached embedding."""
+        cached embedding. Returns True when the embedding came from the cache."""
         arr = validate_plane(image)
         key = content_key(arr)
         hit = self._cache.get(key)
+        cached = hit is not None
         if hit is None:
             hit = self._encode(arr)
             self._cache[key] = hit
@@ -114,6 +114,7 @@ class Predictor:
             self._cache.move_to_end(key)
         self._embedding, self._frame = hit
         self.image_key = key
+        return cached
 
     def is_cached(self, image) -> bool:
         return content_key(validate_plane(image)) in self._cache
@@ -248,25 +249,27 @@ class Predictor:
 
     # ------------------------------------------------------------------ outputs
     def _postprocess(self, out: DecoderOutput, mode: str, multimask: bool) -> list[Prediction]:
+        # Full-resolution work dominates a click on large images, so only the logits and the
+        # uncertainty maps are upsampled (entropy is computed at decoder resolution, where it
+        # is 16x cheaper); probability and mask follow from the upsampled logits, so
+        # mask == (probability > 0.5) exactly.
         logits = self._to_image(out.logits)
         prob = torch.sigmoid(logits)
-        unc = binary_entropy(prob)
+        unc = self._to_image(out.uncertainty).clamp_(0.0, 1.0)
         aleatoric = epistemic = None
         if out.aleatoric is not None:
-            aleatoric = self._to_image(out.aleatoric).clamp(0.0, 1.0)
-            epistemic = (unc - aleatoric).clamp_min(0.0)
-        obj = torch.sigmoid(out.object_score_logits[:, 0])
-        iou = out.iou_pred
+            aleatoric = torch.minimum(self._to_image(out.aleatoric), unc)
+            epistemic = unc - aleatoric
         present = out.object_score_logits[:, 0] > 0
         mask = (logits > 0) & present.view(-1, 1, 1, 1)
 
         def to_np(t):
-            return t.float().cpu().numpy()
+            return None if t is None else t.detach().cpu().numpy()
 
-        mask_np, prob_np, unc_np = to_np(mask).astype(bool), to_np(prob), to_np(unc)
-        ale_np = to_np(aleatoric) if aleatoric is not None else None
-        epi_np = to_np(epistemic) if epistemic is not None else None
-        iou_np, obj_np = to_np(iou), to_np(obj)
+        mask_np, prob_np, unc_np = to_np(mask), to_np(prob), to_np(unc)
+        ale_np, epi_np = to_np(aleatoric), to_np(epistemic)
+        iou_np = to_np(out.iou_pred.float())
+        obj_np = to_np(torch.sigmoid(out.object_score_logits[:, 0].float()))
         results = []
         for b in range(mask_np.shape[0]):
             candidates = [
