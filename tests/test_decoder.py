@@ -88,7 +88,7 @@ def test_mc_band_shortcut_matches_full_sampling(spread_model, embedded):
         head.token_head.layers[-1].bias[:c] += 3  # foreground rows dominate: confident pixels
         head.token_head.layers[-1].bias[2 * c : 3 * c] -= 3
         head.token_head.layers[-1].bias[c : 2 * c] += 6
-        head.token_head.layers[-1].bias[3 * c :] += 6
+        head.token_head.layers[-1].bias[3 * c : 4 * c] += 6
     try:
         banked = _decode(spread_model, emb, coords, labels, mode="mc", samples=64)
         again = _decode(spread_model, emb, coords, labels, mode="mc", samples=64)

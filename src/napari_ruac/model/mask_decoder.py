@@ -10,7 +10,13 @@ non-negative Weibull random variables (DESIGN.md, "The method"):
   deterministic product;
 * mask tokens: one MLP shared by all mask tokens gives per-channel ``(lambda, kappa)`` for a
   foreground and a background row -> ``w_fg, w_bg`` of shape (B, K, C);
-* ``logit_k = <z, w_k,fg> - <z, w_k,bg>`` (signed, although every factor is positive).
+* ``logit_k = <z, w_k,fg> - <z, w_k,bg> + b_k`` (signed, although every factor is positive),
+  with a deterministic per-mask offset ``b_k`` from the same MLP. Why the offset: with ``z >= 0``
+  the first thing training learns is "mostly background"; without ``b_k`` it can only do that by
+  making every ``w_fg - w_bg`` negative, after which no pixel can reach a positive logit (we saw
+  from-scratch runs stall at p < 0.15). The offset carries the background prior instead, and the
+  foreground/background scales start favouring different channels so ``w_fg - w_bg`` has both
+  signs from step 0 and the pixel factors get gradient at once.
 
 The original hypernetwork MLPs stay in the module so that official SAM2.1 checkpoints load
 without missing keys and the deterministic decoder can be run side by side (``mode="deterministic"``).
@@ -94,7 +100,8 @@ class WeibullHead(nn.Module):
         c = self.channels
         # C scales + one shape per pixel
         self.pixel_head = nn.Conv2d(c, c + 1, kernel_size=1)
-        self.token_head = MLP(transformer_dim, transformer_dim, 4 * c, 3)
+        # per channel (lam, kappa) for fg and bg rows, plus one deterministic logit offset
+        self.token_head = MLP(transformer_dim, transformer_dim, 4 * c + 1, 3)
         # start with moderately certain weights: kappa = kappa_init everywhere
         frac = (kappa_init - self.kappa_min) / (self.kappa_max - self.kappa_min)
         kappa_bias = math.log(frac / (1.0 - frac))
@@ -103,7 +110,13 @@ class WeibullHead(nn.Module):
             self.pixel_head.weight[c:].mul_(0.1)
             last = self.token_head.layers[-1]
             last.bias[c : 2 * c].fill_(kappa_bias)
-            last.bias[3 * c :].fill_(kappa_bias)
+            last.bias[3 * c : 4 * c].fill_(kappa_bias)
+            half = c // 2
+            last.bias[:half] += 0.5  # foreground scale favours the first half of the channels
+            last.bias[half:c] -= 0.5
+            last.bias[2 * c : 2 * c + half] -= 0.5  # background scale the second half
+            last.bias[2 * c + half : 3 * c] += 0.5
+            last.bias[4 * c] = 0.0
 
     def _lam(self, x: torch.Tensor) -> torch.Tensor:
         return F.softplus(x) + 1e-4
@@ -117,16 +130,18 @@ class WeibullHead(nn.Module):
         c = self.channels
         return self._lam(raw[:, :c]), self._kappa(raw[:, c:])
 
-    def token_params(self, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(B, K, D) mask tokens -> ``lam_fg, kappa_fg, lam_bg, kappa_bg`` each (B, K, C)."""
+    def token_params(self, tokens: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """(B, K, D) mask tokens -> ``(lam_fg, kappa_fg, lam_bg, kappa_bg)`` each (B, K, C),
+        and the logit offset (B, K)."""
         raw = self.token_head(tokens)
         c = self.channels
-        return (
+        params = (
             self._lam(raw[..., :c]),
             self._kappa(raw[..., c : 2 * c]),
             self._lam(raw[..., 2 * c : 3 * c]),
-            self._kappa(raw[..., 3 * c :]),
+            self._kappa(raw[..., 3 * c : 4 * c]),
         )
+        return params, raw[..., 4 * c]
 
 
 class BayesianMaskDecoder(MaskDecoder):
@@ -268,23 +283,25 @@ class BayesianMaskDecoder(MaskDecoder):
 
         head = self.weibull_head
         lam_z, k_z = head.pixel_params(upscaled)
-        lam_fg, k_fg, lam_bg, k_bg = head.token_params(mask_toks_sel)
+        token_params, offset = head.token_params(mask_toks_sel)
+        lam_fg, k_fg, lam_bg, k_bg = token_params
         kl = None
         if return_kl or mode == "sample":
-            kl = self.kl_divergence(lam_z, k_z, (lam_fg, k_fg, lam_bg, k_bg))
+            kl = self.kl_divergence(lam_z, k_z, token_params)
 
         if mode == "mc":
             return self._monte_carlo(
-                lam_z, k_z, (lam_fg, k_fg, lam_bg, k_bg), samples, generator, iou_pred, object_score_logits, kl
+                lam_z, k_z, token_params, offset, samples, generator, iou_pred, object_score_logits, kl
             )
 
-        mu, var = self._analytic_moments(lam_z, k_z, (lam_fg, k_fg, lam_bg, k_bg))
+        mu, var = self._analytic_moments(lam_z, k_z, token_params)
+        mu = mu + offset[..., None, None]
         prob_logit = probit_logit(mu, var)
         if mode == "sample":
             z = weibull_transform(lam_z, k_z, _uniform_like(lam_z, generator))
             w_fg = weibull_transform(lam_fg, k_fg, _uniform_like(lam_fg, generator))
             w_bg = weibull_transform(lam_bg, k_bg, _uniform_like(lam_bg, generator))
-            logits = torch.einsum("bkc,bchw->bkhw", w_fg - w_bg, z)
+            logits = torch.einsum("bkc,bchw->bkhw", w_fg - w_bg, z) + offset[..., None, None]
         else:
             logits = prob_logit
         return DecoderOutput(
@@ -330,7 +347,7 @@ class BayesianMaskDecoder(MaskDecoder):
         kl_tokens = 0.5 * (kl_weibull_gamma(lam_fg, k_fg, a, b).mean() + kl_weibull_gamma(lam_bg, k_bg, a, b).mean())
         return kl_pixels + kl_tokens
 
-    def _monte_carlo(self, lam_z, k_z, token_params, samples, generator, iou_pred, obj_logits, kl):
+    def _monte_carlo(self, lam_z, k_z, token_params, offset, samples, generator, iou_pred, obj_logits, kl):
         """S samples of the head; total = H(mean p), aleatoric = mean H(p_s), epistemic = MI.
 
         Pixels whose logit stays far from zero in every plausible sample (``|mu| > 8 + 6 sd`` by
@@ -343,6 +360,7 @@ class BayesianMaskDecoder(MaskDecoder):
         # the (small) token noise is drawn from a seeded generator when none is given
         token_gen = generator or torch.Generator(device=lam_fg.device).manual_seed(0)
         mu, var = self._analytic_moments(lam_z, k_z, token_params)
+        mu = mu + offset[..., None, None]
         analytic_logit = probit_logit(mu, var)
         p = torch.sigmoid(analytic_logit)
         total = binary_entropy_from_logit(analytic_logit)
@@ -369,7 +387,7 @@ class BayesianMaskDecoder(MaskDecoder):
                 u_fg = _uniform_like(lam_fg[i], token_gen, s)
                 u_bg = _uniform_like(lam_bg[i], token_gen, s)
                 d = weibull_transform(lam_fg[i], k_fg[i], u_fg) - weibull_transform(lam_bg[i], k_bg[i], u_bg)
-                logit_s = torch.bmm(d, z)  # (s, K, n)
+                logit_s = torch.bmm(d, z) + offset[i][:, None]  # (s, K, n)
                 p_sum += torch.sigmoid(logit_s).sum(0)
                 h_sum += binary_entropy_from_logit(logit_s).sum(0)
                 done += s
