@@ -40,7 +40,19 @@ def bench(name: str, size: int, reps: int) -> dict:
             t0 = time.perf_counter()
             predictor.predict(points=point, mode=m, samples=20)
             times[m].append(time.perf_counter() - t0)
-    return {"set_image": set_image_s, **{m: statistics.median(v) for m, v in times.items()}}
+    # several objects: one batched call vs a loop of single calls (analytic mode)
+    prompts = [{"points": [tuple(rng.integers(0, size, 2))]} for _ in range(8)]
+    batch_t, loop_t = [], []
+    for _ in range(max(3, reps // 3)):
+        t0 = time.perf_counter()
+        predictor.predict_batch(prompts)
+        batch_t.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for p in prompts:
+            predictor.predict(**p)
+        loop_t.append(time.perf_counter() - t0)
+    return {"set_image": set_image_s, **{m: statistics.median(v) for m, v in times.items()},
+            "batch8": statistics.median(batch_t), "loop8": statistics.median(loop_t)}
 
 
 def main() -> None:
@@ -55,14 +67,16 @@ def main() -> None:
     print(f"image {args.size}x{args.size}, {args.threads} threads, median of {args.reps} clicks, "
           "click = predict() incl. upsampling to full size")
     print()
-    print("| model | set_image (s) | SAM2 decoder (ms) | RUAC analytic (ms) | RUAC MC-20 (ms) | analytic / SAM2 | MC-20 / SAM2 |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | set_image (s) | SAM2 decoder (ms) | RUAC analytic (ms) | RUAC MC-20 (ms) | analytic / SAM2 "
+          "| MC-20 / SAM2 | 8 objects batched (ms) | 8 objects in a loop (ms) | loop / batch |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.models:
         r = bench(name, args.size, args.reps)
         d = r["deterministic"]
         print(
             f"| {name} | {r['set_image']:.2f} | {1e3 * d:.1f} | {1e3 * r['analytic']:.1f} | {1e3 * r['mc']:.1f} "
-            f"| {r['analytic'] / d:.2f}x | {r['mc'] / d:.2f}x |"
+            f"| {r['analytic'] / d:.2f}x | {r['mc'] / d:.2f}x | {1e3 * r['batch8']:.0f} | {1e3 * r['loop8']:.0f} "
+            f"| {r['loop8'] / r['batch8']:.2f}x |"
         )
 
 
