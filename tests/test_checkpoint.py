@@ -153,3 +153,25 @@ def test_read_checkpoint_reports_metadata(saved):
     state, info = read_checkpoint(saved)
     assert info.metadata == {"note": "x"} and not info.official
     assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
+
+
+def test_with_head_keeps_weights_and_switches_decoder(tiny_model):
+    from dataclasses import replace
+
+    from napari_ruac.model import build_model
+    from napari_ruac.model.build import with_head
+
+    det = build_model(replace(tiny_model.config, head="deterministic"), seed=3).eval()
+    bayes = with_head(det, "bayesian").eval()
+    assert bayes.config.head == "bayesian" and bayes.default_mode == "analytic"
+    shared = {k: v for k, v in det.state_dict().items() if ".weibull_head." not in k}
+    for k, v in shared.items():
+        torch.testing.assert_close(bayes.state_dict()[k], v)
+    img = np.random.default_rng(0).integers(0, 255, (100, 100)).astype(np.uint8)
+    a = Predictor(det)
+    a.set_image(img)
+    b = Predictor(bayes)
+    b.set_image(img)
+    np.testing.assert_allclose(a.predict(points=[(50, 50)]).probability,
+                               b.predict(points=[(50, 50)], mode="deterministic").probability, atol=1e-6)
+    assert with_head(bayes, "bayesian") is bayes

@@ -40,6 +40,27 @@ def build_model(config: ModelConfig, seed: int | None = 0) -> RuacSam:
     return model
 
 
+def with_head(model: RuacSam, head: str, seed: int | None = 0) -> RuacSam:
+    """A copy of ``model`` whose config says ``head`` ("bayesian" or "deterministic").
+
+    Every weight is kept; only the decoder used at inference changes. This is how a Bayesian
+    head is fine-tuned on top of a deterministic model (as RUAC fine-tunes pretrained SAM2): the
+    deterministic model's Weibull head was never trained, so it is freshly initialised.
+    """
+    from dataclasses import replace
+
+    if head == model.config.head:
+        return model
+    new = build_model(replace(model.config, head=head), seed=seed)
+    state = model.state_dict()
+    if model.config.head == "deterministic":
+        fresh = new.sam_mask_decoder.weibull_head.state_dict()
+        state.update({f"sam_mask_decoder.weibull_head.{k}": v for k, v in fresh.items()})
+    new.load_state_dict(state)
+    new.info = dict(getattr(model, "info", {}), head_converted_from=model.config.head)
+    return new.to(model.device)
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device in (None, "auto"):
         if torch.cuda.is_available():
