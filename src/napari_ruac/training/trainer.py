@@ -49,7 +49,8 @@ DEFAULTS: dict = {
     "name": "custom",
     "variant": "ruac",
     "seed": 0,
-    "model": {"spec": "micro", "init": "scratch", "checkpoint": None, "config": None, "align_image_to_token": True},
+    "model": {"spec": "micro", "init": "scratch", "checkpoint": None, "config": None, "align_image_to_token": True,
+              "warm_start": None},
     "data": {},
     "loss": {},
     "adversaries": {},
@@ -137,6 +138,8 @@ def build_training_model(cfg: dict) -> RuacSam:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg["seed"] + 2)
                 align_image_to_token(model)
+        if mcfg.get("warm_start"):
+            warm_start(model, mcfg["warm_start"])
         return model
     if mcfg["init"] == "pretrained":
         source = mcfg.get("checkpoint") if mcfg["spec"] not in MODEL_SPECS else mcfg["spec"]
@@ -151,6 +154,32 @@ def build_training_model(cfg: dict) -> RuacSam:
             )
         return model
     raise ValueError(f"model.init must be 'scratch' or 'pretrained', got {mcfg['init']!r}")
+
+
+def warm_start(model: RuacSam, path: str | os.PathLike) -> list[str]:
+    """Copy every same-named, same-shaped tensor of a trainer checkpoint (``last.pt``) or a
+    package checkpoint into ``model``; returns the keys that kept their fresh values.
+
+    The use: a Bayesian model warm-started from a ``micro-det`` run inherits an encoder and a
+    two-way transformer that already follow the prompt, and trains its Weibull head on top
+    (from scratch the Bayesian head learned "all objects" and ignored the prompt for longer
+    than our CPU budget). A det run's Weibull head is its (frozen) initialisation, so copying it
+    is the same as starting it fresh.
+    """
+    from ..model.checkpoint import FORMAT, read_checkpoint
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"warm-start checkpoint not found: {path}")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_checkpoint(path)[0] if obj.get("format") == FORMAT else obj["model"]
+    own = model.state_dict()
+    keep = {k: v.float() if v.is_floating_point() else v for k, v in state.items()
+            if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    if len(keep) < len(own) // 2:
+        raise ValueError(f"{path} shares only {len(keep)} of {len(own)} tensors with this model: another architecture")
+    model.load_state_dict(keep, strict=False)
+    return sorted(set(own) - set(keep))
 
 
 def align_image_to_token(model: RuacSam, scale: float = 1.0) -> None:
