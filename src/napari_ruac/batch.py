@@ -48,6 +48,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from .io.imageio import atomic_write_bytes
 from .io.normalize import ImageError
 from .io.stacks import TIFF_SUFFIXES, ZARR_SUFFIXES, Stack, describe, open_stack, stack_stem
 
@@ -495,7 +496,7 @@ class WorkStore:
                             dtype="int32", fill_value=0)
             zarr.open_array(str(path / "uncertainty.zarr"), mode="w", shape=(n, h, w), chunks=chunks,
                             dtype="float32", fill_value=0.0)
-            _write_atomic(stamp, json.dumps({"fingerprint": fingerprint, "input": str(stack.path)}).encode())
+            atomic_write_bytes(stamp, json.dumps({"fingerprint": fingerprint, "input": str(stack.path)}).encode())
         labels = zarr.open_array(str(path / "labels.zarr"), mode="r+")
         unc = zarr.open_array(str(path / "uncertainty.zarr"), mode="r+")
         return cls(path, labels, unc, n)
@@ -508,26 +509,13 @@ class WorkStore:
         self.labels[result.index] = result.labels
         self.uncertainty[result.index] = result.uncertainty
         # the marker last: its presence means the plane's chunks are complete
-        _write_atomic(self.path / "planes" / f"{result.index}.json", json.dumps(result.objects).encode())
+        atomic_write_bytes(self.path / "planes" / f"{result.index}.json", json.dumps(result.objects).encode())
 
     def plane_objects(self, i: int) -> list[dict]:
         return json.loads((self.path / "planes" / f"{i}.json").read_text())
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _finalize(store: WorkStore, stack: Stack, finals: dict[str, Path], spec: ModelSpec,
@@ -564,7 +552,7 @@ def _finalize(store: WorkStore, stack: Stack, finals: dict[str, Path], spec: Mod
         "n_objects": n_objects,
         "fingerprint": fingerprint,
     }
-    _write_atomic(finals["metadata"], (json.dumps(meta, indent=2, default=str) + "\n").encode())
+    atomic_write_bytes(finals["metadata"], (json.dumps(meta, indent=2, default=str) + "\n").encode())
     return n_objects
 
 

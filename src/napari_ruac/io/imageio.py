@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,36 +33,41 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return data
 
 
-def write_tiff_atomic(path: str | os.PathLike, data: np.ndarray, **kwargs) -> Path:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename, so the
-    destination is either the complete new file or untouched."""
+@contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "wb"):
+    """Open a temporary file beside ``path`` for writing; on success fsync and rename it over
+    ``path``, on any error remove it. ``path`` is either the complete new file or untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        tifffile.imwrite(tmp, data, **kwargs)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write a text file via a temporary file and a rename (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        # opened by name (not os.fdopen): writers such as tifffile use the file's name
+        with open(tmp, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def write_tiff_atomic(path: str | os.PathLike, data: np.ndarray, **kwargs) -> Path:
+    """Write ``data`` as a TIFF without ever leaving a half-written ``path``."""
+    with atomic_file(path) as f:
+        tifffile.imwrite(f, data, **kwargs)
+    return Path(path)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_file(path) as f:
+        f.write(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file via a temporary file and a rename (never half-written)."""
+    with atomic_file(path, "w") as f:
+        f.write(text)
+    return Path(path)

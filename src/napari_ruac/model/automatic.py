@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from ..io.normalize import to_rgb_float, validate_plane
-from .sam import INPUT_MULTIPLE, LABEL_POS, RuacSam
+from .frame import Frame, frame_for, to_model_input
+from .sam import LABEL_POS, RuacSam
 from .weibull import binary_entropy
 
 Box = tuple[int, int, int, int]  # (row0, col0, row1, col1), end-exclusive, plane pixels
@@ -278,17 +279,6 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- segmenter
-@dataclass(frozen=True)
-class _Frame:
-    """How a crop of (h, w) plane pixels sits in the model input: scaled by ``scale`` to
-    ``valid`` (vh, vw), padded to ``input_size``."""
-
-    shape: tuple[int, int]
-    scale: float
-    valid: tuple[int, int]
-    input_size: tuple[int, int]
-
-
 class AutomaticSegmenter:
     """Segment every object of a plane, with per-pixel and per-object uncertainty.
 
@@ -413,19 +403,9 @@ class AutomaticSegmenter:
         return per_crop
 
     # ------------------------------------------------------------------ internals
-    def _frame(self, shape: tuple[int, int], layer: int) -> _Frame:
-        cfg = self.model.config
-        h, w = shape
-        if cfg.input_scaling == "native":
-            # zoomed crops are magnified (up to 2^layer) so small objects cover more tokens
-            scale = min(float(2**layer), cfg.max_native_size / max(h, w))
-            vh, vw = max(1, round(h * scale)), max(1, round(w * scale))
-            size = (max(cfg.image_size, _ceil_to(vh)), max(cfg.image_size, _ceil_to(vw)))
-        else:
-            scale = cfg.image_size / max(h, w)
-            vh, vw = max(1, round(h * scale)), max(1, round(w * scale))
-            size = (cfg.image_size, cfg.image_size)
-        return _Frame((h, w), scale, (vh, vw), size)
+    def _frame(self, shape: tuple[int, int], layer: int) -> Frame:
+        # zoomed crops are magnified (up to 2^layer) so small objects cover more tokens
+        return frame_for(self.model.config, shape, zoom=2**layer)
 
     @torch.inference_mode()
     def _crop_candidates(
@@ -460,7 +440,7 @@ class AutomaticSegmenter:
         cands = [self._full_resolution(lr, frame, box, layer) for lr in survivors]
         return [c for c in cands if c is not None]
 
-    def _filter_batch(self, out, frame: _Frame) -> list["_LowRes"]:
+    def _filter_batch(self, out, frame: Frame) -> list["_LowRes"]:
         """IoU, object-score, stability and mean-uncertainty filters, all on the decoder's
         1/4-resolution logits and vectorised over the batch."""
         logits = out.logits.float()  # (B, M, h4, w4)
@@ -511,7 +491,7 @@ class AutomaticSegmenter:
             ))
         return result
 
-    def _full_resolution(self, lr: "_LowRes", frame: _Frame, box: Box, layer: int) -> MaskCandidate | None:
+    def _full_resolution(self, lr: "_LowRes", frame: Frame, box: Box, layer: int) -> MaskCandidate | None:
         """Full-resolution logits of a low-res mask inside the part of its low-res window where
         bilinear interpolation needs nothing from outside the window."""
         h, w = frame.shape
@@ -580,16 +560,8 @@ def _sample_window(low: torch.Tensor, window: Box, lowres_per_px: float,
     return out[0, 0].cpu().numpy().astype(np.float32)
 
 
-def _model_input(crop: torch.Tensor, frame: _Frame) -> torch.Tensor:
+def _model_input(crop: torch.Tensor, frame: Frame) -> torch.Tensor:
     """(3, h, w) crop -> (1, 3, H_in, W_in) resized and zero-padded model input."""
-    x = crop.unsqueeze(0)
-    if frame.valid != frame.shape:
-        x = F.interpolate(x, size=frame.valid, mode="bilinear", align_corners=False,
-                          antialias=frame.scale < 1)
-    pad_h = frame.input_size[0] - frame.valid[0]
-    pad_w = frame.input_size[1] - frame.valid[1]
-    return F.pad(x, (0, pad_w, 0, pad_h))
+    return to_model_input(crop.unsqueeze(0), frame)
 
 
-def _ceil_to(n: int, multiple: int = INPUT_MULTIPLE) -> int:
-    return int(math.ceil(n / multiple) * multiple)

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from ..io.normalize import to_rgb_float, validate_plane
 from .mask_decoder import DecoderOutput
-from .sam import INPUT_MULTIPLE, LABEL_BOX_BR, LABEL_BOX_TL, ImageEmbedding, RuacSam
+from .frame import Frame, frame_for, to_model_input
+from .sam import LABEL_BOX_BR, LABEL_BOX_TL, ImageEmbedding, RuacSam
 
 
 class PromptError(ValueError):
@@ -63,16 +64,6 @@ class Prompt:
     box: Sequence[float] | None = None
 
 
-@dataclass
-class _Frame:
-    """How a plane was placed in the model input."""
-
-    shape: tuple[int, int]  # original (H, W)
-    scale: float  # model pixels per image pixel
-    valid: tuple[int, int]  # (h, w) of the resized image inside the padded input
-    input_size: tuple[int, int]  # padded model input (H_in, W_in)
-
-
 class Predictor:
     """Prompted segmentation with uncertainty for one image at a time.
 
@@ -84,9 +75,9 @@ class Predictor:
     def __init__(self, model: RuacSam, cache_size: int = 16) -> None:
         self.model = model.eval()
         self.cache_size = cache_size
-        self._cache: OrderedDict[str, tuple[ImageEmbedding, _Frame]] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[ImageEmbedding, Frame]] = OrderedDict()
         self._embedding: ImageEmbedding | None = None
-        self._frame: _Frame | None = None
+        self._frame: Frame | None = None
         self.image_key: str | None = None
 
     # ------------------------------------------------------------------ image
@@ -122,31 +113,16 @@ class Predictor:
     def clear_cache(self) -> None:
         self._cache.clear()
 
-    def _encode(self, arr: np.ndarray) -> tuple[ImageEmbedding, _Frame]:
+    def _encode(self, arr: np.ndarray) -> tuple[ImageEmbedding, Frame]:
         rgb = to_rgb_float(arr)
         frame = self._frame_for(rgb.shape[:2])
-        x = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0).to(self.device)
-        if frame.scale != 1.0:
-            x = F.interpolate(x, size=frame.valid, mode="bilinear", align_corners=False, antialias=True)
-        pad_h = frame.input_size[0] - frame.valid[0]
-        pad_w = frame.input_size[1] - frame.valid[1]
-        x = F.pad(x, (0, pad_w, 0, pad_h))
+        x = to_model_input(torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0).to(self.device), frame)
         with torch.inference_mode():
             emb = self.model.encode(x)
         return emb, frame
 
-    def _frame_for(self, shape: tuple[int, int]) -> _Frame:
-        cfg = self.model.config
-        h, w = shape
-        if cfg.input_scaling == "native":
-            scale = min(1.0, cfg.max_native_size / max(h, w))
-            vh, vw = max(1, round(h * scale)), max(1, round(w * scale))
-            size = (max(cfg.image_size, _ceil_to(vh)), max(cfg.image_size, _ceil_to(vw)))
-        else:
-            scale = cfg.image_size / max(h, w)
-            vh, vw = max(1, round(h * scale)), max(1, round(w * scale))
-            size = (cfg.image_size, cfg.image_size)
-        return _Frame((h, w), scale, (vh, vw), size)
+    def _frame_for(self, shape: tuple[int, int]) -> Frame:
+        return frame_for(self.model.config, shape)
 
     # ------------------------------------------------------------------ prompts
     def predict(
@@ -310,6 +286,3 @@ def content_key(arr: np.ndarray) -> str:
     h.update(np.ascontiguousarray(arr).view(np.uint8).data)
     return h.hexdigest()
 
-
-def _ceil_to(n: int, multiple: int = INPUT_MULTIPLE) -> int:
-    return int(math.ceil(n / multiple) * multiple)
