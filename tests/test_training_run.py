@@ -199,3 +199,21 @@ def test_two_process_gloo_ddp_run_completes_and_replicas_agree(tmp_path):
     assert digests[0][1] == pytest.approx(digests[1][1], rel=1e-6)
     rows = read_log(tmp_path / "run" / "log.csv")  # only rank 0 writes
     assert len(rows) == 3
+
+
+def test_warm_start_from_a_det_run_then_distil_the_bayesian_head(tmp_path):
+    torch.set_num_threads(1)
+    det = Trainer(tiny_recipe("det", steps=2), tmp_path / "det", quiet=True)
+    det.fit()
+    cfg = tiny_recipe("bayes", steps=2, model={"warm_start": str(tmp_path / "det" / "last.pt")},
+                      loss={"distill_weight": 2.0, "distill_steps": 10})
+    bayes = Trainer(cfg, tmp_path / "bayes", quiet=True)
+    # before any step: the encoder and the teacher (hypernetwork MLPs) are the det run's
+    for name in ("image_encoder.trunk.patch_embed.proj.weight",
+                 "sam_mask_decoder.output_hypernetworks_mlps.0.layers.0.weight"):
+        torch.testing.assert_close(bayes.model.state_dict()[name], det.model.state_dict()[name])
+    bayes.fit()
+    rows = read_log(tmp_path / "bayes" / "log.csv")
+    assert all(float(r["distill"]) > 0 for r in rows)
+    with pytest.raises(FileNotFoundError, match="warm-start checkpoint not found"):
+        Trainer(tiny_recipe("bayes", model={"warm_start": str(tmp_path / "nope.pt")}), tmp_path / "x")

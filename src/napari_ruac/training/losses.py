@@ -31,6 +31,11 @@ class LossConfig:
     # the weight pulls them out early and is gone (calibrated p) once the decay ends
     fg_weight_start: float = 1.0
     fg_weight_steps: int = 0
+    # distillation of a warm-started Bayesian head from the model's own deterministic decoder
+    # (SAM2's hypernetwork MLPs, trained in the det run it was warm-started from): soft-target
+    # BCE of the predictive logit against sigmoid(teacher logit), weight decaying linearly to 0
+    distill_weight: float = 0.0
+    distill_steps: int = 0
     dice_weight: float = 1.0
     iou_weight: float = 1.0
     object_weight: float = 1.0
@@ -67,6 +72,12 @@ def bce_loss(logits: torch.Tensor, target: torch.Tensor, fg_weight: float = 1.0)
     """(P, H, W) -> (P,); foreground pixels weigh ``fg_weight``."""
     weight = None if fg_weight == 1.0 else 1.0 + (fg_weight - 1.0) * target
     return F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="none").flatten(1).mean(1)
+
+
+def distill_weight_at(step: int, cfg: "LossConfig") -> float:
+    if cfg.distill_weight <= 0 or step >= cfg.distill_steps:
+        return 0.0
+    return cfg.distill_weight * (1.0 - step / max(1, cfg.distill_steps))
 
 
 def fg_weight_at(step: int, cfg: "LossConfig") -> float:

@@ -40,7 +40,8 @@ from ..model.sam import RuacSam
 from ..model.weibull import binary_entropy_from_logit, probit_logit
 from .adversaries import AdversaryConfig, Adversaries
 from .data import AnnotatedImages, BatchMaker, DataConfig, make_loader
-from .losses import LossConfig, calibration_loss, fg_weight_at, mask_iou, segmentation_loss, upsample_logits
+from .losses import (LossConfig, calibration_loss, distill_weight_at, fg_weight_at, mask_iou, segmentation_loss,
+                     upsample_logits)
 from .prompts import KIND_BOX, KIND_POINT, PromptConfig, correction_clicks
 
 VARIANTS = ("det", "bayes", "ruac")
@@ -78,10 +79,11 @@ DEFAULTS: dict = {
 
 LOG_FIELDS = [
     "step", "lr", "size", "prompts", "gamma", "beta", "loss", "seg", "bce", "focal", "dice", "iou", "obj",
-    "kl", "train_iou", "adv_seg", "adv_kl", "adv_iou", "cal", "grad_norm", "sec",
+    "kl", "train_iou", "adv_seg", "adv_kl", "adv_iou", "cal", "distill", "grad_norm", "sec",
     "val_miou_point", "val_miou_box", "val_fg_iou", "val_pcc",
 ]
-LOSS_FIELDS = ["loss", "seg", "bce", "focal", "dice", "iou", "obj", "kl", "train_iou", "adv_seg", "adv_kl", "adv_iou", "cal"]
+LOSS_FIELDS = ["loss", "seg", "bce", "focal", "dice", "iou", "obj", "kl", "train_iou", "adv_seg", "adv_kl", "adv_iou", "cal",
+               "distill"]
 
 
 def merge(base: dict, over: dict | None) -> dict:
@@ -240,7 +242,8 @@ class TrainStep(nn.Module):
         return {prefix + k: v for k, v in parts.items()}
 
     def forward(self, batch: dict, gamma: float, beta: float, correct: bool,
-                generator: torch.Generator | None = None, fg_weight: float = 1.0) -> dict[str, torch.Tensor]:
+                generator: torch.Generator | None = None, fg_weight: float = 1.0,
+                distill: float = 0.0) -> dict[str, torch.Tensor]:
         images, targets = batch["images"], batch["targets"]
         coords, labels, idx = batch["coords"], batch["point_labels"], batch["image_index"]
         size = tuple(images.shape[-2:])
@@ -250,6 +253,9 @@ class TrainStep(nn.Module):
         out = self._decode(emb, coords, labels, idx, generator)
         parts = self._losses(out, targets, size, fg_weight=fg_weight)
         total = parts["seg"] + beta * parts["kl"]
+        if distill > 0 and self.variant != "det":
+            parts["distill"] = self._distillation(emb, coords, labels, idx, out, size)
+            total = total + distill * parts["distill"]
         if gamma > 0 and self.adversaries is not None:
             adv = self.adversaries(images, batch["label_maps"], batch["edges"], emb.image_embed, targets, idx,
                                    coords, labels)
@@ -263,6 +269,15 @@ class TrainStep(nn.Module):
             parts["adv_iou"] = adv_parts["adv_train_iou"]
         parts["loss"] = total
         return parts
+
+    def _distillation(self, emb, coords, labels, idx, out, size):
+        """Soft-target BCE of the Bayesian predictive logit against the deterministic decoder's
+        probability (the teacher runs without gradient; its MLPs are frozen in Bayesian runs)."""
+        with torch.no_grad():
+            teacher = self.model.decode(emb, coords, labels, image_index=idx, mode="deterministic").logits
+            target = torch.sigmoid(upsample_logits(teacher, size)[:, 0])
+        student = upsample_logits(probit_logit(out.logit_mean, out.logit_var), size)[:, 0]
+        return F.binary_cross_entropy_with_logits(student, target)
 
     @torch.no_grad()
     def _add_correction(self, emb, coords, labels, idx, targets, size, generator):
@@ -577,7 +592,8 @@ class Trainer:
         correct = bool(torch.rand((), generator=self.generator) < self.cfg["train"]["correction_prob"])
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         with autocast:
-            parts = self.wrapped(batch, gamma, beta, correct, self.generator, fg_weight_at(step, self.loss_cfg))
+            parts = self.wrapped(batch, gamma, beta, correct, self.generator, fg_weight_at(step, self.loss_cfg),
+                                 distill_weight_at(step, self.loss_cfg))
         self.optimizer.zero_grad(set_to_none=True)
         cal_grads = self._calibration_grads(parts.get("cal"))
         parts["loss"].backward()
