@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from napari_ruac._widgets._testing import click, wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 WAIT_MS = 60_000

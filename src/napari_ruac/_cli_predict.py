@@ -55,12 +55,11 @@ def _info(args) -> int:
         "cache": str(cache_dir()),
         "models": models,
     }
-    try:
-        import sam2  # noqa: F401
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
         info["sam2"] = version("sam2")
-    except Exception:  # pragma: no cover - sam2 is a hard dependency
+    except PackageNotFoundError:  # pragma: no cover - sam2 is a hard dependency
         info["sam2"] = "missing"
     if args.json:
         print(json.dumps(info, indent=2))

@@ -206,6 +206,19 @@ class RuacSam(nn.Module):
         )
 
 
+def tie_query_key(attentions, scale: float = 1.0) -> None:
+    """Give each attention's query and key projections the same scaled random weight (no bias),
+    so a query attends most to the keys whose inputs (positional encodings) match its own."""
+    with torch.no_grad():
+        for attn in attentions:
+            fan_in = attn.q_proj.weight.shape[1]
+            weight = torch.randn_like(attn.q_proj.weight) * (scale / math.sqrt(fan_in))
+            attn.q_proj.weight.copy_(weight)
+            attn.k_proj.weight.copy_(weight)
+            attn.q_proj.bias.zero_()
+            attn.k_proj.bias.zero_()
+
+
 def align_prompt_attention(model: RuacSam, scale: float = 1.0) -> None:
     """Initialise token->image cross-attention so prompt and image positions match at step 0.
 
@@ -216,11 +229,4 @@ def align_prompt_attention(model: RuacSam, scale: float = 1.0) -> None:
     transformer = model.sam_mask_decoder.transformer
     attns = [layer.cross_attn_token_to_image for layer in transformer.layers]
     attns.append(transformer.final_attn_token_to_image)
-    with torch.no_grad():
-        for attn in attns:
-            fan_in = attn.q_proj.weight.shape[1]
-            weight = torch.randn_like(attn.q_proj.weight) * (scale / math.sqrt(fan_in))
-            attn.q_proj.weight.copy_(weight)
-            attn.k_proj.weight.copy_(weight)
-            attn.q_proj.bias.zero_()
-            attn.k_proj.bias.zero_()
+    tie_query_key(attns, scale)

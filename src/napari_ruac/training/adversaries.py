@@ -168,7 +168,6 @@ class StyleAdversary(nn.Module):
         (B*n, C) in [-max_log_std, max_log_std], the region ``mean`` (B*n, C), the graph's
         ``edges`` and ``n`` (regions per image).
         """
-        b = images.shape[0]
         n = int(label_maps.max()) + 1
         with torch.no_grad():
             mean, std, count = region_stats(images, label_maps, n)

@@ -35,6 +35,7 @@ from torch import nn
 
 from ..model.build import build_model, load_model
 from ..model.checkpoint import atomic_torch_save, save_checkpoint
+from ..model.sam import tie_query_key
 from ..model.config import MODEL_SPECS, ModelConfig
 from ..model.sam import RuacSam
 from ..model.weibull import binary_entropy_from_logit, probit_logit
@@ -42,7 +43,7 @@ from .adversaries import AdversaryConfig, Adversaries
 from .data import AnnotatedImages, BatchMaker, DataConfig, make_loader
 from .losses import (LossConfig, calibration_loss, distill_weight_at, fg_weight_at, mask_iou, segmentation_loss,
                      upsample_logits)
-from .prompts import KIND_BOX, KIND_POINT, PromptConfig, correction_clicks
+from .prompts import correction_clicks
 
 VARIANTS = ("det", "bayes", "ruac")
 
@@ -193,15 +194,7 @@ def align_image_to_token(model: RuacSam, scale: float = 1.0) -> None:
     prompt: a from-scratch decoder then has a positional route to make its mask depend on the
     prompt, instead of first learning "all objects" and ignoring where the user clicked.
     """
-    with torch.no_grad():
-        for layer in model.sam_mask_decoder.transformer.layers:
-            attn = layer.cross_attn_image_to_token
-            fan_in = attn.q_proj.weight.shape[1]
-            weight = torch.randn_like(attn.q_proj.weight) * (scale / math.sqrt(fan_in))
-            attn.q_proj.weight.copy_(weight)
-            attn.k_proj.weight.copy_(weight)
-            attn.q_proj.bias.zero_()
-            attn.k_proj.bias.zero_()
+    tie_query_key([layer.cross_attn_image_to_token for layer in model.sam_mask_decoder.transformer.layers], scale)
 
 
 def freeze_unused(model: RuacSam, variant: str) -> None:
