@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from napari_ruac._widgets._testing import click
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 WAIT_MS = 60_000
