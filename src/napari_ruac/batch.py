@@ -48,7 +48,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from .io.imageio import atomic_write_bytes
+from .io.imageio import atomic_file, atomic_write_bytes
 from .io.normalize import ImageError
 from .io.stacks import TIFF_SUFFIXES, ZARR_SUFFIXES, Stack, describe, open_stack, stack_stem
 
@@ -558,23 +558,15 @@ def _finalize(store: WorkStore, stack: Stack, finals: dict[str, Path], spec: Mod
 
 def _write_objects_csv(store: WorkStore, n: int, path: Path) -> int:
     """Stream every plane's objects into ``path`` (via a temporary file and a rename)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     n_objects = 0
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(CSV_COLUMNS)
-            for i in range(n):
-                for obj in store.plane_objects(i):
-                    writer.writerow([obj["label"], i, obj["area"], f"{obj['mean_uncertainty']:.6f}",
-                                     f"{obj['iou_score']:.6f}"])
-                    n_objects += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(CSV_COLUMNS)
+        for i in range(n):
+            for obj in store.plane_objects(i):
+                writer.writerow([obj["label"], i, obj["area"], f"{obj['mean_uncertainty']:.6f}",
+                                 f"{obj['iou_score']:.6f}"])
+                n_objects += 1
     return n_objects
 
 

@@ -34,7 +34,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 
 @contextmanager
-def atomic_file(path: str | os.PathLike, mode: str = "wb"):
+def atomic_file(path: str | os.PathLike, mode: str = "wb", **open_kwargs):
     """Open a temporary file beside ``path`` for writing; on success fsync and rename it over
     ``path``, on any error remove it. ``path`` is either the complete new file or untouched."""
     path = Path(path)
@@ -43,7 +43,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb"):
     os.close(fd)
     try:
         # opened by name (not os.fdopen): writers such as tifffile use the file's name
-        with open(tmp, mode) as f:
+        with open(tmp, mode, **open_kwargs) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
