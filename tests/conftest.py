@@ -40,3 +40,18 @@ def tiny_model():
 
     torch.set_num_threads(2)
     return load_model("test-tiny")
+
+
+@pytest.fixture(scope="session")
+def micro():
+    """The shipped `micro` weights; tests of what a trained model finds skip without them."""
+    import warnings
+
+    from napari_ruac import load_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = load_model("micro")
+    if not model.info.get("trained"):
+        pytest.skip("the micro model's trained weights are not installed (random weights find nothing)")
+    return model

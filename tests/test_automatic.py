@@ -5,7 +5,6 @@ the per-pixel uncertainty of the decision. Real SAM2 modules (``test-tiny``); wh
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -233,16 +232,6 @@ def test_small_instances_return_to_the_background_and_labels_are_canonical():
 
 
 # ---------------------------------------------------------------------------- trained model
-@pytest.fixture(scope="module")
-def micro():
-    from napari_ruac import load_model
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = load_model("micro")
-    if not model.info.get("trained"):
-        pytest.skip("the micro model's trained weights are not installed yet (random weights find nothing)")
-    return model
 
 
 @pytest.mark.xfail(

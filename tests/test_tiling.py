@@ -3,7 +3,6 @@ without seams or duplicates."""
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import pytest
@@ -92,16 +91,6 @@ def test_large_planes_are_tiled_by_the_model_segmenter(tiny_model):
     assert np.array_equal(one.labels, direct.labels)
 
 
-@pytest.fixture(scope="module")
-def micro():
-    from napari_ruac import load_model
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = load_model("micro")
-    if not model.info.get("trained"):
-        pytest.skip("the micro model's trained weights are not installed yet (random weights find nothing)")
-    return model
 
 
 def test_trained_model_tiled_matches_single_pass(micro):
