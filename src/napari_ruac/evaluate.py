@@ -24,6 +24,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 from scipy import ndimage
+from scipy.stats import rankdata
 
 PROMPT_MODES = ("point1", "point3", "box")
 REGION_DILATION = 5
@@ -77,14 +78,8 @@ def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
     n_neg = positives.size - n_pos
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    ranks = _rankdata(scores)
+    ranks = rankdata(scores)
     return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def _rankdata(a: np.ndarray) -> np.ndarray:
-    from scipy.stats import rankdata
-
-    return rankdata(a)
 
 
 def pavpu(uncertainty: np.ndarray, error: np.ndarray, threshold: float = PAVPU_THRESHOLD) -> float:

@@ -61,17 +61,21 @@ def with_head(model: RuacSam, head: str, seed: int | None = 0) -> RuacSam:
     return new.to(model.device)
 
 
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device in (None, "auto"):
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' was requested but no CUDA GPU is available")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if dev.type == "mps" and not _mps_available():
         raise RuntimeError("device 'mps' was requested but Apple MPS is not available")
     return dev
 
@@ -80,7 +84,7 @@ def available_devices() -> list[str]:
     devices = ["cpu"]
     if torch.cuda.is_available():
         devices.append("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+    if _mps_available():
         devices.append("mps")
     return devices
 

@@ -38,8 +38,10 @@ from .weibull import (
     binary_entropy,
     binary_entropy_from_logit,
     kl_weibull_gamma,
+    log_exponential,
     probit_logit,
     weibull_moments,
+    weibull_sample,
     weibull_shape_factors,
     weibull_transform,
 )
@@ -298,9 +300,9 @@ class BayesianMaskDecoder(MaskDecoder):
         mu = mu + offset[..., None, None]
         prob_logit = probit_logit(mu, var)
         if mode == "sample":
-            z = weibull_transform(lam_z, k_z, _uniform_like(lam_z, generator))
-            w_fg = weibull_transform(lam_fg, k_fg, _uniform_like(lam_fg, generator))
-            w_bg = weibull_transform(lam_bg, k_bg, _uniform_like(lam_bg, generator))
+            z = weibull_sample(lam_z, k_z, generator)
+            w_fg = weibull_sample(lam_fg, k_fg, generator)
+            w_bg = weibull_sample(lam_bg, k_bg, generator)
             logits = torch.einsum("bkc,bchw->bkhw", w_fg - w_bg, z) + offset[..., None, None]
         else:
             logits = prob_logit
@@ -421,14 +423,14 @@ class BayesianMaskDecoder(MaskDecoder):
         """
         if generator is not None:
             u = torch.rand((s, c, idx.numel()), generator=generator, device=like.device, dtype=like.dtype)
-            return torch.log(-torch.log1p(-u.clamp(1e-6, 1 - 1e-6)))
+            return log_exponential(u)
         key = (c, like.device, like.dtype)
         bank = self._noise_banks.get(key)
         if bank is None or bank.shape[0] < offset + s:
             g = torch.Generator(device="cpu").manual_seed(0)
             n_samples = max(offset + s, 64)
             u = torch.rand((n_samples, c, self._NOISE_SLOTS), generator=g, dtype=torch.float32)
-            bank = torch.log(-torch.log1p(-u.clamp(1e-6, 1 - 1e-6))).to(like.device, like.dtype)
+            bank = log_exponential(u).to(like.device, like.dtype)
             self._noise_banks[key] = bank
         return bank[offset : offset + s][:, :, idx % self._NOISE_SLOTS]
 

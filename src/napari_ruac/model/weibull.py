@@ -26,10 +26,14 @@ def weibull_sample(
 
 def weibull_transform(lam: torch.Tensor, kappa: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Inverse CDF of the Weibull distribution at uniform noise ``u``."""
+    return lam * torch.exp(log_exponential(u) / kappa)
+
+
+def log_exponential(u: torch.Tensor) -> torch.Tensor:
+    """``log E`` for ``E = -ln(1 - u)`` ~ Exp(1), from uniform noise ``u``."""
     # clamp away from 1 so that -log1p(-u) stays finite, and from 0 so log() of it does
     u = u.clamp(1e-6, 1.0 - 1e-6)
-    log_e = torch.log(-torch.log1p(-u))
-    return lam * torch.exp(log_e / kappa)
+    return torch.log(-torch.log1p(-u))
 
 
 def weibull_mean(lam: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
