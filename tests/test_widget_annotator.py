@@ -220,11 +220,13 @@ def test_precompute_all_planes_then_cancel(make_napari_viewer, qtbot):
     assert not widget.cancel_button.isEnabled()
 
     widget._predictor.clear_cache()
-    widget.precompute_all()
-    widget.cancel_button.click()  # before the worker reaches its first yield
+    with widget._model_lock:  # the worker cannot embed anything before the cancel lands
+        widget.precompute_all()
+        widget.cancel_button.click()
     qtbot.waitUntil(lambda: not widget.task_runner.busy, timeout=WAIT_MS)
-    assert "cancelled" in widget.status.text() and not widget.cancel_button.isEnabled()
-    assert sum(widget._predictor.is_cached(widget._plane_array((i,))) for i in range(3)) <= 1
+    assert "cancelled after embedding 0 of 3" in widget.status.text()
+    assert not widget.cancel_button.isEnabled()
+    assert not any(widget._predictor.is_cached(widget._plane_array((i,))) for i in range(3))
 
 
 def test_errors_become_notifications(make_napari_viewer, qtbot, tmp_path):

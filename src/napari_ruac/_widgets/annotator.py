@@ -751,11 +751,13 @@ class AnnotatorWidget(QWidget):
         for i, plane in enumerate(planes):
             arr = self._plane_array(plane)  # read outside the lock: the disk may be slow
             with self._model_lock:
+                if self._cancelled:  # set on the UI thread; quit() only acts at a yield
+                    break
                 predictor = self._ensure_predictor(choice)
                 predictor.cache_size = max(predictor.cache_size, len(planes) + 1)
                 predictor.set_image(arr)
             yield i + 1
-        return len(planes)
+        return
 
     def _on_task_progress(self, value) -> None:
         if isinstance(value, int):
