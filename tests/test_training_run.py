@@ -165,7 +165,7 @@ DDP_SCRIPT = textwrap.dedent(
     import json, sys, torch, torch.distributed as dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    from napari_ruac.training.trainer import Trainer
+    from napari_ruac.training.trainer import Trainer, shutdown_distributed
     cfg = json.loads(sys.argv[1])
     trainer = Trainer(cfg, sys.argv[2], quiet=True)
     assert isinstance(trainer.wrapped, torch.nn.parallel.DistributedDataParallel)
@@ -175,7 +175,7 @@ DDP_SCRIPT = textwrap.dedent(
     dist.all_gather_object(digests, [float(flat.sum()), float(flat.abs().sum()), trainer.step])
     if dist.get_rank() == 0:
         open(sys.argv[3], "w").write(json.dumps(digests))
-    dist.destroy_process_group()
+    shutdown_distributed(trainer, completed=True)
     """
 )
 

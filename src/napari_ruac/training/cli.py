@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .trainer import Trainer, load_config
+    from .trainer import Trainer, load_config, shutdown_distributed
 
     threads = args.threads or load_config(args.config)["train"].get("threads")
     if threads:
@@ -51,14 +51,14 @@ def run(args: argparse.Namespace) -> int:
             torch.cuda.set_device(local)
             device = f"cuda:{local}"
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    trainer, completed = None, False
     try:
         trainer = Trainer(args.config, run_dir, resume=args.resume, device=device, workers=args.workers)
         step = trainer.fit(max_steps=args.max_steps)
+        completed = True
         if trainer.rank == 0:
             print(f"stopped at step {step}; checkpoint {run_dir / 'last.pt'}, log {run_dir / 'log.csv'}")
     finally:
         if distributed:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+            shutdown_distributed(trainer, completed)
     return 0

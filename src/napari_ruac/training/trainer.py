@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import gc
 import io
 import math
 import os
@@ -640,6 +641,13 @@ class Trainer:
             return None
         return plot_log(self.log_path, self.run_dir / "curves.png")
 
+    def release_distributed(self) -> None:
+        """Drop the DDP wrapper (its reducer holds the process group) so the group can be
+        destroyed before interpreter shutdown; the trainer keeps working undistributed."""
+        if self.wrapped is not self.step_module:
+            self.wrapped = self.step_module
+            gc.collect()
+
     def export(self, path: str | os.PathLike, half: bool = True) -> Path:
         """The current model as a package checkpoint (fp16 by default) with its recipe."""
         metadata = {
@@ -726,3 +734,21 @@ def _progress_line(row: dict, total: int) -> str:
     keys = ("loss", "seg", "train_iou", "kl", "adv_seg", "cal", "val_miou_point", "val_miou_box", "val_pcc")
     parts = [f"{k}={row[k]:.4f}" for k in keys if isinstance(row.get(k), float)]
     return f"step {row['step'] + 1}/{total} size {row['size']} " + " ".join(parts) + f" ({row['sec']:.2f} s)"
+
+
+def shutdown_distributed(trainer: Trainer | None, completed: bool) -> None:
+    """End a ``torchrun`` process cleanly: release DDP, meet the other ranks, destroy the group.
+
+    Without the release and the barrier a rank that finished first tore its sockets down while
+    another still held live gloo state, and one process in ~10 died with SIGABRT ("terminate
+    called without an active exception") after a successful run. After a failure the other
+    ranks may never arrive, so the barrier is skipped then.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if trainer is not None:
+        trainer.release_distributed()
+    if completed:
+        dist.barrier()
+    dist.destroy_process_group()
+
