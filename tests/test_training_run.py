@@ -187,8 +187,8 @@ def test_two_process_gloo_ddp_run_completes_and_replicas_agree(tmp_path):
     result = tmp_path / "digests.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", "29533", str(script), json.dumps(cfg), str(tmp_path / "run"), str(result)],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",  # a free port
+         str(script), json.dumps(cfg), str(tmp_path / "run"), str(result)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
