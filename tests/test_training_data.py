@@ -9,8 +9,9 @@ import torch
 
 from napari_ruac.io.normalize import ImageError
 from napari_ruac.training.data import AnnotatedImages, BatchMaker, DataConfig
-from napari_ruac.training.losses import LossConfig, calibration_loss, dice_loss, segmentation_loss
-from napari_ruac.training.prompts import KIND_BOX, PromptConfig, correction_clicks, sample_prompts
+from napari_ruac.training.losses import LossConfig, calibration_loss, dice_loss, multimask_loss, segmentation_loss
+from napari_ruac.training.prompts import (KIND_BACKGROUND, KIND_BOX, PromptConfig, correction_clicks,
+                                         sample_prompts)
 from napari_ruac.training.synthetic import MODES, SyntheticMicroscopy
 
 
@@ -167,3 +168,53 @@ def test_segmentation_and_calibration_losses():
     # d/dlogit of mean(e exp(-u) + (1 - e) exp(u)) with u fixed, e = p (target 0)
     expected = (torch.exp(-u) - torch.exp(u)) * p * (1 - p) / 2
     torch.testing.assert_close(logit.grad, expected)
+
+
+def test_background_clicks_have_empty_targets_and_lie_off_every_object():
+    maker = BatchMaker(DataConfig(batch_size=2, crop_size=96, prompts={"objects_per_image": 3,
+                                                                       "background_per_image": 2}), seed=7)
+    batch = maker[1]
+    bg = batch["kind"] == KIND_BACKGROUND
+    assert int(bg.sum()) == 4 and bool((batch["object_id"][bg] == 0).all())
+    assert not bool(batch["targets"][bg].any())  # "no object", not the background as a mask
+    assert bool(batch["targets"][~bg].flatten(1).any(1).all())
+    for p in torch.nonzero(bg).flatten().tolist():
+        x, y = batch["coords"][p, 0].tolist()
+        lab = batch["label_maps"][batch["image_index"][p]]
+        r, c = round(y), round(x)
+        assert lab[max(r - 1, 0):r + 2, max(c - 1, 0):c + 2].max() == 0  # not on or touching an object
+        assert batch["point_labels"][p, 0] == 1
+    # off by default: the recipes of the shipped models draw exactly the same batches as before
+    plain = BatchMaker(DataConfig(batch_size=2, crop_size=96, prompts={"objects_per_image": 3}), seed=7)[1]
+    assert not bool((plain["kind"] == KIND_BACKGROUND).any())
+
+
+def test_object_score_learns_no_object_and_mask_terms_ignore_empty_targets():
+    target = torch.zeros(2, 16, 16)
+    target[0, 4:12, 4:12] = 1  # prompt set 1 clicked on background: empty target
+    logits = (target * 2 - 1) * 8
+    logits[1] = 8.0  # whatever it predicts for the background click...
+    cfg = LossConfig()
+    iou = torch.tensor([1.0, 0.0])
+    yes_no = segmentation_loss(logits, target, iou, torch.tensor([6.0, -6.0]), cfg)
+    yes_yes = segmentation_loss(logits, target, iou, torch.tensor([6.0, 6.0]), cfg)
+    # ...its mask costs nothing, only saying "object" does
+    assert yes_no["bce"] < 0.01 and yes_no["dice"] < 0.01 and yes_no["iou"] < 1e-6
+    assert yes_no["obj"] < 0.01 < 2 < yes_yes["obj"]
+    none = segmentation_loss(logits[1:], target[1:], iou[1:], torch.tensor([-6.0]), cfg)
+    assert torch.isfinite(none["seg"]) and none["dice"] == 0
+
+
+def test_multimask_loss_trains_the_best_mask_and_the_iou_head_on_all():
+    target = torch.zeros(1, 16, 16)
+    target[0, 4:12, 4:12] = 1
+    good = (target[0] * 2 - 1) * 8
+    logits = torch.stack([-good, good, torch.full_like(good, 8.0)])[None].requires_grad_(True)
+    actual = torch.tensor([[0.0, 1.0, 64 / 256]])
+    out = multimask_loss(logits, target, actual.clone(), LossConfig())
+    assert out["mm_seg"] < 0.05 and out["mm_iou"] < 1e-6  # the min picks token 1; IoUs predicted exactly
+    out["mm_seg"].backward()
+    grads = logits.grad.flatten(2).abs().sum(2)[0]
+    assert grads[1] > 0 and grads[0] == 0 and grads[2] == 0  # only the best mask is trained
+    wrong = multimask_loss(logits.detach(), target, torch.tensor([[1.0, 0.0, 1.0]]), LossConfig())
+    assert wrong["mm_iou"] == pytest.approx((1 + 1 + 0.75) / 3)

@@ -83,6 +83,28 @@ def _losses(rows):
     return [[r["step"]] + [r[k] for k in LOSS_FIELDS] + [r["size"], r["prompts"], r["lr"]] for r in rows]
 
 
+def test_heads_recipe_trains_multimask_tokens_and_background_clicks(tmp_path):
+    from napari_ruac.training.data import BatchMaker
+
+    torch.set_num_threads(1)
+    for variant in ("det", "bayes"):
+        grads = {}
+        for multimask in (False, True):
+            cfg = tiny_recipe(variant, steps=3, data={"prompts": {"objects_per_image": 4, "background_per_image": 2}},
+                              train={"multimask": multimask, "correction_prob": 0.0})
+            trainer = Trainer(cfg, tmp_path / f"{variant}{multimask}", quiet=True)
+            row = trainer.train_step(BatchMaker(trainer.data_cfg, seed=1)[0])
+            # the IoU head's outputs 1..3 score the multimask tokens' masks
+            iou_out = trainer.model.sam_mask_decoder.iou_prediction_head.layers[-1].weight.grad
+            grads[multimask] = float(iou_out[1:].abs().sum())
+            assert ("mm_seg" in row) == multimask
+        # the predicted IoUs of the three multimask masks learn only from the multimask loss
+        assert grads[False] == 0 < grads[True], (variant, grads)
+    assert trainer.fit() == 3
+    rows = read_log(trainer.run_dir / "log.csv")
+    assert all(float(r["mm_seg"]) > 0 for r in rows)
+
+
 def test_kill_and_resume_reproduces_the_uninterrupted_loss_log(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe("ruac", steps=10, train={"checkpoint_every": 3},

@@ -156,7 +156,9 @@ class BatchMaker:
             labels.append(lab)
         label_maps = np.stack(labels)
         prompts = sample_prompts(rng, label_maps, self.prompts)
-        targets = label_maps[prompts.image_index] == prompts.object_id[:, None, None]
+        # object id 0 is a click on background: its target is empty, not the background
+        targets = (label_maps[prompts.image_index] == prompts.object_id[:, None, None]) & (
+            prompts.object_id[:, None, None] > 0)
         edges = spatial_edges_from_labels(label_maps, self.config.graph_radius)
         return {
             "images": torch.from_numpy(np.stack(images)),

@@ -102,6 +102,21 @@ def mask_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
 
 
+def _masked_mean(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over ``keep``; a zero that still carries the graph when none is kept."""
+    return values[keep].mean() if bool(keep.any()) else values.sum() * 0.0
+
+
+def pixel_losses(logits: torch.Tensor, target: torch.Tensor, cfg: LossConfig,
+                 fg_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per prompt set (P,): the weighted pixel term (BCE or focal) and the Dice term."""
+    if cfg.form == "focal":
+        pix = cfg.focal_weight * focal_loss(logits, target, cfg.focal_alpha, cfg.focal_gamma)
+    else:
+        pix = cfg.bce_weight * bce_loss(logits, target, fg_weight)
+    return pix, dice_loss(logits, target)
+
+
 def segmentation_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -110,27 +125,51 @@ def segmentation_loss(
     cfg: LossConfig,
     fg_weight: float = 1.0,
 ) -> dict[str, torch.Tensor]:
-    """All parts of ``L_seg`` for one mask per object.
+    """All parts of ``L_seg`` for one mask per prompt set.
 
     ``logits`` (P, H, W) full-resolution, ``target`` (P, H, W) in {0, 1}, ``iou_pred`` (P,),
-    ``object_logits`` (P,). Every prompted object exists, so the object score's target is 1.
+    ``object_logits`` (P,). As in SAM2, the object score learns whether the prompt hits an
+    object (target non-empty); mask, Dice and IoU terms count only prompt sets with an object
+    (a prompt on background has no mask to learn, only "no object").
     Returns scalars: ``seg`` (the weighted sum), ``focal`` or ``bce``, ``dice``, ``iou``, ``obj``.
     """
+    present = target.flatten(1).amax(1) > 0.5
+    pix, dice = pixel_losses(logits, target, cfg, fg_weight)
     parts: dict[str, torch.Tensor] = {}
-    if cfg.form == "focal":
-        parts["focal"] = focal_loss(logits, target, cfg.focal_alpha, cfg.focal_gamma).mean()
-        pix = cfg.focal_weight * parts["focal"]
-    else:
-        parts["bce"] = bce_loss(logits, target, fg_weight).mean()
-        pix = cfg.bce_weight * parts["bce"]
-    parts["dice"] = dice_loss(logits, target).mean()
+    parts["focal" if cfg.form == "focal" else "bce"] = _masked_mean(pix, present) / (
+        cfg.focal_weight if cfg.form == "focal" else cfg.bce_weight)
+    parts["dice"] = _masked_mean(dice, present)
     with torch.no_grad():
         actual_iou = mask_iou(logits > 0, target)
-    parts["iou"] = F.l1_loss(iou_pred.float(), actual_iou)
-    parts["obj"] = F.binary_cross_entropy_with_logits(object_logits.float(), torch.ones_like(object_logits.float()))
-    parts["seg"] = pix + cfg.dice_weight * parts["dice"] + cfg.iou_weight * parts["iou"] + cfg.object_weight * parts["obj"]
-    parts["train_iou"] = actual_iou.mean()
+    parts["iou"] = _masked_mean((iou_pred.float() - actual_iou).abs(), present)
+    parts["obj"] = F.binary_cross_entropy_with_logits(object_logits.float(), present.float())
+    parts["seg"] = (_masked_mean(pix, present) + cfg.dice_weight * parts["dice"] + cfg.iou_weight * parts["iou"]
+                    + cfg.object_weight * parts["obj"])
+    parts["train_iou"] = _masked_mean(actual_iou, present)
     return parts
+
+
+def multimask_loss(logits: torch.Tensor, target: torch.Tensor, iou_pred: torch.Tensor, cfg: LossConfig,
+                   fg_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """SAM2's loss for the multimask outputs of ambiguous (single-point) prompts.
+
+    ``logits`` (P, K, H, W), ``target`` (P, H, W), ``iou_pred`` (P, K). Only the best of the K
+    masks (lowest pixel + Dice loss) is trained towards the target, so the K tokens can
+    specialise on different readings of one click; the IoU head learns the actual IoU of every
+    token's mask, which is what lets the predictor and the automatic segmenter choose.
+    Prompt sets without an object are ignored. Returns ``mm_seg`` and ``mm_iou`` scalars.
+    """
+    p, k = logits.shape[:2]
+    flat = logits.flatten(0, 1)
+    tgt = target.repeat_interleave(k, 0)
+    pix, dice = pixel_losses(flat, tgt, cfg, fg_weight)
+    per_token = (pix + cfg.dice_weight * dice).view(p, k)
+    present = target.flatten(1).amax(1) > 0.5
+    with torch.no_grad():
+        actual = mask_iou(flat > 0, tgt).view(p, k)
+    best = per_token.min(1).values
+    iou_l1 = (iou_pred.float() - actual).abs().mean(1)
+    return {"mm_seg": _masked_mean(best, present), "mm_iou": _masked_mean(iou_l1, present)}
 
 
 def calibration_loss(prob_logit: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch
 from ..model.sam import LABEL_BOX_BR, LABEL_BOX_TL, LABEL_NEG, LABEL_PAD, LABEL_POS
 
 KIND_POINT, KIND_POINTS, KIND_BOX = 0, 1, 2
+KIND_BACKGROUND = 3  # one positive click on background: the answer to learn is "no object"
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,10 @@ class PromptConfig:
     box_jitter: float = 0.1  # of the box side, per corner, at most
     box_jitter_px: float = 5.0
     min_area: int = 12  # pixels; smaller objects are not prompted
+    # extra single clicks on background per image (object id 0, empty target): without them the
+    # object-score head only ever sees "yes" and cannot reject the background points of an
+    # automatic segmentation grid
+    background_per_image: int = 0
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "PromptConfig":
@@ -64,6 +69,8 @@ def sample_prompts(rng: np.random.Generator, label_maps: np.ndarray, cfg: Prompt
         chosen = rng.choice(ids, size=min(cfg.objects_per_image, len(ids)), replace=False)
         for obj in chosen:
             rows.append((b, int(obj), *object_prompt(rng, labels == obj, cfg)))
+        if cfg.background_per_image > 0:
+            rows += [(b, 0, *bg) for bg in background_prompts(rng, labels, cfg.background_per_image)]
     if not rows:
         raise ValueError("no object large enough to prompt in this batch")
     n = max(len(r[2]) for r in rows)
@@ -80,6 +87,21 @@ def sample_prompts(rng: np.random.Generator, label_maps: np.ndarray, cfg: Prompt
         labels=labs,
         kind=np.array([r[4] for r in rows], np.int64),
     )
+
+
+def background_prompts(rng: np.random.Generator, labels: np.ndarray, n: int) -> list:
+    """Up to ``n`` single positive clicks on background pixels (not on or touching an object)."""
+    free = labels == 0
+    free[1:] &= labels[:-1] == 0
+    free[:-1] &= labels[1:] == 0
+    free[:, 1:] &= labels[:, :-1] == 0
+    free[:, :-1] &= labels[:, 1:] == 0
+    rr, cc = np.nonzero(free)
+    if len(rr) == 0:
+        return []
+    pick = rng.integers(0, len(rr), size=n)
+    return [(np.array([(cc[i] + rng.uniform(-0.5, 0.5), rr[i] + rng.uniform(-0.5, 0.5))], np.float32),
+             np.array([LABEL_POS], np.int64), KIND_BACKGROUND) for i in pick]
 
 
 def object_prompt(rng: np.random.Generator, mask: np.ndarray, cfg: PromptConfig):

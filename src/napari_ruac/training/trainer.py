@@ -42,9 +42,9 @@ from ..model.sam import RuacSam
 from ..model.weibull import binary_entropy_from_logit, probit_logit
 from .adversaries import AdversaryConfig, Adversaries
 from .data import AnnotatedImages, BatchMaker, DataConfig, make_loader
-from .losses import (LossConfig, calibration_loss, distill_weight_at, fg_weight_at, mask_iou, segmentation_loss,
-                     upsample_logits)
-from .prompts import correction_clicks
+from .losses import (LossConfig, calibration_loss, distill_weight_at, fg_weight_at, mask_iou, multimask_loss,
+                     segmentation_loss, upsample_logits)
+from .prompts import KIND_POINT, correction_clicks
 
 VARIANTS = ("det", "bayes", "ruac")
 
@@ -74,6 +74,8 @@ DEFAULTS: dict = {
         "val_every": 500,
         "correction_prob": 0.5,
         "bayes_logits": "sample",  # which logits the seg loss sees in Bayesian variants
+        # SAM2's multimask loss on single-click prompts (best of the 3 extra masks + IoU head on all)
+        "multimask": False,
         "threads": None,
     },
     "val": {"images": 16, "size": 256, "seed": 12345, "batch_size": 4, "source": "synthetic"},
@@ -81,11 +83,11 @@ DEFAULTS: dict = {
 
 LOG_FIELDS = [
     "step", "lr", "size", "prompts", "gamma", "beta", "loss", "seg", "bce", "focal", "dice", "iou", "obj",
-    "kl", "train_iou", "adv_seg", "adv_kl", "adv_iou", "cal", "distill", "grad_norm", "sec",
+    "kl", "train_iou", "adv_seg", "adv_kl", "adv_iou", "cal", "distill", "mm_seg", "mm_iou", "grad_norm", "sec",
     "val_miou_point", "val_miou_box", "val_fg_iou", "val_pcc",
 ]
 LOSS_FIELDS = ["loss", "seg", "bce", "focal", "dice", "iou", "obj", "kl", "train_iou", "adv_seg", "adv_kl", "adv_iou", "cal",
-               "distill"]
+               "distill", "mm_seg", "mm_iou"]
 
 
 def merge(base: dict, over: dict | None) -> dict:
@@ -215,18 +217,33 @@ class TrainStep(nn.Module):
     (so DDP sees one forward per backward)."""
 
     def __init__(self, model: RuacSam, adversaries: Adversaries | None, variant: str,
-                 loss_cfg: LossConfig, bayes_logits: str = "sample") -> None:
+                 loss_cfg: LossConfig, bayes_logits: str = "sample", multimask: bool = False) -> None:
         super().__init__()
         self.model = model
         self.adversaries = adversaries
         self.variant = variant
         self.loss_cfg = loss_cfg
         self.bayes_logits = bayes_logits
+        self.multimask = multimask
 
-    def _decode(self, emb, coords, labels, image_index, generator, mode=None):
+    def _decode(self, emb, coords, labels, image_index, generator, mode=None, multimask_output=False):
         mode = mode or ("deterministic" if self.variant == "det" else self.bayes_logits)
         return self.model.decode(emb, coords, labels, image_index=image_index, mode=mode,
-                                 return_kl=self.variant != "det", generator=generator)
+                                 multimask_output=multimask_output, return_kl=self.variant != "det",
+                                 generator=generator)
+
+    def _multimask(self, emb, batch, size, fg_weight, generator) -> dict[str, torch.Tensor] | None:
+        """Multimask loss for the single-click prompt sets, with their original click (SAM2
+        uses multimask output for the first, ambiguous click only)."""
+        single = batch["kind"] == KIND_POINT
+        if not bool(single.any()):
+            return None
+        out = self._decode(emb, batch["coords"][single], batch["point_labels"][single], batch["image_index"][single],
+                           generator, multimask_output=True)
+        parts = multimask_loss(upsample_logits(out.logits, size), batch["targets"][single], out.iou_pred,
+                               self.loss_cfg, fg_weight)
+        parts["mm_kl"] = out.kl if out.kl is not None else parts["mm_seg"].new_zeros(())
+        return parts
 
     def _losses(self, out, targets, size, prefix="", fg_weight=1.0):
         logits = upsample_logits(out.logits, size)[:, 0]
@@ -247,6 +264,11 @@ class TrainStep(nn.Module):
         out = self._decode(emb, coords, labels, idx, generator)
         parts = self._losses(out, targets, size, fg_weight=fg_weight)
         total = parts["seg"] + beta * parts["kl"]
+        if self.multimask:
+            mm = self._multimask(emb, batch, size, fg_weight, generator)
+            if mm is not None:
+                total = total + mm["mm_seg"] + self.loss_cfg.iou_weight * mm["mm_iou"] + beta * mm.pop("mm_kl")
+                parts.update(mm)
         if distill > 0 and self.variant != "det":
             parts["distill"] = self._distillation(emb, coords, labels, idx, out, size)
             total = total + distill * parts["distill"]
@@ -325,7 +347,7 @@ def validation_batches(cfg: dict) -> list[dict]:
                           ("box", dict(p_point=0, p_points=0, p_box=1, box_jitter=0.0, box_jitter_px=0.0))):
         dcfg = DataConfig(source=v.get("source", "synthetic"), batch_size=v["batch_size"], crop_size=v["size"],
                           p_large=0.0, p_small=0.0, synthetic=cfg["data"].get("synthetic", {}),
-                          prompts={**cfg["data"].get("prompts", {}), **prompts})
+                          prompts={**cfg["data"].get("prompts", {}), **prompts, "background_per_image": 0})
         maker = BatchMaker(dcfg, seed=v["seed"])
         out += [(kind, maker[i]) for i in range(n_batches)]
     return out
@@ -407,7 +429,7 @@ class Trainer:
         self.model = model
         self.adversaries = adversaries
         self.step_module = TrainStep(model, adversaries, self.variant, self.loss_cfg,
-                                     self.cfg["train"]["bayes_logits"]).to(self.device)
+                                     self.cfg["train"]["bayes_logits"], self.cfg["train"]["multimask"]).to(self.device)
         self.optimizer = self._optimizer()
         self.generator = torch.Generator(device=self.device).manual_seed(self.cfg["seed"] * 1000 + 17 + self.rank)
         self.step = 0
@@ -420,7 +442,7 @@ class Trainer:
         self.wrapped = self.step_module
         if self.distributed:
             self.wrapped = nn.parallel.DistributedDataParallel(
-                self.step_module, find_unused_parameters=self.variant == "ruac")
+                self.step_module, find_unused_parameters=self.variant == "ruac" or self.cfg["train"]["multimask"])
         self._val_batches = None
 
     # -------------------------------------------------------------- set-up
