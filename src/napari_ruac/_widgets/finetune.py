@@ -1,19 +1,21 @@
 """Fine-tune a model on the user's own annotations (image layer + objects Labels layer).
 
-The same :class:`napari_ruac.training.trainer.Trainer` as ``napari-ruac train`` runs in a napari
-thread worker; each step is yielded to the UI thread (progress bar, loss, IoU). Cancel stops
-between steps and still saves and exports what was learned. The result is a checkpoint file the
-annotator loads through its model picker ("checkpoint file…"), so correcting masks, fine-tuning
-and correcting again is a loop.
-
-The training stack (torch_geometric, which imports triton) is imported only inside the worker
-when the attackers are used, never when this module is imported.
+The training runs in a child process, ``napari-ruac train`` on the annotated planes written
+into the run folder (:mod:`napari_ruac.training.process`), never inside the viewer: the full
+RUAC trainer imports torch_geometric -> torch._dynamo -> triton, which segfaults once napari has
+an OpenGL context, and a crash or out-of-memory kill in training must not close the viewer with
+the user's unsaved annotations. A napari thread worker reads the child's per-step JSON events
+and yields them to the UI (progress bar, loss, IoU). Cancel asks the child to stop between
+steps; it still saves and exports what was learned. Closing the widget or the viewer stops the
+child (terminating it if it does not stop in time). The result is a checkpoint file the
+annotator loads through its model picker ("checkpoint file…"), so correcting masks,
+fine-tuning and correcting again is a loop.
 """
 
 from __future__ import annotations
 
-import threading
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from napari.layers import Image, Labels
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import Signal
+from qtpy.QtGui import QCloseEvent
 from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
@@ -36,6 +39,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..training.process import (RECIPE_FILE, StepProgress, TrainingProcess, TrainingProcessError, prepare_run,
+                                 train_command)
 from .model_picker import CHECKPOINT_ENTRY, ModelPicker
 from .runner import describe_error, show_worker_warning
 
@@ -77,10 +82,20 @@ class FinetuneWidget(QWidget):
         super().__init__(parent)
         self.viewer = napari_viewer
         self.worker = None
-        self.cancel_event: threading.Event | None = None
-        self.results: list = []  # StepResults of the current run (tests, status)
+        self.process: TrainingProcess | None = None  # the training child of the current run
+        self.results: list[StepProgress] = []  # the current run's steps (tests, status)
         self.output_path: Path | None = None
         self.error: BaseException | None = None
+        self.threads: int | None = None  # torch threads of the child (None: torch's default)
+        # the child must not outlive the widget: stop it when the widget is destroyed (the viewer
+        # closed) or the application quits; those slots hold the guard, never the widget
+        self._guard = _ChildGuard()
+        self.destroyed.connect(self._guard.stop)
+        from qtpy.QtWidgets import QApplication
+
+        app = QApplication.instance()
+        if app is not None:
+            app.aboutToQuit.connect(self._guard.stop)
 
         self.image_combo = QComboBox()
         self.labels_combo = QComboBox()
@@ -166,6 +181,7 @@ class FinetuneWidget(QWidget):
             "name": "finetuned",
             "variant": self._variant(choice),
             "model": {"spec": choice.name_or_path, "init": "pretrained", "checkpoint": checkpoint},
+            # "source" becomes the folder the annotated planes are written to (prepare_run)
             "data": {"source": "layers", "batch_size": self.batch_spin.value(), "crop_size": self.crop_spin.value(),
                      "large_sizes": [], "p_large": 0.0, "p_small": 0.0, "workers": 0},
             "optim": {"steps": self.steps_spin.value(), "lr": self.lr_spin.value(),
@@ -211,17 +227,18 @@ class FinetuneWidget(QWidget):
         output = Path(self.output_edit.text().strip() or run_dir / "finetuned.pt")
         recipe = self.recipe(choice)
         self.results, self.error, self.output_path = [], None, None
-        self.cancel_event = threading.Event()
         self.progress.setRange(0, recipe["optim"]["steps"])
         self.progress.setValue(0)
-        self.status.setText(f"preparing {len(images)} annotated plane(s)…")
+        self.status.setText(f"preparing {len(images)} annotated plane(s); starting the training process…")
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
-        # copies: the user may keep editing the layers while the run trains
+        # copies: the user may keep editing the layers while the planes are written
         images = [np.array(i) for i in images]
         labels = [np.array(l) for l in labels]
-        self.worker = create_worker(self._job, recipe, run_dir, output, images, labels, choice.device,
-                                    self.cancel_event, _start_thread=False, _ignore_errors=True)
+        command = train_command(run_dir / RECIPE_FILE, run_dir, output, choice.device, self.threads)
+        self.process = self._guard.process = TrainingProcess(command, run_dir)
+        self.worker = create_worker(self._job, self.process, recipe, images, labels, bool(image_layer.rgb),
+                                    _start_thread=False, _ignore_errors=True)
         self.worker.yielded.connect(self._on_step)
         self.worker.warned.connect(show_worker_warning)
         self.worker.returned.connect(self._on_done)
@@ -230,38 +247,53 @@ class FinetuneWidget(QWidget):
         self.worker.start()
 
     @staticmethod
-    def _job(recipe, run_dir, output, images, labels, device, cancel):
-        """Worker thread: train, yielding every step; export the model at the end (or on cancel)."""
-        from ..training.data import AnnotatedImages
-        from ..training.trainer import Trainer
-
-        data = AnnotatedImages(images, labels)
-        trainer = Trainer(recipe, run_dir, device=device, annotated=data, workers=0, quiet=True)
-        steps = trainer.iter_steps()
-        try:
-            for result in steps:
-                yield result
-                if cancel.is_set():
-                    break
-        finally:
-            steps.close()
-        trainer.export(output)
-        return {"path": str(output), "steps": trainer.step, "cancelled": cancel.is_set(), "run_dir": str(run_dir)}
+    def _job(process: TrainingProcess, recipe, images, labels, rgb):
+        """Worker thread: write the planes and the recipe, start the child, yield its steps."""
+        prepare_run(process.run_dir, recipe, images, labels, rgb)
+        process.start()
+        summary = None
+        for event in process.events():
+            kind = event.get("event")
+            if kind == "step":
+                yield StepProgress(int(event["step"]), int(event.get("total") or 0), event.get("row") or {})
+            elif kind == "warning":
+                warnings.warn(event.get("message", "warning"), UserWarning, stacklevel=1)
+            elif kind == "done":
+                summary = event
+        return {"path": summary["path"], "steps": summary["steps"], "cancelled": bool(summary["stopped"]),
+                "run_dir": str(process.run_dir)}
 
     def cancel(self) -> None:
         """Stop after the current step; what was learned is still saved and exported."""
-        if self.cancel_event is not None:
-            self.cancel_event.set()
+        if self.process is not None and self.running:
+            self.process.request_stop()
             self.status.setText("stopping after this step…")
 
-    def _on_step(self, result) -> None:
+    @property
+    def close_grace_s(self) -> float:
+        """On close, how long the child may take to stop (and export) before it is terminated."""
+        return self._guard.grace_s
+
+    @close_grace_s.setter
+    def close_grace_s(self, seconds: float) -> None:
+        self._guard.grace_s = float(seconds)
+
+    def shutdown(self) -> None:
+        """Stop the training child now (the widget or the viewer is closing)."""
+        self._guard.stop()
+
+    def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802 (Qt's name)
+        self.shutdown()
+        super().closeEvent(event)
+
+    def _on_step(self, result: StepProgress) -> None:
         self.results.append(result)
         self.progress.setValue(result.step)
         row = result.row
-        parts = [f"step {result.step}/{self.progress.maximum()}", f"loss {row.get('loss', float('nan')):.3f}"]
+        parts = [f"step {result.step}/{self.progress.maximum()}", f"loss {_num(row.get('loss')):.3f}"]
         if "train_iou" in row:
-            parts.append(f"IoU {row['train_iou']:.2f}")
-        parts.append(f"{row.get('sec', 0):.1f} s/step")
+            parts.append(f"IoU {_num(row['train_iou']):.2f}")
+        parts.append(f"{_num(row.get('sec', 0)):.1f} s/step")
         self.status.setText(", ".join(parts))
 
     def _on_done(self, summary: dict) -> None:
@@ -275,13 +307,37 @@ class FinetuneWidget(QWidget):
 
     def _on_error(self, exc: BaseException) -> None:
         self.error = exc
-        show_error(f"fine-tune failed: {describe_error(exc)}")
-        self.status.setText(f"failed: {describe_error(exc)}")
+        if self.process is not None and self.process.abandoned:
+            return  # stopped because the widget or viewer is closing: nobody to tell
+        # the child's own message (its last stderr lines) says more than a generic OOM hint
+        message = str(exc) if isinstance(exc, TrainingProcessError) else describe_error(exc)
+        show_error(f"fine-tune failed: {message}")
+        self.status.setText(f"failed: {message}")
 
     def _on_finished(self) -> None:
         self.worker = None
         self.run_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
+
+
+def _num(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+class _ChildGuard:
+    """The current run's child, stoppable from Qt's destroyed/aboutToQuit signals, which may
+    fire when the widget's Python side is already gone."""
+
+    def __init__(self, grace_s: float = 5.0) -> None:
+        self.process: TrainingProcess | None = None
+        self.grace_s = grace_s
+
+    def stop(self, *_) -> None:
+        if self.process is not None and self.process.alive:
+            self.process.stop(self.grace_s)
 
 
 def wait_until_idle(widget: FinetuneWidget, timeout_s: float = 120.0) -> bool:

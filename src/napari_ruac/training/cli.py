@@ -2,12 +2,20 @@
 
 Under ``torchrun --nproc_per_node K -m napari_ruac.cli train ...`` every process joins a
 process group (NCCL on CUDA, gloo on CPU) and the model is wrapped in DDP.
+
+``--output PATH --progress-json --stop-on-stdin`` is how the napari fine-tune widget runs a
+training in a child process (:mod:`napari_ruac.training.process`): export when the run ends,
+one JSON object per line on stdout, stop between steps when the parent closes stdin.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import sys
+import threading
+import warnings
 from pathlib import Path
 
 
@@ -23,6 +31,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--export", default=None, metavar="PATH",
                         help="only export the latest checkpoint of --run-dir as an fp16 package checkpoint")
     parser.add_argument("--full-precision", action="store_true", help="export in fp32 instead of fp16")
+    parser.add_argument("--output", default=None, metavar="PATH",
+                        help="when the run ends (finished or stopped), export the model to PATH as a package checkpoint")
+    parser.add_argument("--progress-json", action="store_true",
+                        help="report on stdout as one JSON object per line: events start, step (step, total, row "
+                             "of losses), warning, done (steps, stopped, path); for a parent process")
+    parser.add_argument("--stop-on-stdin", action="store_true",
+                        help="stop after the current step (checkpoint and --output still written) when stdin "
+                             "reads 'stop' or closes, e.g. because the parent process died")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,14 +67,89 @@ def run(args: argparse.Namespace) -> int:
             torch.cuda.set_device(local)
             device = f"cuda:{local}"
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    stop = threading.Event()
+    if args.stop_on_stdin:
+        watch_stdin(stop)
+    report = JsonReporter(stop) if args.progress_json else None
+    if report is not None:
+        report.capture_warnings()
+    total = None
+
+    def after_step(result) -> bool:
+        if report is not None and trainer.rank == 0:
+            report.emit({"event": "step", "step": result.step, "total": total, "row": result.row})
+        return stop.is_set()
+
     trainer, completed = None, False
     try:
-        trainer = Trainer(args.config, run_dir, resume=args.resume, device=device, workers=args.workers)
+        trainer = Trainer(args.config, run_dir, resume=args.resume, device=device, workers=args.workers,
+                          callback=after_step, quiet=report is not None)
+        total = trainer.cfg["optim"]["steps"]
+        target = min(total, args.max_steps) if args.max_steps is not None else total
+        if report is not None and trainer.rank == 0:
+            report.emit({"event": "start", "step": trainer.step, "total": total, "pid": os.getpid(),
+                         "variant": trainer.variant, "device": str(trainer.device)})
         step = trainer.fit(max_steps=args.max_steps)
         completed = True
         if trainer.rank == 0:
-            print(f"stopped at step {step}; checkpoint {run_dir / 'last.pt'}, log {run_dir / 'log.csv'}")
+            path = trainer.export(args.output, half=not args.full_precision) if args.output else None
+            if report is not None:
+                report.emit({"event": "done", "steps": step, "total": total, "stopped": step < target,
+                             "path": str(path) if path else None, "run_dir": str(run_dir)})
+            else:
+                print(f"stopped at step {step}; checkpoint {run_dir / 'last.pt'}, log {run_dir / 'log.csv'}"
+                      + (f"; model {path}" if path else ""))
     finally:
         if distributed:
             shutdown_distributed(trainer, completed)
     return 0
+
+
+def watch_stdin(stop: threading.Event) -> threading.Thread:
+    """Set ``stop`` when stdin reads a line 'stop' or reaches its end. A parent that dies closes
+    the pipe too, so its child stops (after a checkpoint) instead of training on unseen."""
+
+    def watch():
+        try:
+            for line in sys.stdin:
+                if line.strip().lower() == "stop":
+                    break
+        except (OSError, ValueError):
+            pass
+        stop.set()
+
+    thread = threading.Thread(target=watch, name="stop-on-stdin", daemon=True)
+    thread.start()
+    return thread
+
+
+class JsonReporter:
+    """One JSON object per line on stdout. A parent that no longer reads (broken pipe) is
+    treated as a stop request: the run checkpoints and exports rather than crashing."""
+
+    def __init__(self, stop: threading.Event) -> None:
+        self.stop = stop
+
+    def emit(self, event: dict) -> None:
+        try:
+            print(json.dumps(event, default=_jsonable), flush=True)
+        except (BrokenPipeError, OSError, ValueError):
+            self.stop.set()
+
+    def capture_warnings(self) -> None:
+        """Our own warnings (e.g. untrained weights) become events the parent shows the user;
+        library warnings stay on stderr."""
+        shown = warnings.showwarning
+
+        def showwarning(message, category, filename, lineno, file=None, line=None):
+            if category.__module__.startswith("napari_ruac"):
+                self.emit({"event": "warning", "message": str(message), "category": category.__name__})
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = showwarning
+
+
+def _jsonable(value):
+    # tensors and numpy scalars in a log row
+    return value.item() if hasattr(value, "item") else str(value)
