@@ -305,3 +305,26 @@ def test_propagate_along_time_keeps_z_fixed_and_hotkeys(make_napari_viewer, qtbo
     present = np.argwhere((widget.objects.data == 1).any(axis=(2, 3)))
     assert all(z == 1 for _, z in present)  # never spilled into other z planes
     assert {t for t, _ in present} == set(curve)
+
+
+def test_a_torch_error_in_a_generator_job_is_a_notification_not_silence(qtbot):
+    # superqt drops RuntimeErrors raised in generator workers ("worker deleted"); torch's
+    # out-of-memory is one, so the runner must re-raise it as something that is reported
+    from napari.utils.notifications import notification_manager
+
+    from napari_ruac._widgets.runner import JobError, LatestOnlyRunner
+
+    errors = []
+    runner = LatestOnlyRunner(on_error=errors.append, name="precompute")
+
+    def job():
+        yield 1
+        torch.empty(2**50)  # a real allocation failure: RuntimeError from DefaultCPUAllocator
+
+    before = len(notification_manager.records)
+    runner.submit(job)
+    qtbot.waitUntil(lambda: not runner.busy, timeout=WAIT_MS)
+    assert len(errors) == 1 and isinstance(errors[0], JobError)
+    assert isinstance(errors[0].__cause__, RuntimeError)
+    messages = [str(n.message) for n in notification_manager.records[before:]]
+    assert any(m.startswith("precompute failed: out of memory") for m in messages), messages

@@ -7,6 +7,8 @@ re-predicts only for the newest prompts). Results and errors come back on the UI
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any, Callable
 
 from napari.qt.threading import create_worker
@@ -15,13 +17,37 @@ from napari.utils.notifications import show_error, show_warning
 
 def describe_error(exc: BaseException) -> str:
     """A one-line message for a notification; out-of-memory gets advice, not a trace."""
+    if isinstance(exc, JobError):
+        return str(exc)
     text = str(exc) or type(exc).__name__
-    if "out of memory" in text.lower() or isinstance(exc, MemoryError):
+    lowered = text.lower()
+    # CUDA: "CUDA out of memory"; CPU: "DefaultCPUAllocator: can't allocate memory"
+    if isinstance(exc, MemoryError) or "out of memory" in lowered or "can't allocate memory" in lowered:
         return (
             f"out of memory ({type(exc).__name__}): try a smaller model, the CPU device, or "
             "fewer planes at once. Nothing was changed."
         )
     return f"{type(exc).__name__}: {text}"
+
+
+class JobError(Exception):
+    """A ``RuntimeError`` (torch's out-of-memory and most of its failures) raised inside a
+    generator job, re-raised under a type superqt reports: its ``GeneratorWorker`` takes any
+    ``RuntimeError`` for "the worker was deleted" and drops it with a warning, so the user
+    would never hear that the job failed. ``__cause__`` is the original error."""
+
+
+def shield_runtime_errors(gen_func: Callable) -> Callable:
+    """``gen_func`` with RuntimeErrors raised as :class:`JobError` (generator functions only)."""
+
+    @functools.wraps(gen_func)
+    def wrapper(*args, **kwargs):
+        try:
+            return (yield from gen_func(*args, **kwargs))
+        except RuntimeError as exc:
+            raise JobError(describe_error(exc)) from exc
+
+    return wrapper
 
 
 def show_worker_warning(warning_args) -> None:
@@ -70,6 +96,8 @@ class LatestOnlyRunner:
 
     def _start(self, job: tuple) -> None:
         func, args, on_result, on_yield, on_finished = job
+        if inspect.isgeneratorfunction(func):
+            func = shield_runtime_errors(func)
         # errors are ours to report (a notification), not re-raised into Qt's event loop
         worker = create_worker(func, *args, _start_thread=False, _ignore_errors=True)
         self._worker = worker
