@@ -109,6 +109,18 @@ def test_batch_equals_one_by_one_and_keeps_order(predictor):
         assert got.iou_score == pytest.approx(single.iou_score, abs=1e-5)
 
 
+def test_mc_batch_equals_one_by_one(predictor):
+    """Without a seed each prompt set gets the same fixed noise, so batching does not change MC maps."""
+    predictor.set_image(_blobs())
+    prompts = [dict(points=[(50, 60)]), dict(points=[(110, 160)]), dict(points=[(20, 180)])]
+    batch = predictor.predict_batch(prompts, mode="mc", samples=8)
+    for prompt, got in zip(prompts, batch):
+        single = predictor.predict(**prompt, mode="mc", samples=8)
+        np.testing.assert_allclose(got.uncertainty, single.uncertainty, atol=1e-4)
+        np.testing.assert_allclose(got.epistemic, single.epistemic, atol=1e-4)
+    assert not np.allclose(batch[0].probability, batch[1].probability)
+
+
 def test_multimask_gives_best_first(predictor):
     predictor.set_image(_blobs())
     pred = predictor.predict(points=[(50, 60)], multimask=True)

@@ -48,6 +48,24 @@ from .weibull import (
 
 DecoderMode = Literal["deterministic", "sample", "analytic", "mc"]
 DECODER_MODES = ("deterministic", "sample", "analytic", "mc")
+MC_PIXEL_ESTIMATORS = ("integrate", "sample")
+"""How MC mode treats the pixel factor ``z`` (``BayesianMaskDecoder.mc_pixels``).
+
+* ``"integrate"`` (default): draw only the token factors ``w_fg, w_bg`` S times and integrate
+  ``z`` analytically per draw (Rao-Blackwellised). Chosen on evidence: at S=256 its maps
+  correlate with ``"sample"`` as well as two ``"sample"`` runs with different seeds do
+  (per-pixel Pearson r, sample-vs-integrate / sample-vs-sample: probability 0.987 / 0.989,
+  total 0.960 / 0.960, aleatoric 0.953 / 0.961, epistemic 0.952 / 0.931 on the spread test-tiny
+  head of tests/test_decoder.py; 0.9998 / 0.9998, 0.996 / 0.997, 0.996 / 0.998, 0.967 / 0.973
+  on the shipped micro weights and nuclei), while the head costs 8-19x less (S=20 at 256x256
+  decoder resolution, one thread: micro 22 vs 181 ms, hiera-tiny 55 vs 1027 ms): a draw is two
+  small matrix products instead of ``C`` Weibull draws per pixel. Its split counts the
+  pixel-level Weibull noise as aleatoric, so its epistemic part is smaller on average (0.3-0.6x
+  in those runs): epistemic = mutual information between the label and the mask-token weights, i.e.
+  disagreement about *which object* the prompt means.
+* ``"sample"``: draw every factor S times (the textbook estimator, kept for validation); its
+  epistemic part also contains the pixel-level noise.
+"""
 
 
 @dataclass
@@ -126,11 +144,18 @@ class WeibullHead(nn.Module):
     def _kappa(self, x: torch.Tensor) -> torch.Tensor:
         return self.kappa_min + (self.kappa_max - self.kappa_min) * torch.sigmoid(x)
 
-    def pixel_params(self, upscaled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, C, h, w) features -> ``lambda_z`` (B, C, h, w) and ``kappa_z`` (B, 1, h, w)."""
+    def pixel_params(self, upscaled: torch.Tensor, fast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, h, w) features -> ``lambda_z`` (B, C, h, w) and ``kappa_z`` (B, 1, h, w).
+
+        ``fast`` swaps torch's softplus for :func:`_softplus_inference` (equal to a few ulp):
+        on CPU torch's softplus runs a scalar ``log1p`` and was the largest extra cost of the
+        analytic mode over SAM2's decoder (C values per pixel). Training and ``sample`` mode keep
+        the exact function, so their numerics and gradients do not move.
+        """
         raw = self.pixel_head(upscaled)
         c = self.channels
-        return self._lam(raw[:, :c]), self._kappa(raw[:, c:])
+        lam = _softplus_inference(raw[:, :c]).add_(1e-4) if fast else self._lam(raw[:, :c])
+        return lam, self._kappa(raw[:, c:])
 
     def token_params(self, tokens: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """(B, K, D) mask tokens -> ``(lam_fg, kappa_fg, lam_bg, kappa_bg)`` each (B, K, C),
@@ -161,6 +186,7 @@ class BayesianMaskDecoder(MaskDecoder):
         prior_alpha: float = 1.0,
         prior_beta: float = 3.0,
         mc_chunk: int = 5,
+        mc_pixels: str = "integrate",
         **kwargs,
     ) -> None:
         kwargs.setdefault("dynamic_multimask_via_stability", False)
@@ -172,6 +198,9 @@ class BayesianMaskDecoder(MaskDecoder):
         self._noise_banks: dict = {}
         # sample only the pixels that can be uncertain (see _monte_carlo); off = sample all
         self.mc_band = True
+        if mc_pixels not in MC_PIXEL_ESTIMATORS:
+            raise ValueError(f"unknown mc_pixels {mc_pixels!r}; expected one of {MC_PIXEL_ESTIMATORS}")
+        self.mc_pixels = mc_pixels
 
     # ------------------------------------------------------------------ transformer trunk
     def _run_transformer(
@@ -193,14 +222,20 @@ class BayesianMaskDecoder(MaskDecoder):
         n = sparse_prompt_embeddings.shape[0]
         tokens = torch.cat((output_tokens.unsqueeze(0).expand(n, -1, -1), sparse_prompt_embeddings), 1)
 
-        # one image per prompt set: index the (few) images rather than copying them up front
-        if image_index is not None:
+        # one image per prompt set: index the (few) images rather than copying them up front.
+        # With a single image (interactive use) every prompt set shares it: broadcasting in the
+        # additions below gives the same values without B copies of the embedding and of the
+        # high-resolution features (hundreds of MB for 8 objects at 1024 px, which made a batch
+        # slower than a loop).
+        if image_index is not None and image_embeddings.shape[0] > 1:
             src = image_embeddings[image_index]
             if high_res_features is not None:
                 high_res_features = [f[image_index] for f in high_res_features]
         else:
             src = image_embeddings
         src = src + dense_prompt_embeddings
+        if src.shape[0] != n:
+            src = src.expand(n, -1, -1, -1)
         pos_src = image_pe.expand(n, -1, -1, -1)
         b, c, h, w = src.shape
 
@@ -284,7 +319,9 @@ class BayesianMaskDecoder(MaskDecoder):
             )
 
         head = self.weibull_head
-        lam_z, k_z = head.pixel_params(upscaled)
+        # inference-only modes without autograd may take the vectorised softplus
+        fast = mode in ("analytic", "mc") and not torch.is_grad_enabled()
+        lam_z, k_z = head.pixel_params(upscaled, fast=fast)
         token_params, offset = head.token_params(mask_toks_sel)
         lam_fg, k_fg, lam_bg, k_bg = token_params
         kl = None
@@ -319,7 +356,7 @@ class BayesianMaskDecoder(MaskDecoder):
 
     # ------------------------------------------------------------------ Bayesian pieces
     @staticmethod
-    def _analytic_moments(lam_z, k_z, token_params) -> tuple[torch.Tensor, torch.Tensor]:
+    def _analytic_moments(lam_z, k_z, token_params, shape_factors=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and variance of ``logit = <z, w_fg - w_bg>`` with all factors independent.
 
         ``d = w_fg - w_bg``: ``E d = E fg - E bg``, ``Var d = Var fg + Var bg``;
@@ -329,7 +366,7 @@ class BayesianMaskDecoder(MaskDecoder):
         ``mu = g1 <lam, E d>`` and ``var = g1^2 (r <lam^2, Var d + (E d)^2> + <lam^2, Var d>)``.
         """
         lam_fg, k_fg, lam_bg, k_bg = token_params
-        g1, r = weibull_shape_factors(k_z)
+        g1, r = weibull_shape_factors(k_z) if shape_factors is None else shape_factors
         efg, vfg = weibull_moments(lam_fg, k_fg)
         ebg, vbg = weibull_moments(lam_bg, k_bg)
         ed = efg - ebg
@@ -355,13 +392,15 @@ class BayesianMaskDecoder(MaskDecoder):
         Pixels whose logit stays far from zero in every plausible sample (``|mu| > 8 + 6 sd`` by
         the analytic moments, so every sample has ``|logit| > 8``, entropy < 0.005 bits) take
         the analytic values and only the remaining band is sampled: on a trained model most of
-        an image is confidently background, so this is most of the MC cost saved. Without a ``generator``
-        the noise comes from a fixed bank (seed 0), so a repeated click gives the same map.
+        an image is confidently background, so this is most of the MC cost saved. Without a
+        ``generator`` the noise is fixed (seed 0 / a fixed bank), so a repeated click gives the
+        same map. ``self.mc_pixels`` picks how the pixel factor ``z`` enters each sample; see
+        :data:`MC_PIXEL_ESTIMATORS`.
         """
-        lam_fg, k_fg, lam_bg, k_bg = token_params
-        # the (small) token noise is drawn from a seeded generator when none is given
-        token_gen = generator or torch.Generator(device=lam_fg.device).manual_seed(0)
-        mu, var = self._analytic_moments(lam_z, k_z, token_params)
+        if self.mc_pixels not in MC_PIXEL_ESTIMATORS:
+            raise ValueError(f"unknown mc_pixels {self.mc_pixels!r}; expected one of {MC_PIXEL_ESTIMATORS}")
+        shape_factors = weibull_shape_factors(k_z)  # (B, 1, h, w) each; lgamma is not cheap
+        mu, var = self._analytic_moments(lam_z, k_z, token_params, shape_factors)
         mu = mu + offset[..., None, None]
         analytic_logit = probit_logit(mu, var)
         p = torch.sigmoid(analytic_logit)
@@ -371,32 +410,23 @@ class BayesianMaskDecoder(MaskDecoder):
         band = (mu.abs() <= 8.0 + 6.0 * var.sqrt()).any(1).flatten(1)  # (B, h*w)
         if not self.mc_band:
             band = torch.ones_like(band)
-        log_k = torch.log(k_z).flatten(2)  # (B, 1, h*w)
-        lam_flat = lam_z.flatten(2)  # (B, C, h*w)
+        sampler = self._mc_integrated if self.mc_pixels == "integrate" else self._mc_sampled
         for i in range(b):
             idx = band[i].nonzero().squeeze(1)
             if idx.numel() == 0:
                 continue
-            inv_k = torch.exp(-log_k[i][:, idx])  # (1, n)
-            lam_i = lam_flat[i][:, idx]  # (C, n)
-            p_sum = torch.zeros(k, idx.numel(), dtype=mu.dtype, device=mu.device)
-            h_sum = torch.zeros_like(p_sum)
-            done = 0
-            while done < samples:
-                s = min(self.mc_chunk, samples - done)
-                log_e = self._log_exponential_noise(s, lam_i.shape[0], idx, generator, done, mu)
-                z = lam_i * torch.exp(log_e * inv_k)  # (s, C, n)
-                u_fg = _uniform_like(lam_fg[i], token_gen, s)
-                u_bg = _uniform_like(lam_bg[i], token_gen, s)
-                d = weibull_transform(lam_fg[i], k_fg[i], u_fg) - weibull_transform(lam_bg[i], k_bg[i], u_bg)
-                logit_s = torch.bmm(d, z) + offset[i][:, None]  # (s, K, n)
-                p_sum += torch.sigmoid(logit_s).sum(0)
-                h_sum += binary_entropy_from_logit(logit_s).sum(0)
-                done += s
-            p_i = p_sum / samples
-            p.view(b, k, -1)[i][:, idx] = p_i
-            total.view(b, k, -1)[i][:, idx] = binary_entropy(p_i)
-            aleatoric.view(b, k, -1)[i][:, idx] = h_sum / samples
+            # all pixels in the band (random weights, small images): no gather needed
+            every = idx.numel() == h * w
+            p_i, h_i = sampler(
+                i, None if every else idx, lam_z, k_z, shape_factors, token_params, offset, samples, generator
+            )
+            if every:
+                p[i], aleatoric[i] = p_i.view(k, h, w), h_i.view(k, h, w)
+                total[i] = binary_entropy(p[i])
+            else:
+                p.view(b, k, -1)[i][:, idx] = p_i
+                total.view(b, k, -1)[i][:, idx] = binary_entropy(p_i)
+                aleatoric.view(b, k, -1)[i][:, idx] = h_i
         epistemic = (total - aleatoric).clamp_min(0.0)
         aleatoric = torch.minimum(aleatoric, total)
         eps = 1e-6
@@ -411,6 +441,69 @@ class BayesianMaskDecoder(MaskDecoder):
             aleatoric=aleatoric,
             kl=kl,
         )
+
+    @staticmethod
+    def _token_samples(i, token_params, s, generator):
+        """``s`` draws of ``d = w_fg - w_bg`` for prompt set ``i``: (s, K, C)."""
+        lam_fg, k_fg, lam_bg, k_bg = token_params
+        u_fg = _uniform_like(lam_fg[i], generator, s)
+        u_bg = _uniform_like(lam_bg[i], generator, s)
+        return weibull_transform(lam_fg[i], k_fg[i], u_fg) - weibull_transform(lam_bg[i], k_bg[i], u_bg)
+
+    def _mc_integrated(self, i, idx, lam_z, k_z, shape_factors, token_params, offset, samples, generator):
+        """Rao-Blackwellised MC: sample the token factors, integrate the pixel factor.
+
+        Given ``d_s`` the logit ``<z, d_s> + b`` has mean ``<E z, d_s> + b`` and variance
+        ``<Var z, d_s^2>`` (channels independent), and ``p_s`` is MacKay's probit of those:
+        two (S*K, C) x (C, n) products per prompt set instead of ``S * C * n`` Weibull draws.
+        Returns the mean of ``p_s`` and of ``H(p_s)`` over samples, each (K, n).
+        """
+        g1, r = (f[i].flatten(1) for f in shape_factors)  # (1, h*w)
+        lam = lam_z[i].flatten(1)  # (C, h*w)
+        if idx is not None:
+            g1, r, lam = g1[:, idx], r[:, idx], lam[:, idx]
+        ez = lam * g1  # E z
+        # Var z with MacKay's pi/8 folded in, so the probit needs one add and one rsqrt per draw
+        vz = ez.square().mul_(r * (math.pi / 8.0))
+        token_gen = generator or torch.Generator(device=lam.device).manual_seed(0)
+        d = self._token_samples(i, token_params, samples, token_gen)  # (S, K, C)
+        n_k = d.shape[1] * lam.shape[1]
+        p_sum = lam.new_zeros(d.shape[1], lam.shape[1])
+        h_sum = torch.zeros_like(p_sum)
+        chunk = max(1, min(samples, (1 << 21) // max(n_k, 1)))  # ~8 MB per temporary
+        for start in range(0, samples, chunk):
+            d_s = d[start : start + chunk]
+            mean = torch.matmul(d_s, ez).add_(offset[i][:, None])  # (s, K, n)
+            scaled_var = torch.matmul(d_s.square(), vz)  # pi/8 * Var(logit | d_s)
+            p_s, h_s = _sigmoid_and_entropy(mean.mul_(scaled_var.add_(1.0).rsqrt_()))  # probit_logit
+            p_sum += p_s.sum(0)
+            h_sum += h_s.sum(0)
+        return p_sum / samples, h_sum / samples
+
+    def _mc_sampled(self, i, idx, lam_z, k_z, shape_factors, token_params, offset, samples, generator):
+        """Plain MC: every Weibull factor (pixel ``z`` and token ``w``) drawn S times."""
+        lam_fg = token_params[0]
+        token_gen = generator or torch.Generator(device=lam_fg.device).manual_seed(0)
+        log_k = torch.log(k_z[i]).flatten(1)  # (1, h*w)
+        lam_i = lam_z[i].flatten(1)  # (C, h*w)
+        if idx is None:
+            idx = torch.arange(lam_i.shape[1], device=lam_i.device)
+        inv_k = torch.exp(-log_k[:, idx])  # (1, n)
+        lam_i = lam_i[:, idx]
+        k = lam_fg.shape[1]
+        p_sum = lam_i.new_zeros(k, idx.numel())
+        h_sum = torch.zeros_like(p_sum)
+        done = 0
+        while done < samples:
+            s = min(self.mc_chunk, samples - done)
+            log_e = self._log_exponential_noise(s, lam_i.shape[0], idx, generator, done, lam_i)
+            z = lam_i * torch.exp(log_e * inv_k)  # (s, C, n)
+            d = self._token_samples(i, token_params, s, token_gen)
+            logit_s = torch.bmm(d, z) + offset[i][:, None]  # (s, K, n)
+            p_sum += torch.sigmoid(logit_s).sum(0)
+            h_sum += binary_entropy_from_logit(logit_s).sum(0)
+            done += s
+        return p_sum / samples, h_sum / samples
 
     _NOISE_SLOTS = 16384
 
@@ -433,6 +526,31 @@ class BayesianMaskDecoder(MaskDecoder):
             bank = log_exponential(u).to(like.device, like.dtype)
             self._noise_banks[key] = bank
         return bank[offset : offset + s][:, :, idx % self._NOISE_SLOTS]
+
+
+def _softplus_inference(x: torch.Tensor) -> torch.Tensor:
+    """``softplus(x) = max(x, 0) + log1p(exp(-|x|))`` from vectorised ``exp``/``log`` only.
+
+    ``log1p(e)`` is ``log(u) + (e - (u - 1)) / u`` with ``u = 1 + e``: the second term restores
+    what rounding ``1 + e`` lost (exact to first order; gives ``e`` when ``u`` rounds to 1).
+    About 4x faster than ``F.softplus`` on CPU, within a few float32 ulp of it.
+    """
+    e = torch.exp(x.abs().neg_())
+    u = e + 1.0
+    correction = (e - (u - 1.0)).div_(u)
+    return torch.log(u).add_(correction).add_(x.clamp_min(0.0))
+
+
+def _sigmoid_and_entropy(logit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sigmoid(logit)`` and its binary entropy in bits without a softplus (see above).
+
+    ``H`` in nats is ``|l| q - log(1 - q)`` with ``q = sigmoid(-|l|)`` in (0, 1/2], so
+    ``1 - q`` never cancels; absolute error ~1e-7 bits.
+    """
+    a = logit.abs()
+    q = torch.sigmoid(-a)
+    nats = a.mul_(q).sub_(torch.log(q.neg_().add_(1.0)))
+    return torch.sigmoid(logit), nats.div_(math.log(2.0))
 
 
 def _uniform_like(t: torch.Tensor, generator: torch.Generator | None, samples: int | None = None):

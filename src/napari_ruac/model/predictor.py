@@ -225,41 +225,29 @@ class Predictor:
 
     # ------------------------------------------------------------------ outputs
     def _postprocess(self, out: DecoderOutput, mode: str, multimask: bool) -> list[Prediction]:
-        # Full-resolution work dominates a click on large images, so only the logits and the
-        # uncertainty maps are upsampled (entropy is computed at decoder resolution, where it
-        # is 16x cheaper); probability and mask follow from the upsampled logits, so
-        # mask == (probability > 0.5) exactly.
-        logits = self._to_image(out.logits)
-        prob = torch.sigmoid(logits)
-        unc = self._to_image(out.uncertainty).clamp_(0.0, 1.0)
-        aleatoric = epistemic = None
-        if out.aleatoric is not None:
-            aleatoric = torch.minimum(self._to_image(out.aleatoric), unc)
-            epistemic = unc - aleatoric
-        present = out.object_score_logits[:, 0] > 0
-        mask = (logits > 0) & present.view(-1, 1, 1, 1)
-
-        def to_np(t):
-            return None if t is None else t.detach().cpu().numpy()
-
-        mask_np, prob_np, unc_np = to_np(mask), to_np(prob), to_np(unc)
-        ale_np, epi_np = to_np(aleatoric), to_np(epistemic)
-        iou_np = to_np(out.iou_pred.float())
-        obj_np = to_np(torch.sigmoid(out.object_score_logits[:, 0].float()))
+        # One prompt set at a time: full-resolution maps of several objects at once (8 x 4 MB
+        # per map at 1024 px) fall out of the CPU caches, which made a batched call slower than
+        # a loop of single calls; the decoder itself still runs batched.
+        iou_np = out.iou_pred.float().cpu().numpy()
+        obj_np = torch.sigmoid(out.object_score_logits[:, 0].float()).cpu().numpy()
         results = []
-        for b in range(mask_np.shape[0]):
+        for b in range(out.logits.shape[0]):
+            part = {k: None if t is None else t[b : b + 1] for k, t in (
+                ("logits", out.logits), ("uncertainty", out.uncertainty), ("aleatoric", out.aleatoric)
+            )}
+            maps = self._full_resolution_maps(**part, present=bool(out.object_score_logits[b, 0] > 0))
             candidates = [
                 Prediction(
-                    mask=mask_np[b, k],
-                    probability=prob_np[b, k],
-                    uncertainty=unc_np[b, k],
+                    mask=maps["mask"][k],
+                    probability=maps["probability"][k],
+                    uncertainty=maps["uncertainty"][k],
                     iou_score=float(iou_np[b, k]),
                     object_score=float(obj_np[b]),
-                    epistemic=None if epi_np is None else epi_np[b, k],
-                    aleatoric=None if ale_np is None else ale_np[b, k],
+                    epistemic=None if maps["epistemic"] is None else maps["epistemic"][k],
+                    aleatoric=None if maps["aleatoric"] is None else maps["aleatoric"][k],
                     mode=mode,
                 )
-                for k in range(mask_np.shape[1])
+                for k in range(out.logits.shape[1])
             ]
             candidates.sort(key=lambda p: -p.iou_score)
             best = candidates[0]
@@ -267,6 +255,31 @@ class Predictor:
                 best.alternatives = candidates[1:]
             results.append(best)
         return results
+
+    def _full_resolution_maps(self, logits, uncertainty, aleatoric, present: bool) -> dict:
+        """One prompt set's (1, M, h, w) decoder maps -> (M, H, W) numpy maps at the image size.
+
+        Full-resolution work dominates a click on large images, so only the logits and the
+        uncertainty maps are upsampled (entropy is computed at decoder resolution, where it is
+        16x cheaper); probability and mask follow from the upsampled logits, so
+        mask == (probability > 0.5) exactly.
+        """
+        logits = self._to_image(logits)[0]
+        prob = torch.sigmoid(logits)
+        unc = self._to_image(uncertainty)[0].clamp_(0.0, 1.0)
+        epistemic = None
+        if aleatoric is not None:
+            aleatoric = torch.minimum(self._to_image(aleatoric)[0], unc)
+            epistemic = unc - aleatoric
+        mask = logits > 0
+        if not present:
+            mask.zero_()
+
+        def to_np(t):
+            return None if t is None else t.detach().cpu().numpy()
+
+        return {"mask": to_np(mask), "probability": to_np(prob), "uncertainty": to_np(unc),
+                "aleatoric": to_np(aleatoric), "epistemic": to_np(epistemic)}
 
     def _to_image(self, t: torch.Tensor) -> torch.Tensor:
         """(B, M, h, w) decoder-resolution map -> (B, M, H, W) at the original image size."""
