@@ -236,9 +236,11 @@ def test_small_instances_return_to_the_background_and_labels_are_canonical():
 
 @pytest.mark.xfail(
     strict=False,
-    reason="the shipped micro (1600 of 4000 steps) gives good prompted masks (point IoU 0.76-0.89 on "
-    "these discs) but its IoU head predicts a constant ~0.45 and its multimask tokens are untrained, "
-    "so the automatic filters keep nothing (0/5; 1/5 with pred_iou_thresh=0.3, multimask=False)",
+    reason="the shipped micro (3000 steps) gives good masks for clicks near a disc's centre, but its "
+    "IoU head predicts a near-constant value, its multimask tokens and object score were never trained "
+    "on what the grid needs, and clicks near an edge give fragments, so the filters keep nothing (0/5); "
+    "the stage-2 'heads' recipe taught the object score to reject background but left the IoU head flat "
+    "(still <= 2/5) and rejected 18% of real DSB2018 nuclei, so it is not shipped",
 )
 def test_trained_model_finds_the_objects_of_a_synthetic_image(micro):
     centres = ((30, 30, 10), (30, 90, 12), (90, 40, 9), (95, 100, 14), (60, 64, 8))
