@@ -109,6 +109,26 @@ def test_batch_equals_one_by_one_and_keeps_order(predictor):
         assert got.iou_score == pytest.approx(single.iou_score, abs=1e-5)
 
 
+def test_cpu_batches_are_decoded_in_cache_sized_chunks_with_the_same_results(predictor, monkeypatch):
+    import napari_ruac.model.predictor as predictor_module
+
+    predictor.set_image(_blobs())
+    prompts = [dict(points=[(20 + 15 * i, 30 + 20 * i)]) for i in range(5)]
+    whole = predictor.predict_batch(prompts)
+    per_set = predictor._embedding.image_embed[0].numel() * 4
+    monkeypatch.setattr(predictor_module, "CPU_DECODER_BYTES", 2 * per_set)
+    assert predictor.decoder_chunk() == 2
+    calls = []
+    decode = predictor.model.decode
+    monkeypatch.setattr(predictor.model, "decode", lambda *a, **k: calls.append(a[1].shape[0]) or decode(*a, **k))
+    chunked = predictor.predict_batch(prompts)
+    assert calls == [2, 2, 1]
+    for a, b in zip(whole, chunked):
+        np.testing.assert_allclose(a.probability, b.probability, atol=1e-5)
+    monkeypatch.setattr(predictor_module, "CPU_DECODER_BYTES", 1)
+    assert predictor.decoder_chunk() == 1  # never zero
+
+
 def test_mc_batch_equals_one_by_one(predictor):
     """Without a seed each prompt set gets the same fixed noise, so batching does not change MC maps."""
     predictor.set_image(_blobs())
