@@ -58,6 +58,9 @@ def peak_memory_mb(trainer, batch, device) -> float:
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
         os.close(r)
+        # OpenMP's thread pool does not survive fork(): the child's first parallel region
+        # waited forever on the parent's threads. One thread keeps torch out of OpenMP.
+        torch.set_num_threads(1)
         base = _rss_now_mb()
         for _ in range(2):
             trainer.train_step(batch)

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from napari_ruac.cli import main
-from napari_ruac.training.trainer import LOSS_FIELDS, Trainer, read_log
+from napari_ruac.training.trainer import LOSS_FIELDS, Trainer, load_config, read_log
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,6 +103,35 @@ def test_heads_recipe_trains_multimask_tokens_and_background_clicks(tmp_path):
     assert trainer.fit() == 3
     rows = read_log(trainer.run_dir / "log.csv")
     assert all(float(r["mm_seg"]) > 0 for r in rows)
+
+
+def test_validation_on_a_held_out_folder_logs_the_evaluation_metrics(tmp_path):
+    import numpy as np
+    import tifffile
+
+    from napari_ruac.training.trainer import validation_batches
+
+    torch.set_num_threads(1)
+    (tmp_path / "val" / "images").mkdir(parents=True)
+    (tmp_path / "val" / "masks").mkdir()
+    for k in range(2):
+        lab = np.zeros((128, 128), np.uint16)
+        lab[20:50, 30:60], lab[70:110, 60 + 10 * k:100 + 10 * k] = 1, 2
+        img = (40 + 150 * (lab > 0) + np.random.default_rng(k).normal(0, 5, lab.shape)).clip(0, 255).astype(np.uint8)
+        tifffile.imwrite(tmp_path / "val" / "images" / f"v{k}.tif", img)
+        tifffile.imwrite(tmp_path / "val" / "masks" / f"v{k}.tif", lab)
+    cfg = tiny_recipe("bayes", steps=2, train={"val_every": 2},
+                      val={"source": str(tmp_path / "val"), "images": 2, "size": 96, "batch_size": 2})
+    batches = validation_batches(load_config(cfg))
+    assert {kind for kind, _ in batches} == {"point", "box"}
+    for _, batch in batches:  # crops of the folder's two objects, not synthetic images
+        assert set(torch.unique(batch["label_maps"]).tolist()) <= {0, 1, 2}
+    trainer = Trainer(cfg, tmp_path / "run", quiet=True)
+    trainer.fit()
+    row = read_log(tmp_path / "run" / "log.csv")[-1]
+    for key in ("val_miou_point", "val_miou_box", "val_auroc", "val_ece"):
+        assert 0.0 <= float(row[key]) <= 1.0, (key, row[key])
+    assert -1.0 <= float(row["val_pcc"]) <= 1.0
 
 
 def test_kill_and_resume_reproduces_the_uninterrupted_loss_log(tmp_path):

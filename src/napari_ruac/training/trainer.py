@@ -84,7 +84,7 @@ DEFAULTS: dict = {
 LOG_FIELDS = [
     "step", "lr", "size", "prompts", "gamma", "beta", "loss", "seg", "bce", "focal", "dice", "iou", "obj",
     "kl", "train_iou", "adv_seg", "adv_kl", "adv_iou", "cal", "distill", "mm_seg", "mm_iou", "grad_norm", "sec",
-    "val_miou_point", "val_miou_box", "val_fg_iou", "val_pcc",
+    "val_miou_point", "val_miou_box", "val_fg_iou", "val_pcc", "val_auroc", "val_ece",
 ]
 LOSS_FIELDS = ["loss", "seg", "bce", "focal", "dice", "iou", "obj", "kl", "train_iou", "adv_seg", "adv_kl", "adv_iou", "cal",
                "distill", "mm_seg", "mm_iou"]
@@ -332,10 +332,12 @@ class ValidationResult:
     miou_box: float
     fg_iou: float  # IoU of point-prompted masks with ALL objects: high = the prompt is ignored
     pcc: float  # Pearson r of uncertainty and error inside the dilated objects
+    auroc: float = float("nan")  # uncertainty as a detector of wrong pixels, same region
+    ece: float = float("nan")  # calibration of the point-prompted probabilities, same region
 
     def as_dict(self) -> dict:
         return {"val_miou_point": self.miou_point, "val_miou_box": self.miou_box,
-                "val_fg_iou": self.fg_iou, "val_pcc": self.pcc}
+                "val_fg_iou": self.fg_iou, "val_pcc": self.pcc, "val_auroc": self.auroc, "val_ece": self.ece}
 
 
 def validation_batches(cfg: dict) -> list[dict]:
@@ -358,7 +360,7 @@ def validate(model: RuacSam, batches: list) -> ValidationResult:
     was_training = model.training
     model.eval()
     ious = {"point": [], "box": []}
-    fg, errs, uncs = [], [], []
+    fg, errs, uncs, probs, targets = [], [], [], [], []
     for kind, batch in batches:
         batch = {k: v.to(model.device) for k, v in batch.items()}
         size = tuple(batch["images"].shape[-2:])
@@ -375,11 +377,17 @@ def validate(model: RuacSam, batches: list) -> ValidationResult:
             region = F.max_pool2d(target.float().unsqueeze(1), 11, 1, 5).squeeze(1) > 0
             errs.append((pred != target)[region].float())
             uncs.append(binary_entropy_from_logit(logits)[region])
+            probs.append(torch.sigmoid(logits)[region])
+            targets.append(target[region].float())
     model.train(was_training)
+    from ..evaluate import auroc, ece  # the evaluation's own metrics (numpy)
+
     e, u = torch.cat(errs), torch.cat(uncs)
     pcc = float(torch.corrcoef(torch.stack([e, u]))[0, 1]) if e.std() > 0 and u.std() > 0 else 0.0
+    e_np = e.cpu().numpy() > 0.5
     return ValidationResult(float(torch.cat(ious["point"]).mean()), float(torch.cat(ious["box"]).mean()),
-                            float(torch.cat(fg).mean()), pcc)
+                            float(torch.cat(fg).mean()), pcc, auroc(u.cpu().numpy(), e_np),
+                            ece(torch.cat(probs).cpu().numpy(), torch.cat(targets).cpu().numpy()))
 
 
 # ---------------------------------------------------------------------------------- trainer
