@@ -100,6 +100,12 @@ def test_evaluate_cli_writes_json_and_csv(tmp_path):
     assert data["results"]["point3"]["n_objects"] == 2
     rows = out.with_suffix(".csv").read_text().splitlines()
     assert rows[0].startswith("image,plane,label,prompt,method") and len(rows) == 1 + 2 * 2 + 2 * 3
+    assert data["zoom"] == 1.0
+    zoomed = tmp_path / "res" / "zoomed.json"
+    assert main(["evaluate", "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "msk"),
+                 "--model", "test-tiny", "--prompts", "box", "--zoom", "0.5", "--json", str(zoomed)]) == 0
+    data = json.loads(zoomed.read_text())
+    assert data["zoom"] == 0.5 and data["results"]["box"]["n_objects"] == 2
 
 
 def test_evaluate_cli_errors(tmp_path, capsys):

@@ -203,3 +203,31 @@ def test_resize_models_pad_to_square(tiny_model):
     p.set_image(_blobs((90, 250)))
     assert p._frame.input_size == (128, 128) and p._frame.valid == (46, 128)
     assert p.predict(points=[(45, 200)]).mask.shape == (90, 250)
+
+
+def test_zoom_resizes_what_the_model_sees_and_keeps_outputs_in_image_pixels(micro):
+    # nuclei twice the size micro was trained on, seen at half size; the click is in image pixels
+    rr, cc = np.mgrid[:256, :256]
+    disc = ((rr - 128) ** 2 + (cc - 100) ** 2) < 24**2
+    img = (0.1 + 0.8 * disc + np.random.default_rng(0).normal(0, 0.03, disc.shape)).astype(np.float32)
+    predictor = Predictor(micro, zoom=0.5)
+    predictor.set_image(img)
+    assert predictor._frame.scale == 0.5 and predictor._frame.valid == (128, 128)
+    pred = predictor.predict(points=[(128, 100)])
+    assert pred.mask.shape == img.shape and pred.mask[128, 100]
+    assert (pred.mask & disc).sum() / (pred.mask | disc).sum() > 0.6
+
+
+def test_an_embedding_belongs_to_one_zoom(predictor):
+    img = _blobs()
+    assert not predictor.set_image(img)
+    predictor.zoom = 0.5
+    assert not predictor.is_image_set  # a new zoom forgets the image: no stale embedding
+    with pytest.raises(RuntimeError, match="no image set"):
+        predictor.predict(points=[(50, 60)])
+    assert not predictor.is_cached(img) and not predictor.set_image(img)
+    predictor.zoom = 1.0
+    assert predictor.set_image(img)  # the zoom-1 embedding is still cached
+    for bad in (0, -1, float("nan"), "big", 100):
+        with pytest.raises(ValueError, match="zoom"):
+            Predictor(predictor.model, zoom=bad)

@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
     parser.add_argument("--mode", choices=["analytic", "mc"], default="analytic", help="uncertainty mode")
     parser.add_argument("--samples", type=int, default=20, help="Monte-Carlo samples (mode mc)")
+    parser.add_argument("--zoom", type=float, default=1.0,
+                        help="resize the image by this factor before the model sees it (0.5 for objects twice the "
+                             "size the model was trained on); outputs keep the image's size")
     parser.add_argument("-o", "--output", required=True, help="output folder")
 
 
@@ -105,7 +108,7 @@ def _predict(args) -> int:
             raise ValueError(f"--plane {args.plane} does not exist in an image of shape {image.shape}")
         image = image[args.plane]
     model = load_model(args.model, device=args.device, checkpoint=args.checkpoint)
-    predictor = Predictor(model)
+    predictor = Predictor(model, zoom=args.zoom)
     predictor.set_image(image)
     pts = points + negatives
     labels = [1] * len(points) + [0] * len(negatives)

@@ -240,9 +240,11 @@ class EvaluationReport:
     results: dict
     baselines: dict
     rows: list[ObjectRow]
+    zoom: float = 1.0
 
     def to_json(self) -> dict:
-        return {"model": self.model, "n_images": self.n_images, "results": self.results, "baselines": self.baselines}
+        return {"model": self.model, "n_images": self.n_images, "results": self.results, "baselines": self.baselines,
+                "zoom": self.zoom}
 
 
 def iter_planes(image: np.ndarray, mask: np.ndarray):
@@ -266,14 +268,16 @@ def evaluate_model(
     baselines: bool = True,
     model_name: str = "model",
     progress=None,
+    zoom: float = 1.0,
 ) -> EvaluationReport:
-    """Evaluate ``model`` on ``(name, image, instance_labels)`` samples (2D or 3D)."""
+    """Evaluate ``model`` on ``(name, image, instance_labels)`` samples (2D or 3D); ``zoom`` as
+    in :class:`~napari_ruac.model.Predictor` (prompts and metrics stay at the images' scale)."""
     from .model import Predictor
 
     for p in prompt_modes:
         if p not in PROMPT_MODES:
             raise ValueError(f"unknown prompt mode {p!r}; expected some of {PROMPT_MODES}")
-    predictor = Predictor(model)
+    predictor = Predictor(model, zoom=zoom)
     rows: list[ObjectRow] = []
     pooled = {p: _Pooled() for p in prompt_modes}
     structure = ndimage.generate_binary_structure(2, 1)
@@ -335,7 +339,7 @@ def evaluate_model(
         if theirs:
             base[method] = {"prompt": theirs[0].prompt, "n_objects": len(theirs),
                             "miou": _nanmean(r.iou for r in theirs), "jf": _nanmean(r.jf for r in theirs)}
-    return EvaluationReport(model_name, len(samples), results, base, rows)
+    return EvaluationReport(model_name, len(samples), results, base, rows, predictor.zoom)
 
 
 def _predict(predictor, prompt, gt, point, box, mode, mc_samples):
@@ -400,6 +404,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=["analytic", "mc"], default=None, help="uncertainty mode")
     parser.add_argument("--samples", type=int, default=20, help="MC samples (--mode mc)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--zoom", type=float, default=1.0,
+                        help="resize images by this factor before the model sees them (0.5: objects twice the "
+                             "size the model was trained on); prompts and metrics stay at the images' scale")
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--json", default=None, help="write results JSON here (per-object CSV beside it)")
 
@@ -413,7 +420,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, device=args.device, checkpoint=args.checkpoint)
     prompts = [p.strip() for p in args.prompts.split(",") if p.strip()]
     report = evaluate_model(model, samples, prompts, mode=args.mode, mc_samples=args.samples, seed=args.seed,
-                            baselines=not args.no_baselines, model_name=str(args.model))
+                            baselines=not args.no_baselines, model_name=str(args.model), zoom=args.zoom)
     print_report(report)
     if args.json:
         write_report(report, Path(args.json))

@@ -30,6 +30,17 @@ class PromptError(ValueError):
 CPU_DECODER_BYTES = 4 * 2**20
 
 
+
+def check_zoom(zoom) -> float:
+    """``zoom`` as a float, or a ValueError that says what is wrong with it."""
+    try:
+        value = float(zoom)
+    except (TypeError, ValueError):
+        raise ValueError(f"zoom must be a number, got {zoom!r}") from None
+    if not (math.isfinite(value) and 0.05 <= value <= 8):
+        raise ValueError(f"zoom must be between 0.05 and 8 (1 = the image's own scale), got {zoom!r}")
+    return value
+
 @dataclass
 class Prediction:
     """One object's result, at the input image's size (H, W).
@@ -74,11 +85,18 @@ class Predictor:
     >>> predictor = Predictor(load_model("micro"))
     >>> predictor.set_image(plane)
     >>> pred = predictor.predict(points=[(120, 87)], labels=[1])
+
+    ``zoom`` resizes the image before a native-scale model (ours) sees it, so objects appear at
+    the size the model learned: 0.5 for nuclei twice as large as the training ones (e.g. a
+    confocal stack at high magnification), 2 for tiny ones. Prompts and outputs stay in the
+    image's own pixels. Models that resize every image to a fixed input (official SAM2.1)
+    ignore it.
     """
 
-    def __init__(self, model: RuacSam, cache_size: int = 16) -> None:
+    def __init__(self, model: RuacSam, cache_size: int = 16, zoom: float = 1.0) -> None:
         self.model = model.eval()
         self.cache_size = cache_size
+        self._zoom = check_zoom(zoom)
         self._cache: OrderedDict[str, tuple[ImageEmbedding, Frame]] = OrderedDict()
         self._embedding: ImageEmbedding | None = None
         self._frame: Frame | None = None
@@ -97,7 +115,7 @@ class Predictor:
         """Embed ``image`` ((H, W) or (H, W, C), any numeric dtype and size), or reuse its
         cached embedding. Returns True when the embedding came from the cache."""
         arr = validate_plane(image)
-        key = content_key(arr)
+        key = self._key(arr)
         hit = self._cache.get(key)
         cached = hit is not None
         if hit is None:
@@ -112,7 +130,23 @@ class Predictor:
         return cached
 
     def is_cached(self, image) -> bool:
-        return content_key(validate_plane(image)) in self._cache
+        return self._key(validate_plane(image)) in self._cache
+
+    def _key(self, arr: np.ndarray) -> str:
+        # an embedding is of the image at one zoom
+        return content_key(arr) if self._zoom == 1.0 else f"{content_key(arr)}@{self._zoom:g}"
+
+    @property
+    def zoom(self) -> float:
+        return self._zoom
+
+    @zoom.setter
+    def zoom(self, value: float) -> None:
+        """A new zoom needs a new embedding: the current image is forgotten (set it again)."""
+        value = check_zoom(value)
+        if value != self._zoom:
+            self._zoom = value
+            self._embedding, self._frame, self.image_key = None, None, None
 
     def clear_cache(self) -> None:
         self._cache.clear()
@@ -126,7 +160,7 @@ class Predictor:
         return emb, frame
 
     def _frame_for(self, shape: tuple[int, int]) -> Frame:
-        return frame_for(self.model.config, shape)
+        return frame_for(self.model.config, shape, zoom=self._zoom)
 
     # ------------------------------------------------------------------ prompts
     def predict(
