@@ -328,3 +328,19 @@ def test_a_torch_error_in_a_generator_job_is_a_notification_not_silence(qtbot):
     assert isinstance(errors[0].__cause__, RuntimeError)
     messages = [str(n.message) for n in notification_manager.records[before:]]
     assert any(m.startswith("precompute failed: out of memory") for m in messages), messages
+
+
+def test_zoom_re_predicts_the_prompts_at_the_new_scale(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    plane = stack(n=1, shape=(96, 128))[0]
+    viewer.add_image(plane, name="cells")
+    widget = dock(viewer, qtbot)
+    widget.add_point((30, 36))
+    wait_predictions(qtbot, widget, 1)
+    assert widget._predictor._frame.scale == 1.0
+    before = widget.predictions_applied
+    widget.zoom_spin.setValue(0.5)  # no new prompt: the change alone re-predicts
+    wait_predictions(qtbot, widget, before + 1)
+    assert widget._predictor.zoom == 0.5 and widget._predictor._frame.scale == 0.5
+    assert widget.current.data.shape == plane.shape  # masks stay at the image's size
+    assert widget.uncertainty.data.shape == plane.shape

@@ -29,6 +29,7 @@ from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
+    QDoubleSpinBox,
     QComboBox,
     QFormLayout,
     QGroupBox,
@@ -127,11 +128,23 @@ class AnnotatorWidget(QWidget):
         self.mode_combo.addItems(["analytic", "mc"])
         self.mode_combo.setToolTip("analytic: closed-form uncertainty (fast); mc: 20 samples of the Bayesian head")
         self.negative_check = QCheckBox("negative clicks (or hold Shift/Ctrl)")
+        self.zoom_spin = QDoubleSpinBox()
+        self.zoom_spin.setRange(0.1, 4.0)
+        self.zoom_spin.setSingleStep(0.25)
+        self.zoom_spin.setDecimals(2)
+        self.zoom_spin.setValue(1.0)
+        self.zoom_spin.setToolTip(
+            "resize the image for the model so objects look like the ones it learned (micro: nuclei "
+            "about 8-60 px across). 0.5 for objects twice as large, 2 for tiny ones. Masks stay at "
+            "the image's size; each zoom needs its own embeddings.")
+        self.zoom_spin.valueChanged.connect(self._on_zoom_changed)
+        self._zoom = 1.0  # read by worker threads; set on the UI thread only
 
         top = QFormLayout()
         top.addRow("image", self.image_combo)
         top.addRow(self.model_picker)
         top.addRow("uncertainty", self.mode_combo)
+        top.addRow("zoom for the model", self.zoom_spin)
         top.addRow(self.negative_check)
 
         self.undo_button = QPushButton("Undo prompt [u]")
@@ -465,6 +478,7 @@ class AnnotatorWidget(QWidget):
         if self._predictor is None or self._predictor_choice != choice:
             self._predictor = Predictor(choice.load())
             self._predictor_choice = choice
+        self._predictor.zoom = self._zoom  # a changed zoom drops the current embedding
         return self._predictor
 
     def _plane_array(self, plane: Plane) -> np.ndarray:
@@ -888,6 +902,10 @@ class AnnotatorWidget(QWidget):
         self._go_to((*plane, self.spatial_shape[-2] / 2, self.spatial_shape[-1] / 2))
 
     # ================================================================== model change
+    def _on_zoom_changed(self, value: float) -> None:
+        self._zoom = float(value)
+        self._forget_model()  # same model, but every plane re-predicts at the new zoom
+
     def _forget_model(self) -> None:
         # the next job loads the new choice (a running job keeps its model until it ends);
         # forgetting what is shown makes every plane with prompts re-predict with it
