@@ -173,6 +173,17 @@ def test_segmentation_is_deterministic_in_mc_mode(tiny_model):
     assert np.array_equal(a.labels, b.labels) and np.array_equal(a.uncertainty, b.uncertainty)
 
 
+def test_zoom_scales_every_crop_frame_and_keeps_labels_at_plane_size(tiny_model):
+    seg = AutomaticSegmenter(tiny_model, points_per_side=4, crop_n_layers=1, zoom=0.5)
+    assert seg._frame((64, 64), 0).scale == 0.5 and seg._frame((64, 64), 1).scale == 1.0
+    img, _ = discs()
+    result = seg.segment(img)
+    assert result.labels.shape == img.shape and result.uncertainty.shape == img.shape
+    assert seg.options()["zoom"] == 0.5
+    with pytest.raises(ValueError, match="zoom"):
+        AutomaticSegmenter(tiny_model, zoom=0)
+
+
 def test_crop_layers_add_magnified_crops(tiny_model):
     img, _ = discs()
     seg = AutomaticSegmenter(tiny_model, points_per_side=4, crop_n_layers=1, **PERMISSIVE)

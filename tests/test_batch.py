@@ -138,6 +138,11 @@ def test_a_finished_input_is_not_redone_and_changed_parameters_redo_it(tmp_path)
     assert changed.files[0].status == "done" and first.ok
     meta = json.loads(outputs(tmp_path / "out", "s")["metadata"].read_text())
     assert meta["parameters"]["points_per_side"] == 3
+    zoomed = segment_files([src], tmp_path / "out", **{**FAST, "points_per_side": 3, "zoom": 0.5})
+    assert zoomed.files[0].status == "done"  # a new zoom is a new result, not a resume
+    meta = json.loads(outputs(tmp_path / "out", "s")["metadata"].read_text())
+    assert meta["parameters"]["zoom"] == 0.5
+    assert tifffile.imread(outputs(tmp_path / "out", "s")["labels"]).shape == (2, 32, 32)
 
 
 def test_the_model_is_loaded_once_per_process(tmp_path):

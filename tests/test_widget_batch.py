@@ -3,6 +3,8 @@ TIFF stacks, with the `test-tiny` model."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import tifffile
@@ -44,6 +46,7 @@ def test_batch_two_stacks_from_a_folder_and_open_results(make_napari_viewer, qtb
     widget = dock(viewer, out)
     widget.add_inputs([src])
     assert [p.split("/")[-1] for p in widget.inputs()] == ["stack0.tif", "stack1.tif"]
+    widget.zoom_spin.setValue(0.5)
     widget.run_button.click()
     assert widget.running and widget.cancel_button.isEnabled()
     qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
@@ -60,6 +63,7 @@ def test_batch_two_stacks_from_a_folder_and_open_results(make_napari_viewer, qtb
         layer = viewer.layers[f"{stem} uncertainty"]
         assert tuple(layer.contrast_limits) == (0.0, 1.0)
         np.testing.assert_array_equal(viewer.layers[f"{stem} labels"].data, labels)
+        assert json.loads((out / f"{stem}_metadata.json").read_text())["parameters"]["zoom"] == 0.5
     assert leftovers(out) == []
     assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
 

@@ -57,7 +57,7 @@ SEGMENTER_OPTIONS = (
     "points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
     "stability_score_offset", "max_mean_uncertainty", "box_nms_thresh", "crop_n_layers",
     "crop_overlap_ratio", "crop_n_points_downscale_factor", "crop_nms_thresh", "min_area",
-    "multimask", "object_score_thresh", "mode", "samples", "tile_size", "tile_overlap", "seed",
+    "multimask", "object_score_thresh", "mode", "samples", "tile_size", "tile_overlap", "seed", "zoom",
 )
 RUN_OPTIONS = ("axes", "channel", "checkpoint", "threads", "keep_work")
 CSV_COLUMNS = ("label", "plane", "area", "mean_uncertainty", "iou_score")
@@ -817,13 +817,16 @@ def add_arguments(parser) -> None:
                    help="planes larger than this are tiled (default: the model's largest input)")
     g.add_argument("--tile-overlap", type=int, default=None,
                    help="tile overlap in pixels, larger than the biggest object (default: tile/4)")
+    g.add_argument("--zoom", type=float, default=1.0,
+                   help="resize planes by this factor for the model (0.5: objects twice the size it was "
+                        "trained on); outputs keep the planes' size")
 
 
 def run(args) -> int:
     options = {k: getattr(args, k) for k in (
         "points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
         "max_mean_uncertainty", "box_nms_thresh", "crop_n_layers", "min_area", "mode", "samples",
-        "tile_size", "tile_overlap", "axes", "channel", "checkpoint", "threads",
+        "tile_size", "tile_overlap", "zoom", "axes", "channel", "checkpoint", "threads",
     )}
     bar = ProgressBar(sys.stderr)
     try:

@@ -98,6 +98,12 @@ class BatchWidget(QWidget):
         self.max_unc_spin.setSingleStep(0.05)
         self.max_unc_spin.setValue(0.6)
         self.max_unc_spin.setToolTip("drop masks whose mean uncertainty (bits) is above this")
+        self.zoom_spin = QDoubleSpinBox()
+        self.zoom_spin.setRange(0.1, 4.0)
+        self.zoom_spin.setSingleStep(0.25)
+        self.zoom_spin.setValue(1.0)
+        self.zoom_spin.setToolTip("resize planes for the model so objects look like the ones it learned: "
+                                  "0.5 for objects twice as large, 2 for tiny ones (outputs keep the planes' size)")
         #: further segment_files options (e.g. pred_iou_thresh), as on the CLI
         self.extra_options: dict = {}
 
@@ -118,6 +124,7 @@ class BatchWidget(QWidget):
         form = QFormLayout()
         form.addRow(self.model_picker)
         form.addRow("points per side", self.points_spin)
+        form.addRow("zoom for the model", self.zoom_spin)
         form.addRow("max mean uncertainty", self.max_unc_spin)
         form.addRow("output", out_row)
         form.addRow(self.open_check)
@@ -184,7 +191,8 @@ class BatchWidget(QWidget):
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         options = {"points_per_side": self.points_spin.value(),
-                   "max_mean_uncertainty": self.max_unc_spin.value(), **self.extra_options}
+                   "max_mean_uncertainty": self.max_unc_spin.value(), "zoom": self.zoom_spin.value(),
+                   **self.extra_options}
         if choice.checkpoint:
             options["checkpoint"] = choice.checkpoint
         self.worker = create_worker(self._job, inputs, output, choice, self.cancel_event, options,

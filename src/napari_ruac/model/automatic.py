@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..io.normalize import to_rgb_float, validate_plane
-from .frame import Frame, frame_for, to_model_input
+from .frame import Frame, check_zoom, frame_for, to_model_input
 from .sam import LABEL_POS, RuacSam
 from .weibull import binary_entropy
 
@@ -316,6 +316,7 @@ class AutomaticSegmenter:
         tile_overlap: int | None = None,
         window_margin: int = 12,
         seed: int = 0,
+        zoom: float = 1.0,
     ) -> None:
         if points_per_batch < 1:
             raise ValueError(f"points_per_batch must be at least 1, got {points_per_batch}")
@@ -341,6 +342,8 @@ class AutomaticSegmenter:
         self.tile_overlap = self.tile_size // 4 if tile_overlap is None else tile_overlap
         self.window_margin = window_margin
         self.seed = seed
+        # as Predictor's zoom: objects look to the model as large as the ones it learned
+        self.zoom = check_zoom(zoom)
 
     # ------------------------------------------------------------------ options
     @property
@@ -356,7 +359,7 @@ class AutomaticSegmenter:
             "stability_score_offset", "max_mean_uncertainty", "box_nms_thresh", "crop_n_layers",
             "crop_overlap_ratio", "crop_n_points_downscale_factor", "crop_nms_thresh", "min_area",
             "multimask", "object_score_thresh", "mode", "samples", "tile_size", "tile_overlap",
-            "window_margin", "seed",
+            "window_margin", "seed", "zoom",
         )
         return {k: getattr(self, k) for k in keys}
 
@@ -405,7 +408,7 @@ class AutomaticSegmenter:
     # ------------------------------------------------------------------ internals
     def _frame(self, shape: tuple[int, int], layer: int) -> Frame:
         # zoomed crops are magnified (up to 2^layer) so small objects cover more tokens
-        return frame_for(self.model.config, shape, zoom=2**layer)
+        return frame_for(self.model.config, shape, zoom=self.zoom * 2**layer)
 
     @torch.inference_mode()
     def _crop_candidates(

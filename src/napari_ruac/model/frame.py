@@ -26,6 +26,17 @@ class Frame:
     input_size: tuple[int, int]
 
 
+def check_zoom(zoom) -> float:
+    """``zoom`` as a float, or a ValueError that says what is wrong with it."""
+    try:
+        value = float(zoom)
+    except (TypeError, ValueError):
+        raise ValueError(f"zoom must be a number, got {zoom!r}") from None
+    if not (math.isfinite(value) and 0.05 <= value <= 8):
+        raise ValueError(f"zoom must be between 0.05 and 8 (1 = the image's own scale), got {zoom!r}")
+    return value
+
+
 def frame_for(config: ModelConfig, shape: tuple[int, int], zoom: float = 1.0) -> Frame:
     """The frame of a plane of ``shape`` for a model.
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..io.normalize import to_rgb_float, validate_plane
 from .mask_decoder import DecoderOutput
-from .frame import Frame, frame_for, to_model_input
+from .frame import Frame, check_zoom, frame_for, to_model_input
 from .sam import LABEL_BOX_BR, LABEL_BOX_TL, ImageEmbedding, RuacSam
 
 
@@ -29,17 +29,6 @@ class PromptError(ValueError):
 # image tokens (bytes) one CPU decoder pass should carry; see Predictor.decoder_chunk
 CPU_DECODER_BYTES = 4 * 2**20
 
-
-
-def check_zoom(zoom) -> float:
-    """``zoom`` as a float, or a ValueError that says what is wrong with it."""
-    try:
-        value = float(zoom)
-    except (TypeError, ValueError):
-        raise ValueError(f"zoom must be a number, got {zoom!r}") from None
-    if not (math.isfinite(value) and 0.05 <= value <= 8):
-        raise ValueError(f"zoom must be between 0.05 and 8 (1 = the image's own scale), got {zoom!r}")
-    return value
 
 @dataclass
 class Prediction:
