@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from napari_ruac.cli import main
+from napari_ruac.model import load_model
 from napari_ruac.training.trainer import LOSS_FIELDS, Trainer, load_config, read_log
 
 REPO = Path(__file__).resolve().parents[1]
@@ -175,8 +176,33 @@ def test_kill_and_resume_reproduces_the_uninterrupted_loss_log(tmp_path):
     assert any(float(r["gamma"]) > 0 for r in a)  # the adversarial phase was part of it
 
 
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signalled_run_checkpoints_the_step_it_reached(tmp_path, sig):
+    # no periodic checkpoint before the signal: whatever is saved comes from the stop itself.
+    # The child starts with SIGINT ignored, as a background job (`cmd &`) from a script does.
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe("bayes", steps=500, train={"checkpoint_every": 1000})))
+    run = tmp_path / "run"
+    proc = _cli([str(recipe), "--run-dir", str(run), "--threads", "1", "--output", str(tmp_path / "m.pt")],
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    log = run / "log.csv"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if log.is_file() and len(log.read_text().splitlines()) >= 1 + 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be signalled"
+    proc.send_signal(getattr(signal, sig))
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == (0 if sig == "SIGTERM" else 130), out
+    rows = read_log(log)
+    ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    assert 3 <= ckpt["step"] < 500 and ckpt["step"] >= len(rows)
+    if sig == "SIGTERM":  # a graceful stop also exports, like a finished run
+        assert load_model(tmp_path / "m.pt").info["trained"]
+
+
 def test_export_writes_an_fp16_package_checkpoint_that_loads(tmp_path):
-    from napari_ruac import load_model
     from napari_ruac.model import read_checkpoint
 
     torch.set_num_threads(1)

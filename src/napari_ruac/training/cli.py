@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import threading
 import warnings
@@ -68,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
             device = f"cuda:{local}"
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     stop = threading.Event()
+    if not distributed:  # under torchrun, the agent's SIGTERM must not leave ranks waiting on each other
+        install_stop_signals(stop)
     if args.stop_on_stdin:
         watch_stdin(stop)
     report = JsonReporter(stop) if args.progress_json else None
@@ -103,6 +106,16 @@ def run(args: argparse.Namespace) -> int:
         if distributed:
             shutdown_distributed(trainer, completed)
     return 0
+
+
+def install_stop_signals(stop: threading.Event) -> None:
+    """SIGTERM (``kill``, a job scheduler's time limit) stops the run after its current step,
+    checkpointed and exported like a finished run, instead of losing the steps since the last
+    checkpoint. SIGINT keeps raising KeyboardInterrupt (the trainer still checkpoints), also in a
+    background job (``cmd &`` from a script), which starts with SIGINT ignored."""
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def watch_stdin(stop: threading.Event) -> threading.Thread:
