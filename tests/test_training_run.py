@@ -80,6 +80,16 @@ def _cli(args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
+def _wait_for_logged_steps(proc, log: Path, n: int, timeout_s: float = 240) -> None:
+    """Until the running CLI ``proc`` has logged ``n`` steps; it must still be running then."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and proc.poll() is None:
+        if log.is_file() and len(log.read_text().splitlines()) >= 1 + n:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be stopped"
+
+
 def _losses(rows):
     return [[r["step"]] + [r[k] for k in LOSS_FIELDS] + [r["size"], r["prompts"], r["lr"]] for r in rows]
 
@@ -152,12 +162,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_loss_log(tmp_path):
     # the same run, SIGKILLed after step 5 (its last checkpoint is step 3), then resumed
     proc = _cli([str(recipe), "--run-dir", str(broken), "--threads", "1"])
     log = broken / "log.csv"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if log.is_file() and len(log.read_text().splitlines()) >= 1 + 5:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
+    _wait_for_logged_steps(proc, log, 5)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     killed_rows = read_log(log)
@@ -186,12 +191,7 @@ def test_a_signalled_run_checkpoints_the_step_it_reached(tmp_path, sig):
     proc = _cli([str(recipe), "--run-dir", str(run), "--threads", "1", "--output", str(tmp_path / "m.pt")],
                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     log = run / "log.csv"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if log.is_file() and len(log.read_text().splitlines()) >= 1 + 3:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be signalled"
+    _wait_for_logged_steps(proc, log, 3)
     proc.send_signal(getattr(signal, sig))
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode == (0 if sig == "SIGTERM" else 130), out
