@@ -823,11 +823,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    options = {k: getattr(args, k) for k in (
-        "points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
-        "max_mean_uncertainty", "box_nms_thresh", "crop_n_layers", "min_area", "mode", "samples",
-        "tile_size", "tile_overlap", "zoom", "axes", "channel", "checkpoint", "threads",
-    )}
+    # every segmenter or run option the command line has a flag for
+    options = {k: getattr(args, k) for k in SEGMENTER_OPTIONS + RUN_OPTIONS if hasattr(args, k)}
     bar = ProgressBar(sys.stderr)
     try:
         summary = segment_files(

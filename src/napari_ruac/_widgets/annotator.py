@@ -29,7 +29,6 @@ from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
-    QDoubleSpinBox,
     QComboBox,
     QFormLayout,
     QGroupBox,
@@ -45,7 +44,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .model_picker import ModelChoice, ModelPicker
+from .model_picker import ModelChoice, ModelPicker, zoom_spin_box
 from .objects import ObjectRecord, measure_object, next_uncertain, plane_centroid
 from .runner import LatestOnlyRunner
 
@@ -128,15 +127,7 @@ class AnnotatorWidget(QWidget):
         self.mode_combo.addItems(["analytic", "mc"])
         self.mode_combo.setToolTip("analytic: closed-form uncertainty (fast); mc: 20 samples of the Bayesian head")
         self.negative_check = QCheckBox("negative clicks (or hold Shift/Ctrl)")
-        self.zoom_spin = QDoubleSpinBox()
-        self.zoom_spin.setRange(0.1, 4.0)
-        self.zoom_spin.setSingleStep(0.25)
-        self.zoom_spin.setDecimals(2)
-        self.zoom_spin.setValue(1.0)
-        self.zoom_spin.setToolTip(
-            "resize the image for the model so objects look like the ones it learned (micro: nuclei "
-            "about 8-60 px across). 0.5 for objects twice as large, 2 for tiny ones. Masks stay at "
-            "the image's size; each zoom needs its own embeddings.")
+        self.zoom_spin = zoom_spin_box()
         self.zoom_spin.valueChanged.connect(self._on_zoom_changed)
         self._zoom = 1.0  # read by worker threads; set on the UI thread only
 
@@ -771,7 +762,6 @@ class AnnotatorWidget(QWidget):
                 predictor.cache_size = max(predictor.cache_size, len(planes) + 1)
                 predictor.set_image(arr)
             yield i + 1
-        return
 
     def _on_task_progress(self, value) -> None:
         if isinstance(value, int):

@@ -31,7 +31,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .model_picker import ModelPicker
+from .model_picker import ModelPicker, zoom_spin_box
 from .runner import describe_error, show_worker_warning
 
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -98,12 +98,7 @@ class BatchWidget(QWidget):
         self.max_unc_spin.setSingleStep(0.05)
         self.max_unc_spin.setValue(0.6)
         self.max_unc_spin.setToolTip("drop masks whose mean uncertainty (bits) is above this")
-        self.zoom_spin = QDoubleSpinBox()
-        self.zoom_spin.setRange(0.1, 4.0)
-        self.zoom_spin.setSingleStep(0.25)
-        self.zoom_spin.setValue(1.0)
-        self.zoom_spin.setToolTip("resize planes for the model so objects look like the ones it learned: "
-                                  "0.5 for objects twice as large, 2 for tiny ones (outputs keep the planes' size)")
+        self.zoom_spin = zoom_spin_box()
         #: further segment_files options (e.g. pred_iou_thresh), as on the CLI
         self.extra_options: dict = {}
 

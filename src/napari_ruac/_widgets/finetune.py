@@ -42,7 +42,7 @@ from qtpy.QtWidgets import (
 from ..training.process import (RECIPE_FILE, StepProgress, TrainingProcess, TrainingProcessError, prepare_run,
                                  train_command)
 from .model_picker import CHECKPOINT_ENTRY, ModelPicker
-from .runner import describe_error, show_worker_warning
+from .runner import describe_error, shield_runtime_errors, show_worker_warning
 
 VARIANTS = {"Bayesian (fast)": "bayes", "full RUAC (adversaries, slower)": "ruac"}
 
@@ -237,8 +237,9 @@ class FinetuneWidget(QWidget):
         labels = [np.array(l) for l in labels]
         command = train_command(run_dir / RECIPE_FILE, run_dir, output, choice.device, self.threads)
         self.process = self._guard.process = TrainingProcess(command, run_dir)
-        self.worker = create_worker(self._job, self.process, recipe, images, labels, bool(image_layer.rgb),
-                                    _start_thread=False, _ignore_errors=True)
+        # superqt drops RuntimeErrors raised in generator workers: shielded like every other job
+        self.worker = create_worker(shield_runtime_errors(self._job), self.process, recipe, images, labels,
+                                    bool(image_layer.rgb), _start_thread=False, _ignore_errors=True)
         self.worker.yielded.connect(self._on_step)
         self.worker.warned.connect(show_worker_warning)
         self.worker.returned.connect(self._on_done)

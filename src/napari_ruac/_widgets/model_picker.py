@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from qtpy.QtWidgets import QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLineEdit, QPushButton, QWidget
+from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout, QLineEdit,
+                            QPushButton, QWidget)
 
 CHECKPOINT_ENTRY = "checkpoint file…"
 
@@ -86,3 +87,18 @@ class ModelPicker(QWidget):
         if name.startswith("sam2"):
             return ModelChoice(name, path, device)
         return ModelChoice(name, None, device)
+
+
+def zoom_spin_box() -> QDoubleSpinBox:
+    """The "zoom for the model" setting of the annotator and the batch widget (Predictor's and
+    AutomaticSegmenter's ``zoom``), 1.0 to start."""
+    spin = QDoubleSpinBox()
+    spin.setRange(0.1, 4.0)
+    spin.setSingleStep(0.25)
+    spin.setDecimals(2)
+    spin.setValue(1.0)
+    spin.setToolTip(
+        "resize the image for the model so objects look like the ones it learned (micro: nuclei "
+        "about 8-60 px across): 0.5 for objects twice as large, 2 for tiny ones. Masks stay at "
+        "the image's size; each zoom needs its own embeddings.")
+    return spin

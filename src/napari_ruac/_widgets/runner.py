@@ -14,15 +14,15 @@ from typing import Any, Callable
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_warning
 
+from ..training.process import is_out_of_memory
+
 
 def describe_error(exc: BaseException) -> str:
     """A one-line message for a notification; out-of-memory gets advice, not a trace."""
     if isinstance(exc, JobError):
         return str(exc)
     text = str(exc) or type(exc).__name__
-    lowered = text.lower()
-    # CUDA: "CUDA out of memory"; CPU: "DefaultCPUAllocator: can't allocate memory"
-    if isinstance(exc, MemoryError) or "out of memory" in lowered or "can't allocate memory" in lowered:
+    if isinstance(exc, MemoryError) or is_out_of_memory(text):
         return (
             f"out of memory ({type(exc).__name__}): try a smaller model, the CPU device, or "
             "fewer planes at once. Nothing was changed."

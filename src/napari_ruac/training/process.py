@@ -234,7 +234,7 @@ class TrainingProcess:
         else:
             text = f"the training process failed (exit code {code})"
         tail = self._tail_text()
-        if "out of memory" in tail.lower():
+        if is_out_of_memory(tail):
             text += "; out of memory: try fewer images per step, a smaller crop size or another device"
         return text + tail
 
@@ -266,6 +266,13 @@ class TrainingProcess:
             proc.stdin.close()
         except (BrokenPipeError, OSError, ValueError):
             pass
+
+
+def is_out_of_memory(text: str) -> bool:
+    """Whether an error message says memory ran out (CUDA: "CUDA out of memory"; CPU:
+    "DefaultCPUAllocator: can't allocate memory")."""
+    lowered = text.lower()
+    return "out of memory" in lowered or "can't allocate memory" in lowered
 
 
 def _parse_event(line: str) -> dict | None:
