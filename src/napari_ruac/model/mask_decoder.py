@@ -138,7 +138,9 @@ class WeibullHead(nn.Module):
             last.bias[2 * c + half : 3 * c] += 0.5
             last.bias[4 * c] = 0.0
 
-    def _lam(self, x: torch.Tensor) -> torch.Tensor:
+    def _lam(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
+        if fast:  # no autograd: the vectorised softplus, in place
+            return _softplus_inference(x).add_(1e-4)
         return F.softplus(x) + 1e-4
 
     def _kappa(self, x: torch.Tensor) -> torch.Tensor:
@@ -154,8 +156,7 @@ class WeibullHead(nn.Module):
         """
         raw = self.pixel_head(upscaled)
         c = self.channels
-        lam = _softplus_inference(raw[:, :c]).add_(1e-4) if fast else self._lam(raw[:, :c])
-        return lam, self._kappa(raw[:, c:])
+        return self._lam(raw[:, :c], fast), self._kappa(raw[:, c:])
 
     def token_params(self, tokens: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """(B, K, D) mask tokens -> ``(lam_fg, kappa_fg, lam_bg, kappa_bg)`` each (B, K, C),

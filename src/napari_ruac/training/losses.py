@@ -135,15 +135,16 @@ def segmentation_loss(
     """
     present = target.flatten(1).amax(1) > 0.5
     pix, dice = pixel_losses(logits, target, cfg, fg_weight)
+    pix_mean = _masked_mean(pix, present)
     parts: dict[str, torch.Tensor] = {}
-    parts["focal" if cfg.form == "focal" else "bce"] = _masked_mean(pix, present) / (
+    parts["focal" if cfg.form == "focal" else "bce"] = pix_mean / (
         cfg.focal_weight if cfg.form == "focal" else cfg.bce_weight)
     parts["dice"] = _masked_mean(dice, present)
     with torch.no_grad():
         actual_iou = mask_iou(logits > 0, target)
     parts["iou"] = _masked_mean((iou_pred.float() - actual_iou).abs(), present)
     parts["obj"] = F.binary_cross_entropy_with_logits(object_logits.float(), present.float())
-    parts["seg"] = (_masked_mean(pix, present) + cfg.dice_weight * parts["dice"] + cfg.iou_weight * parts["iou"]
+    parts["seg"] = (pix_mean + cfg.dice_weight * parts["dice"] + cfg.iou_weight * parts["iou"]
                     + cfg.object_weight * parts["obj"])
     parts["train_iou"] = _masked_mean(actual_iou, present)
     return parts

@@ -36,9 +36,8 @@ from torch import nn
 
 from ..model.build import build_model, load_model
 from ..model.checkpoint import atomic_torch_save, save_checkpoint
-from ..model.sam import tie_query_key
 from ..model.config import MODEL_SPECS, ModelConfig
-from ..model.sam import RuacSam
+from ..model.sam import RuacSam, tie_query_key
 from ..model.weibull import binary_entropy_from_logit, probit_logit
 from .adversaries import AdversaryConfig, Adversaries
 from .data import AnnotatedImages, BatchMaker, DataConfig, make_loader
