@@ -106,6 +106,11 @@ def test_evaluate_cli_writes_json_and_csv(tmp_path):
                  "--model", "test-tiny", "--prompts", "box", "--zoom", "0.5", "--json", str(zoomed)]) == 0
     data = json.loads(zoomed.read_text())
     assert data["zoom"] == 0.5 and data["results"]["box"]["n_objects"] == 2
+    assert data["window"] == 128  # test-tiny's own input size ('auto')
+    whole = tmp_path / "res" / "whole.json"
+    assert main(["evaluate", "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "msk"),
+                 "--model", "test-tiny", "--prompts", "box", "--window", "0", "--json", str(whole)]) == 0
+    assert json.loads(whole.read_text())["window"] is None
 
 
 def test_evaluate_cli_errors(tmp_path, capsys):

@@ -58,7 +58,8 @@ def test_mc_mode_splits_uncertainty(predictor):
     np.testing.assert_allclose(pred.epistemic + pred.aleatoric, pred.uncertainty, atol=1e-4)
 
 
-def test_embedding_is_cached_by_content(predictor):
+def test_embedding_is_cached_by_content(tiny_model):
+    predictor = Predictor(tiny_model, window=None)
     img = _blobs()
     predictor.set_image(img)
     calls = []
@@ -76,9 +77,12 @@ def test_embedding_is_cached_by_content(predictor):
 
 def test_point_coordinates_are_row_col(tiny_model):
     """A point at (row, col) reaches the model as x=col, y=row (scaled), for native and resized frames."""
-    p = Predictor(tiny_model)
+    from napari_ruac.model.predictor import model_coords
+
+    p = Predictor(tiny_model, window=None)
     p.set_image(np.zeros((100, 300), np.uint8))
-    pts, labs = p._encode_prompt(0, p_prompt(points=[(10, 250)], box=(20, 30, 80, 290)))
+    rc, labs = p._check_prompt(0, p_prompt(points=[(10, 250)], box=(20, 30, 80, 290)))
+    pts = model_coords(rc, (0, 0, 100, 300), p._frame_for((100, 300)))
     assert pts[0] == pytest.approx((250, 10)) and labs == [1, 2, 3]
     assert pts[1] == pytest.approx((30, 20)) and pts[2] == pytest.approx((290, 80))
     # prompts at transposed positions give different masks
@@ -109,13 +113,14 @@ def test_batch_equals_one_by_one_and_keeps_order(predictor):
         assert got.iou_score == pytest.approx(single.iou_score, abs=1e-5)
 
 
-def test_cpu_batches_are_decoded_in_cache_sized_chunks_with_the_same_results(predictor, monkeypatch):
+def test_cpu_batches_are_decoded_in_cache_sized_chunks_with_the_same_results(tiny_model, monkeypatch):
     import napari_ruac.model.predictor as predictor_module
 
+    predictor = Predictor(tiny_model, window=None)
     predictor.set_image(_blobs())
     prompts = [dict(points=[(20 + 15 * i, 30 + 20 * i)]) for i in range(5)]
     whole = predictor.predict_batch(prompts)
-    per_set = predictor._embedding.image_embed[0].numel() * 4
+    per_set = predictor._embedding_for(predictor.image_key, predictor._plane)[0].image_embed[0].numel() * 4
     monkeypatch.setattr(predictor_module, "CPU_DECODER_BYTES", 2 * per_set)
     assert predictor.decoder_chunk() == 2
     calls = []
@@ -201,7 +206,9 @@ def test_resize_models_pad_to_square(tiny_model):
     model = build_model(replace(tiny_model.config, input_scaling="resize")).eval()
     p = Predictor(model)
     p.set_image(_blobs((90, 250)))
-    assert p._frame.input_size == (128, 128) and p._frame.valid == (46, 128)
+    assert p.window is None  # models that resize every image see all of it
+    frame = p._frame_for((90, 250))
+    assert frame.input_size == (128, 128) and frame.valid == (46, 128)
     assert p.predict(points=[(45, 200)]).mask.shape == (90, 250)
 
 
@@ -212,13 +219,16 @@ def test_zoom_resizes_what_the_model_sees_and_keeps_outputs_in_image_pixels(micr
     img = (0.1 + 0.8 * disc + np.random.default_rng(0).normal(0, 0.03, disc.shape)).astype(np.float32)
     predictor = Predictor(micro, zoom=0.5)
     predictor.set_image(img)
-    assert predictor._frame.scale == 0.5 and predictor._frame.valid == (128, 128)
+    assert not predictor.windowed
+    frame = predictor._frame_for(img.shape)
+    assert frame.scale == 0.5 and frame.valid == (128, 128)
     pred = predictor.predict(points=[(128, 100)])
     assert pred.mask.shape == img.shape and pred.mask[128, 100]
     assert (pred.mask & disc).sum() / (pred.mask | disc).sum() > 0.6
 
 
-def test_an_embedding_belongs_to_one_zoom(predictor):
+def test_an_embedding_belongs_to_one_zoom(tiny_model):
+    predictor = Predictor(tiny_model, window=None)
     img = _blobs()
     assert not predictor.set_image(img)
     predictor.zoom = 0.5
@@ -231,3 +241,69 @@ def test_an_embedding_belongs_to_one_zoom(predictor):
     for bad in (0, -1, float("nan"), "big", 100):
         with pytest.raises(ValueError, match="zoom"):
             Predictor(predictor.model, zoom=bad)
+
+
+# ---------------------------------------------------------------------------- context windows
+
+
+def _wide_plane():
+    rr, cc = np.mgrid[:150, :400]
+    img = 100 + 900 * (((rr - 60) ** 2 + (cc - 300) ** 2) < 18**2) + 700 * (((rr - 70) ** 2 + (cc - 60) ** 2) < 14**2)
+    return (img + np.random.default_rng(1).normal(0, 20, rr.shape)).astype(np.float32)
+
+
+def test_a_plane_larger_than_the_window_is_decoded_in_a_window_around_the_prompt(tiny_model):
+    """What a windowed prediction is: the crop around the prompt, normalised and decoded on its
+    own, pasted back into the plane; nothing outside it."""
+    img = _wide_plane()
+    p = Predictor(tiny_model)
+    assert p.window == tiny_model.config.image_size == 128
+    assert p.set_image(img) and p.windowed  # nothing to encode until a prompt arrives
+    r0, c0, r1, c1 = p.window_of((60, 300, 60, 300))
+    assert (r1 - r0, c1 - c0) == (128, 128) and r0 + 16 <= 60 < r1 - 16 and c0 + 16 <= 300 < c1 - 16
+    pred = p.predict(points=[(60, 300)], mode="mc", samples=4)
+    crop = Predictor(tiny_model, window=None)
+    crop.set_image(img[r0:r1, c0:c1])
+    ref = crop.predict(points=[(60 - r0, 300 - c0)], mode="mc", samples=4)
+    np.testing.assert_allclose(pred.probability[r0:r1, c0:c1], ref.probability, atol=1e-5)
+    np.testing.assert_allclose(pred.epistemic[r0:r1, c0:c1], ref.epistemic, atol=1e-5)
+    outside = np.ones(img.shape, bool)
+    outside[r0:r1, c0:c1] = False
+    assert not pred.mask[outside].any() and not pred.probability[outside].any()
+    assert not pred.uncertainty[outside].any()
+    assert pred.mask.shape == img.shape
+
+
+def test_nearby_prompts_share_a_window_embedding(tiny_model, monkeypatch):
+    p = Predictor(tiny_model)
+    p.set_image(_wide_plane())
+    calls = []
+    encode = p.model.encode
+    monkeypatch.setattr(p.model, "encode", lambda x: calls.append(tuple(x.shape[-2:])) or encode(x))
+    p.predict(points=[(60, 300)])
+    p.predict(points=[(62, 305), (40, 290)], labels=[1, 0])  # a refinement of the same object
+    assert calls == [(128, 128)]
+    p.predict(points=[(70, 60)])  # another object far away: its own window
+    assert len(calls) == 2
+    p.predict_batch([dict(points=[(60, 300)]), dict(points=[(70, 60)])])  # both cached
+    assert len(calls) == 2
+
+
+def test_a_box_larger_than_the_window_gets_a_window_that_holds_it(tiny_model):
+    p = Predictor(tiny_model)
+    p.set_image(_wide_plane())
+    box = (10, 120, 140, 330)
+    r0, c0, r1, c1 = p.window_of(box)
+    assert r0 <= 10 and r1 >= 140 and c0 <= 120 and c1 >= 330
+    assert p.predict(box=box).mask.shape == (150, 400)
+    # at zoom 2 the window covers half as many image pixels
+    p.zoom = 2.0
+    p.set_image(_wide_plane())
+    r0, c0, r1, c1 = p.window_of((60, 300, 60, 300))
+    assert (r1 - r0, c1 - c0) == (64, 64)
+
+
+@pytest.mark.parametrize("window", [10, "big", 100.5, -1])
+def test_bad_windows_are_rejected_clearly(tiny_model, window):
+    with pytest.raises(ValueError, match="window"):
+        Predictor(tiny_model, window=window)

@@ -337,10 +337,10 @@ def test_zoom_re_predicts_the_prompts_at_the_new_scale(make_napari_viewer, qtbot
     widget = dock(viewer, qtbot)
     widget.add_point((30, 36))
     wait_predictions(qtbot, widget, 1)
-    assert widget._predictor._frame.scale == 1.0
+    assert widget._predictor._frame_for(plane.shape).scale == 1.0
     before = widget.predictions_applied
     widget.zoom_spin.setValue(0.5)  # no new prompt: the change alone re-predicts
     wait_predictions(qtbot, widget, before + 1)
-    assert widget._predictor.zoom == 0.5 and widget._predictor._frame.scale == 0.5
+    assert widget._predictor.zoom == 0.5 and widget._predictor._frame_for(plane.shape).scale == 0.5
     assert widget.current.data.shape == plane.shape  # masks stay at the image's size
     assert widget.uncertainty.data.shape == plane.shape

@@ -26,6 +26,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.stats import rankdata
 
+from ._cli_options import WINDOW_HELP, parse_window
+
 PROMPT_MODES = ("point1", "point3", "box")
 REGION_DILATION = 5
 PAVPU_THRESHOLD = 0.5
@@ -241,10 +243,11 @@ class EvaluationReport:
     baselines: dict
     rows: list[ObjectRow]
     zoom: float = 1.0
+    window: int | None = None
 
     def to_json(self) -> dict:
         return {"model": self.model, "n_images": self.n_images, "results": self.results, "baselines": self.baselines,
-                "zoom": self.zoom}
+                "zoom": self.zoom, "window": self.window}
 
 
 def iter_planes(image: np.ndarray, mask: np.ndarray):
@@ -269,15 +272,17 @@ def evaluate_model(
     model_name: str = "model",
     progress=None,
     zoom: float = 1.0,
+    window: int | str | None = "auto",
 ) -> EvaluationReport:
-    """Evaluate ``model`` on ``(name, image, instance_labels)`` samples (2D or 3D); ``zoom`` as
-    in :class:`~napari_ruac.model.Predictor` (prompts and metrics stay at the images' scale)."""
+    """Evaluate ``model`` on ``(name, image, instance_labels)`` samples (2D or 3D); ``zoom`` and
+    ``window`` as in :class:`~napari_ruac.model.Predictor` (prompts and metrics stay at the
+    images' scale)."""
     from .model import Predictor
 
     for p in prompt_modes:
         if p not in PROMPT_MODES:
             raise ValueError(f"unknown prompt mode {p!r}; expected some of {PROMPT_MODES}")
-    predictor = Predictor(model, zoom=zoom)
+    predictor = Predictor(model, zoom=zoom, window=window)
     rows: list[ObjectRow] = []
     pooled = {p: _Pooled() for p in prompt_modes}
     structure = ndimage.generate_binary_structure(2, 1)
@@ -339,7 +344,7 @@ def evaluate_model(
         if theirs:
             base[method] = {"prompt": theirs[0].prompt, "n_objects": len(theirs),
                             "miou": _nanmean(r.iou for r in theirs), "jf": _nanmean(r.jf for r in theirs)}
-    return EvaluationReport(model_name, len(samples), results, base, rows, predictor.zoom)
+    return EvaluationReport(model_name, len(samples), results, base, rows, predictor.zoom, predictor.window)
 
 
 def _predict(predictor, prompt, gt, point, box, mode, mc_samples):
@@ -407,6 +412,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--zoom", type=float, default=1.0,
                         help="resize images by this factor before the model sees them (0.5: objects twice the "
                              "size the model was trained on); prompts and metrics stay at the images' scale")
+    parser.add_argument("--window", default="auto", help=WINDOW_HELP)
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--json", default=None, help="write results JSON here (per-object CSV beside it)")
 
@@ -420,7 +426,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, device=args.device, checkpoint=args.checkpoint)
     prompts = [p.strip() for p in args.prompts.split(",") if p.strip()]
     report = evaluate_model(model, samples, prompts, mode=args.mode, mc_samples=args.samples, seed=args.seed,
-                            baselines=not args.no_baselines, model_name=str(args.model), zoom=args.zoom)
+                            baselines=not args.no_baselines, model_name=str(args.model), zoom=args.zoom,
+                            window=parse_window(args.window))
     print_report(report)
     if args.json:
         write_report(report, Path(args.json))

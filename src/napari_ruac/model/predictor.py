@@ -80,15 +80,27 @@ class Predictor:
     confocal stack at high magnification), 2 for tiny ones. Prompts and outputs stay in the
     image's own pixels. Models that resize every image to a fixed input (official SAM2.1)
     ignore it.
+
+    ``window`` is the context a native-scale model sees around a prompt, in model-input pixels.
+    Our models learned from crops of ``image_size`` (256 px for ``micro``); a whole 512-2048 px
+    plane is outside what they saw (on DSB2018's 512 px image a whole-plane pass made masks
+    spill into touching neighbours: median mask 2.1x the nucleus, against 1.2x in a 256 px
+    window). So on a plane larger than the window, each prompt set is decoded in a window of
+    that size around it (larger for a prompt that needs it, e.g. a big box), percentile
+    normalised on its own as the training crops were, and encoded on first use; windows sit on
+    a grid, so nearby clicks share an embedding. Outside its window an object's mask is empty,
+    its probability and uncertainty 0. ``"auto"`` (default) is the model's ``image_size`` for
+    native-scale models and off for models that resize every image (official SAM2.1); ``None``
+    encodes the whole plane.
     """
 
-    def __init__(self, model: RuacSam, cache_size: int = 16, zoom: float = 1.0) -> None:
+    def __init__(self, model: RuacSam, cache_size: int = 16, zoom: float = 1.0, window: int | str | None = "auto") -> None:
         self.model = model.eval()
         self.cache_size = cache_size
         self._zoom = check_zoom(zoom)
+        self.window = resolve_window(model.config, window)
         self._cache: OrderedDict[str, tuple[ImageEmbedding, Frame]] = OrderedDict()
-        self._embedding: ImageEmbedding | None = None
-        self._frame: Frame | None = None
+        self._plane: np.ndarray | None = None
         self.image_key: str | None = None
 
     # ------------------------------------------------------------------ image
@@ -98,32 +110,37 @@ class Predictor:
 
     @property
     def is_image_set(self) -> bool:
-        return self._embedding is not None
+        return self._plane is not None
+
+    @property
+    def windowed(self) -> bool:
+        """Whether the current plane is decoded in windows around the prompts."""
+        return self._plane is not None and self._needs_windows(self._plane.shape[:2])
 
     def set_image(self, image) -> bool:
-        """Embed ``image`` ((H, W) or (H, W, C), any numeric dtype and size), or reuse its
-        cached embedding. Returns True when the embedding came from the cache."""
+        """Take ``image`` ((H, W) or (H, W, C), any numeric dtype and size) and embed it, or reuse
+        its cached embedding. Returns True when no encoder pass was needed: the embedding came
+        from the cache, or the plane is decoded in windows (embedded on first use)."""
         arr = validate_plane(image)
         key = self._key(arr)
-        hit = self._cache.get(key)
-        cached = hit is not None
-        if hit is None:
-            hit = self._encode(arr)
-            self._cache[key] = hit
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(key)
-        self._embedding, self._frame = hit
-        self.image_key = key
+        self._plane, self.image_key = arr, key
+        if self._needs_windows(arr.shape[:2]):
+            return True
+        cached = key in self._cache
+        self._embedding_for(key, arr)
         return cached
 
     def is_cached(self, image) -> bool:
-        return self._key(validate_plane(image)) in self._cache
+        """Whether ``set_image(image)`` needs no encoder pass."""
+        arr = validate_plane(image)
+        return self._needs_windows(arr.shape[:2]) or self._key(arr) in self._cache
 
     def _key(self, arr: np.ndarray) -> str:
         # an embedding is of the image at one zoom
         return content_key(arr) if self._zoom == 1.0 else f"{content_key(arr)}@{self._zoom:g}"
+
+    def _needs_windows(self, shape: tuple[int, ...]) -> bool:
+        return self.window is not None and max(shape[0], shape[1]) * self._zoom > self.window
 
     @property
     def zoom(self) -> float:
@@ -135,10 +152,21 @@ class Predictor:
         value = check_zoom(value)
         if value != self._zoom:
             self._zoom = value
-            self._embedding, self._frame, self.image_key = None, None, None
+            self._plane, self.image_key = None, None
 
     def clear_cache(self) -> None:
         self._cache.clear()
+
+    def _embedding_for(self, key: str, arr: np.ndarray) -> tuple[ImageEmbedding, Frame]:
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._encode(arr)
+            self._cache[key] = hit
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
+        return hit
 
     def _encode(self, arr: np.ndarray) -> tuple[ImageEmbedding, Frame]:
         rgb = to_rgb_float(arr)
@@ -150,6 +178,18 @@ class Predictor:
 
     def _frame_for(self, shape: tuple[int, int]) -> Frame:
         return frame_for(self.model.config, shape, zoom=self._zoom)
+
+    def window_of(self, extent: tuple[float, float, float, float]) -> tuple[int, int, int, int]:
+        """The window (row0, col0, row1, col1) in image pixels for prompts spanning ``extent``
+        (rmin, cmin, rmax, cmax) on the current plane; the whole plane when it fits."""
+        h, w = self._plane.shape[:2]
+        if not self._needs_windows((h, w)):
+            return (0, 0, h, w)
+        side = self.window / self._zoom  # image pixels
+        margin = side / 4  # context on every side of the prompts
+        r0, r1 = _window_1d(extent[0], extent[2], h, side, margin)
+        c0, c1 = _window_1d(extent[1], extent[3], w, side, margin)
+        return (r0, c0, r1, c1)
 
     # ------------------------------------------------------------------ prompts
     def predict(
@@ -176,45 +216,54 @@ class Predictor:
         multimask: bool = False,
         seed: int | None = None,
     ) -> list[Prediction]:
-        """Segment several objects in one decoder pass (one prompt set per object)."""
-        if self._embedding is None:
+        """Segment several objects in one decoder pass per window (one prompt set per object)."""
+        if self._plane is None:
             raise RuntimeError("no image set: call set_image() before predict()")
         if not prompts:
             return []
         prompts = [p if isinstance(p, Prompt) else Prompt(**p) for p in prompts]
-        encoded = [self._encode_prompt(i, p) for i, p in enumerate(prompts)]
+        checked = [self._check_prompt(i, p) for i, p in enumerate(prompts)]
         mode = mode or self.model.default_mode
         used_mode = "deterministic" if self.model.config.head == "deterministic" else mode
-        # SAM's padding tokens take part in attention, so prompt sets are decoded in groups of
-        # equal length: batched results then equal one-at-a-time results exactly
-        groups: dict[int, list[int]] = {}
-        for i, (pts, _) in enumerate(encoded):
-            groups.setdefault(len(pts), []).append(i)
+        by_window: dict[tuple[int, int, int, int], list[int]] = {}
+        for i, (pts, _) in enumerate(checked):
+            extent = (pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max(), pts[:, 1].max())
+            by_window.setdefault(self.window_of(extent), []).append(i)
         results: list[Prediction | None] = [None] * len(prompts)
-        chunk = self.decoder_chunk()
-        for group in groups.values():
-            generator = None
-            if seed is not None:
-                generator = torch.Generator(device=self.device).manual_seed(seed)
-            for start in range(0, len(group), chunk):
-                idx = group[start : start + chunk]
-                coords = torch.tensor([encoded[i][0] for i in idx], dtype=torch.float32, device=self.device)
-                labels = torch.tensor([encoded[i][1] for i in idx], dtype=torch.long, device=self.device)
-                with torch.inference_mode():
-                    out = self.model.decode(
-                        self._embedding,
-                        coords,
-                        labels,
-                        multimask_output=multimask,
-                        mode=mode,
-                        samples=samples,
-                        generator=generator,
-                    )
-                for i, pred in zip(idx, self._postprocess(out, used_mode, multimask)):
-                    results[i] = pred
+        for window, members in by_window.items():
+            embedding, frame = self._window_embedding(window)
+            encoded = {i: (model_coords(checked[i][0], window, frame), checked[i][1]) for i in members}
+            # SAM's padding tokens take part in attention, so prompt sets are decoded in groups
+            # of equal length: batched results then equal one-at-a-time results exactly
+            groups: dict[int, list[int]] = {}
+            for i in members:
+                groups.setdefault(len(encoded[i][0]), []).append(i)
+            chunk = self.decoder_chunk(embedding)
+            for group in groups.values():
+                generator = None
+                if seed is not None:
+                    generator = torch.Generator(device=self.device).manual_seed(seed)
+                for start in range(0, len(group), chunk):
+                    idx = group[start : start + chunk]
+                    coords = torch.tensor([encoded[i][0] for i in idx], dtype=torch.float32, device=self.device)
+                    labels = torch.tensor([encoded[i][1] for i in idx], dtype=torch.long, device=self.device)
+                    with torch.inference_mode():
+                        out = self.model.decode(
+                            embedding, coords, labels, multimask_output=multimask, mode=mode,
+                            samples=samples, generator=generator,
+                        )
+                    for i, pred in zip(idx, self._postprocess(out, used_mode, multimask, frame, window)):
+                        results[i] = pred
         return results
 
-    def decoder_chunk(self) -> int:
+    def _window_embedding(self, window: tuple[int, int, int, int]) -> tuple[ImageEmbedding, Frame]:
+        r0, c0, r1, c1 = window
+        h, w = self._plane.shape[:2]
+        if window == (0, 0, h, w):
+            return self._embedding_for(self.image_key, self._plane)
+        return self._embedding_for(f"{self.image_key}[{r0}:{r1},{c0}:{c1}]", self._plane[r0:r1, c0:c1])
+
+    def decoder_chunk(self, embedding: ImageEmbedding | None = None) -> int:
         """How many prompt sets one decoder pass takes.
 
         On a GPU: all of them. On a CPU the decoder is bound by memory traffic: each prompt set
@@ -223,15 +272,17 @@ class Predictor:
         Measured at 1024^2 on 2 cores, 8 objects: Hiera-T (4 MB of tokens per prompt set)
         478 ms one by one, 519 in pairs, 650 in fours, 831 all at once; micro (1 MB) 110 / 86 /
         86 / 121 ms. So a pass holds about :data:`CPU_DECODER_BYTES` of image tokens.
+        ``embedding`` defaults to the current plane's whole-plane embedding.
         """
-        if self.device.type != "cpu" or self._embedding is None:
+        if embedding is None and self._plane is not None and not self.windowed:
+            embedding = self._embedding_for(self.image_key, self._plane)[0]
+        if self.device.type != "cpu" or embedding is None:
             return 1 << 30
-        per_set = self._embedding.image_embed[0].numel() * self._embedding.image_embed.element_size()
+        per_set = embedding.image_embed[0].numel() * embedding.image_embed.element_size()
         return max(1, CPU_DECODER_BYTES // per_set)
 
-    def _encode_prompt(self, i: int, p: Prompt) -> tuple[list[tuple[float, float]], list[int]]:
-        """Object ``i``'s prompts as model-input (x, y) coordinates and SAM labels."""
-        frame = self._frame
+    def _check_prompt(self, i: int, p: Prompt) -> tuple[np.ndarray, list[int]]:
+        """Object ``i``'s prompts as (N, 2) (row, col) image coordinates and SAM labels."""
         pts, labs = [], []
         if p.points is not None and len(p.points):
             points = np.asarray(p.points, dtype=np.float64)
@@ -244,7 +295,7 @@ class Predictor:
                 raise PromptError(f"object {i}: point labels must be 1 (object) or 0 (background), got {lab}")
             for (r, c), l in zip(points, lab):
                 self._check_inside(i, "point", r, c)
-                pts.append((c * frame.scale, r * frame.scale))
+                pts.append((r, c))
                 labs.append(int(l))
         if p.box is not None:
             box = np.asarray(p.box, dtype=np.float64).ravel()
@@ -254,14 +305,14 @@ class Predictor:
             c0, c1 = sorted((box[1], box[3]))
             self._check_inside(i, "box corner", r0, c0, edge=True)
             self._check_inside(i, "box corner", r1, c1, edge=True)
-            pts += [(c0 * frame.scale, r0 * frame.scale), (c1 * frame.scale, r1 * frame.scale)]
+            pts += [(r0, c0), (r1, c1)]
             labs += [LABEL_BOX_TL, LABEL_BOX_BR]
         if not pts:
             raise PromptError(f"object {i} has no prompt: give at least one point or a box")
-        return pts, labs
+        return np.asarray(pts, dtype=np.float64), labs
 
     def _check_inside(self, i: int, what: str, r: float, c: float, edge: bool = False) -> None:
-        h, w = self._frame.shape
+        h, w = self._plane.shape[:2]
         ok = (0 <= r <= h and 0 <= c <= w) if edge else (0 <= r < h and 0 <= c < w)
         if not (math.isfinite(r) and math.isfinite(c) and ok):
             raise PromptError(
@@ -269,7 +320,8 @@ class Predictor:
             )
 
     # ------------------------------------------------------------------ outputs
-    def _postprocess(self, out: DecoderOutput, mode: str, multimask: bool) -> list[Prediction]:
+    def _postprocess(self, out: DecoderOutput, mode: str, multimask: bool, frame: Frame,
+                     window: tuple[int, int, int, int]) -> list[Prediction]:
         # One prompt set at a time: full-resolution maps of several objects at once (8 x 4 MB
         # per map at 1024 px) fall out of the CPU caches, which made a batched call slower than
         # a loop of single calls; the decoder itself still runs batched.
@@ -280,7 +332,8 @@ class Predictor:
             part = {k: None if t is None else t[b : b + 1] for k, t in (
                 ("logits", out.logits), ("uncertainty", out.uncertainty), ("aleatoric", out.aleatoric)
             )}
-            maps = self._full_resolution_maps(**part, present=bool(out.object_score_logits[b, 0] > 0))
+            maps = self._full_resolution_maps(**part, present=bool(out.object_score_logits[b, 0] > 0), frame=frame)
+            maps = self._paste(maps, window)
             candidates = [
                 Prediction(
                     mask=maps["mask"][k],
@@ -301,20 +354,37 @@ class Predictor:
             results.append(best)
         return results
 
-    def _full_resolution_maps(self, logits, uncertainty, aleatoric, present: bool) -> dict:
-        """One prompt set's (1, M, h, w) decoder maps -> (M, H, W) numpy maps at the image size.
+    def _paste(self, maps: dict, window: tuple[int, int, int, int]) -> dict:
+        """Window-sized (M, h, w) maps -> plane-sized, zero outside the window."""
+        h, w = self._plane.shape[:2]
+        r0, c0, r1, c1 = window
+        if (r0, c0, r1, c1) == (0, 0, h, w):
+            return maps
+        full = {}
+        for name, m in maps.items():
+            if m is None:
+                full[name] = None
+                continue
+            canvas = np.zeros((m.shape[0], h, w), dtype=m.dtype)
+            canvas[:, r0:r1, c0:c1] = m
+            full[name] = canvas
+        return full
+
+    def _full_resolution_maps(self, logits, uncertainty, aleatoric, present: bool, frame: Frame) -> dict:
+        """One prompt set's (1, M, h, w) decoder maps -> (M, H, W) numpy maps at the frame's
+        image size.
 
         Full-resolution work dominates a click on large images, so only the logits and the
         uncertainty maps are upsampled (entropy is computed at decoder resolution, where it is
         16x cheaper); probability and mask follow from the upsampled logits, so
         mask == (probability > 0.5) exactly.
         """
-        logits = self._to_image(logits)[0]
+        logits = _to_image(logits, frame)[0]
         prob = torch.sigmoid(logits)
-        unc = self._to_image(uncertainty)[0].clamp_(0.0, 1.0)
+        unc = _to_image(uncertainty, frame)[0].clamp_(0.0, 1.0)
         epistemic = None
         if aleatoric is not None:
-            aleatoric = torch.minimum(self._to_image(aleatoric)[0], unc)
+            aleatoric = torch.minimum(_to_image(aleatoric, frame)[0], unc)
             epistemic = unc - aleatoric
         mask = logits > 0
         if not present:
@@ -326,14 +396,50 @@ class Predictor:
         return {"mask": to_np(mask), "probability": to_np(prob), "uncertainty": to_np(unc),
                 "aleatoric": to_np(aleatoric), "epistemic": to_np(epistemic)}
 
-    def _to_image(self, t: torch.Tensor) -> torch.Tensor:
-        """(B, M, h, w) decoder-resolution map -> (B, M, H, W) at the original image size."""
-        frame = self._frame
-        t = F.interpolate(t.float(), size=frame.input_size, mode="bilinear", align_corners=False)
-        t = t[..., : frame.valid[0], : frame.valid[1]]
-        if frame.valid != frame.shape:
-            t = F.interpolate(t, size=frame.shape, mode="bilinear", align_corners=False)
-        return t
+
+def _to_image(t: torch.Tensor, frame: Frame) -> torch.Tensor:
+    """(B, M, h, w) decoder-resolution map -> (B, M, H, W) at the frame's image size."""
+    t = F.interpolate(t.float(), size=frame.input_size, mode="bilinear", align_corners=False)
+    t = t[..., : frame.valid[0], : frame.valid[1]]
+    if frame.valid != frame.shape:
+        t = F.interpolate(t, size=frame.shape, mode="bilinear", align_corners=False)
+    return t
+
+
+def model_coords(points: np.ndarray, window: tuple[int, int, int, int], frame: Frame) -> list[tuple[float, float]]:
+    """(N, 2) (row, col) image coordinates -> the model's (x, y) in a window's input frame."""
+    r0, c0 = window[:2]
+    return [((c - c0) * frame.scale, (r - r0) * frame.scale) for r, c in points]
+
+
+def resolve_window(config, window: int | str | None) -> int | None:
+    """``Predictor(window=...)`` as a side in model-input pixels, or None (whole plane)."""
+    if window == "auto":
+        return config.image_size if config.input_scaling == "native" else None
+    if window is None or window == 0:
+        return None
+    try:
+        value = int(window)
+    except (TypeError, ValueError):
+        raise ValueError(f"window must be 'auto', None/0 (whole plane) or a side in pixels, got {window!r}") from None
+    if value != window or value < 64:
+        raise ValueError(f"window must be a whole number of pixels >= 64, got {window!r}")
+    return value
+
+
+def _window_1d(lo: float, hi: float, n: int, side: float, margin: float) -> tuple[int, int]:
+    """[start, stop) of one axis of a window of ``side`` pixels (more if the prompts span
+    more than ``side - 2 * margin``) holding [lo, hi] with ``margin`` on both sides, inside
+    [0, n). Starts snap to a grid of side/8 so that nearby prompts share a window."""
+    size = min(n, int(math.ceil(max(side, hi - lo + 2 * margin))))
+    if size >= n:
+        return 0, n
+    centre = (lo + hi) / 2
+    step = max(1, int(side) // 8)
+    start = min(max(int(round((centre - size / 2) / step)) * step, 0), n - size)
+    if lo < start + margin / 2 or hi > start + size - margin / 2:  # snapping must keep context
+        start = min(max(int(math.floor(centre - size / 2)), 0), n - size)
+    return start, start + size
 
 
 def content_key(arr: np.ndarray) -> str:

@@ -1,0 +1,19 @@
+"""Command-line options shared by several subcommands (no torch import: --help stays fast)."""
+
+from __future__ import annotations
+
+WINDOW_HELP = ("context a native-scale model sees around each prompt, in model pixels: 'auto' (the size it was "
+               "trained on), 0 for the whole plane, or a side in pixels")
+
+
+def parse_window(text: str) -> int | str | None:
+    """A ``--window`` command-line value: 'auto', 0/'none' (whole plane) or a side in pixels."""
+    text = str(text).strip().lower()
+    if text == "auto":
+        return "auto"
+    if text in ("0", "none", "off"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"window must be 'auto', 0 (whole plane) or a side in pixels, got {text!r}") from None
