@@ -43,6 +43,7 @@ from .weibull import (
     weibull_moments,
     weibull_sample,
     weibull_shape_factors,
+    weibull_shape_factors_fast,
     weibull_transform,
 )
 
@@ -149,7 +150,7 @@ class WeibullHead(nn.Module):
     def pixel_params(self, upscaled: torch.Tensor, fast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C, h, w) features -> ``lambda_z`` (B, C, h, w) and ``kappa_z`` (B, 1, h, w).
 
-        ``fast`` swaps torch's softplus for :func:`_softplus_inference` (equal to a few ulp):
+        ``fast`` swaps torch's softplus for :func:`_softplus_inference` (absolute error < 1e-6):
         on CPU torch's softplus runs a scalar ``log1p`` and was the largest extra cost of the
         analytic mode over SAM2's decoder (C values per pixel). Training and ``sample`` mode keep
         the exact function, so their numerics and gradients do not move.
@@ -323,6 +324,9 @@ class BayesianMaskDecoder(MaskDecoder):
         # inference-only modes without autograd may take the vectorised softplus
         fast = mode in ("analytic", "mc") and not torch.is_grad_enabled()
         lam_z, k_z = head.pixel_params(upscaled, fast=fast)
+        # (B, 1, h, w) Gamma-function factors of the pixel shapes; lgamma is a scalar loop on CPU
+        fast_shapes = fast and head.kappa_min >= 1.0  # the polynomial covers kappa >= 1
+        shape_factors = (weibull_shape_factors_fast if fast_shapes else weibull_shape_factors)(k_z)
         token_params, offset = head.token_params(mask_toks_sel)
         lam_fg, k_fg, lam_bg, k_bg = token_params
         kl = None
@@ -331,10 +335,11 @@ class BayesianMaskDecoder(MaskDecoder):
 
         if mode == "mc":
             return self._monte_carlo(
-                lam_z, k_z, token_params, offset, samples, generator, iou_pred, object_score_logits, kl
+                lam_z, k_z, token_params, offset, samples, generator, iou_pred, object_score_logits, kl,
+                shape_factors,
             )
 
-        mu, var = self._analytic_moments(lam_z, k_z, token_params)
+        mu, var = self._analytic_moments(lam_z, k_z, token_params, shape_factors)
         mu = mu + offset[..., None, None]
         prob_logit = probit_logit(mu, var)
         if mode == "sample":
@@ -387,7 +392,8 @@ class BayesianMaskDecoder(MaskDecoder):
         kl_tokens = 0.5 * (kl_weibull_gamma(lam_fg, k_fg, a, b).mean() + kl_weibull_gamma(lam_bg, k_bg, a, b).mean())
         return kl_pixels + kl_tokens
 
-    def _monte_carlo(self, lam_z, k_z, token_params, offset, samples, generator, iou_pred, obj_logits, kl):
+    def _monte_carlo(self, lam_z, k_z, token_params, offset, samples, generator, iou_pred, obj_logits, kl,
+                     shape_factors=None):
         """S samples of the head; total = H(mean p), aleatoric = mean H(p_s), epistemic = MI.
 
         Pixels whose logit stays far from zero in every plausible sample (``|mu| > 8 + 6 sd`` by
@@ -400,7 +406,8 @@ class BayesianMaskDecoder(MaskDecoder):
         """
         if self.mc_pixels not in MC_PIXEL_ESTIMATORS:
             raise ValueError(f"unknown mc_pixels {self.mc_pixels!r}; expected one of {MC_PIXEL_ESTIMATORS}")
-        shape_factors = weibull_shape_factors(k_z)  # (B, 1, h, w) each; lgamma is not cheap
+        if shape_factors is None:
+            shape_factors = weibull_shape_factors(k_z)
         mu, var = self._analytic_moments(lam_z, k_z, token_params, shape_factors)
         mu = mu + offset[..., None, None]
         analytic_logit = probit_logit(mu, var)
@@ -530,16 +537,13 @@ class BayesianMaskDecoder(MaskDecoder):
 
 
 def _softplus_inference(x: torch.Tensor) -> torch.Tensor:
-    """``softplus(x) = max(x, 0) + log1p(exp(-|x|))`` from vectorised ``exp``/``log`` only.
+    """``softplus(x) = max(x, 0) - log(sigmoid(|x|))`` from vectorised ``sigmoid``/``log`` only.
 
-    ``log1p(e)`` is ``log(u) + (e - (u - 1)) / u`` with ``u = 1 + e``: the second term restores
-    what rounding ``1 + e`` lost (exact to first order; gives ``e`` when ``u`` rounds to 1).
-    About 4x faster than ``F.softplus`` on CPU, within a few float32 ulp of it.
+    ``sigmoid(|x|)`` lies in [1/2, 1), so the log never sees 0 or overflows. About 5x faster
+    than ``F.softplus`` on CPU (a scalar ``log1p``); the absolute error is below 1e-6 (float32
+    rounding of ``sigmoid`` near 1), which is nothing next to the ``1e-4`` floor of lambda.
     """
-    e = torch.exp(x.abs().neg_())
-    u = e + 1.0
-    correction = (e - (u - 1.0)).div_(u)
-    return torch.log(u).add_(correction).add_(x.clamp_min(0.0))
+    return x.clamp_min(0.0).sub_(torch.sigmoid(x.abs()).log_())
 
 
 def _sigmoid_and_entropy(logit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -64,6 +64,35 @@ def weibull_shape_factors(kappa: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return torch.exp(lg1), torch.expm1((lg2 - 2.0 * lg1).clamp_min(0.0))
 
 
+# Gamma(1 + x) = 1 + sum_i b_i x^i on 0 <= x <= 1, |error| <= 3e-7 (Abramowitz & Stegun 6.1.36)
+_GAMMA1P = (-0.577191652, 0.988205891, -0.897056937, 0.918206857, -0.756704078, 0.482199394,
+            -0.193527818, 0.035868343)
+
+
+def weibull_shape_factors_fast(kappa: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`weibull_shape_factors` for ``kappa >= 1`` from a polynomial instead of ``lgamma``.
+
+    For inference maps: on CPU ``lgamma`` is a scalar loop and was a fifth of the analytic
+    mode's extra cost per click. ``Gamma(1 + 1/kappa)`` and ``Gamma(1 + 2/kappa)`` come from one
+    polynomial each (``Gamma(1 + v) = v Gamma(1 + (v - 1))`` for ``1 < v <= 2``); absolute
+    errors are below 1e-6 for ``g1`` and 2e-6 for ``r`` (tested). Not for autograd.
+    """
+    u = kappa.reciprocal()
+    g1 = _gamma1p_unit(u)
+    v = u * 2.0
+    above = v > 1.0
+    g2 = _gamma1p_unit(torch.where(above, v - 1.0, v)).mul_(torch.where(above, v, 1.0))
+    return g1, g2.div_(g1.square()).sub_(1.0).clamp_min_(0.0)
+
+
+def _gamma1p_unit(x: torch.Tensor) -> torch.Tensor:
+    """``Gamma(1 + x)`` for ``0 <= x <= 1`` (Horner on :data:`_GAMMA1P`)."""
+    acc = torch.full_like(x, _GAMMA1P[-1])
+    for b in _GAMMA1P[-2::-1]:
+        acc.mul_(x).add_(b)
+    return acc.mul_(x).add_(1.0)
+
+
 def weibull_variance(lam: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
     return weibull_moments(lam, kappa)[1]
 
