@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Evaluate the three shipped variants (or the given models) on every real target and print the
+# README's result tables:
+#   bash scripts/evaluate_targets.sh [MODEL ...]        # default: micro micro-bayes micro-det
+# Fetches the targets first (scripts/fetch_targets.py, cache outside git); results go to
+# results/eval/<target>[-zoom0.5]-<model>.json (+ per-object CSV). Single-threaded, so it can
+# run beside a training run on a 2-core machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+models=("$@")
+[ ${#models[@]} -gt 0 ] || models=(micro micro-bayes micro-det)
+cache=$(.venv/bin/python scripts/fetch_targets.py | tail -1 | sed -E 's#^[^:]+: (.*)/[^/]+$#\1#')
+out=results/eval
+mkdir -p "$out"
+run() {  # target, tag, extra args...
+  local target=$1 tag=$2; shift 2
+  for m in "${models[@]}"; do
+    name=$(basename "$m" .pt)
+    OMP_NUM_THREADS=1 .venv/bin/napari-ruac evaluate --images "$cache/$target/images" --masks "$cache/$target/masks" \
+      --model "$m" --json "$out/$tag-$name.json" "$@" > /dev/null
+  done
+  echo "**$tag**"
+  echo
+  .venv/bin/python scripts/results_table.py $(for m in "${models[@]}"; do echo "$out/$tag-$(basename "$m" .pt).json"; done)
+  echo
+}
+run dsb2018 dsb2018
+run nuclei3d nuclei3d
+run nuclei3d nuclei3d_zoom0.5 --zoom 0.5
+run stardist3d stardist3d
