@@ -61,6 +61,7 @@ def test_predict_plane_of_a_stack(tmp_path):
         (["--point", "5,5", "--zoom", "0"], "zoom must be between"),
         (["--point", "5,5", "--window", "wide"], "window must be"),
         (["--point", "5,5", "--window", "16"], "window must be"),
+        (["--box", "1,1,9,9", "--box-size", "huge"], "box_size must be"),
     ],
 )
 def test_predict_errors_are_clear_and_write_nothing(image_file, tmp_path, capsys, args, message):

@@ -109,8 +109,10 @@ def test_evaluate_cli_writes_json_and_csv(tmp_path):
     assert data["window"] == 128  # test-tiny's own input size ('auto')
     whole = tmp_path / "res" / "whole.json"
     assert main(["evaluate", "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "msk"),
-                 "--model", "test-tiny", "--prompts", "box", "--window", "0", "--json", str(whole)]) == 0
-    assert json.loads(whole.read_text())["window"] is None
+                 "--model", "test-tiny", "--prompts", "box", "--window", "0", "--box-size", "0",
+                 "--json", str(whole)]) == 0
+    assert json.loads(whole.read_text())["window"] is None and json.loads(whole.read_text())["box_size"] is None
+    assert data["box_size"] == 32.0
 
 
 def test_evaluate_cli_errors(tmp_path, capsys):

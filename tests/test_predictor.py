@@ -120,7 +120,7 @@ def test_cpu_batches_are_decoded_in_cache_sized_chunks_with_the_same_results(tin
     predictor.set_image(_blobs())
     prompts = [dict(points=[(20 + 15 * i, 30 + 20 * i)]) for i in range(5)]
     whole = predictor.predict_batch(prompts)
-    per_set = predictor._embedding_for(predictor.image_key, predictor._plane)[0].image_embed[0].numel() * 4
+    per_set = predictor._embedding_for(predictor.image_key, predictor._plane, 1.0)[0].image_embed[0].numel() * 4
     monkeypatch.setattr(predictor_module, "CPU_DECODER_BYTES", 2 * per_set)
     assert predictor.decoder_chunk() == 2
     calls = []
@@ -307,3 +307,48 @@ def test_a_box_larger_than_the_window_gets_a_window_that_holds_it(tiny_model):
 def test_bad_windows_are_rejected_clearly(tiny_model, window):
     with pytest.raises(ValueError, match="window"):
         Predictor(tiny_model, window=window)
+
+
+# ---------------------------------------------------------------------------- box scale
+
+
+def test_a_box_is_seen_at_the_zoom_that_makes_it_box_size_pixels(tiny_model):
+    rr, cc = np.mgrid[:60, :60]
+    img = (100 + 800 * (((rr - 30) ** 2 + (cc - 28) ** 2) < 7**2)).astype(np.uint16)
+    box = (22, 20, 38, 36)  # 16 px: seen at 32 / 16 = 2x
+    p = Predictor(tiny_model)
+    assert p.box_size == 32.0 and p.zoom == 1.0
+    p.set_image(img)
+    got = p.predict(box=box)
+    ref = Predictor(tiny_model, zoom=2.0, box_size=None)
+    ref.set_image(img)
+    np.testing.assert_allclose(got.probability, ref.predict(box=box).probability, atol=1e-6)
+    # points alone keep the predictor's zoom; boxes with box_size=None too
+    plain = Predictor(tiny_model, box_size=None)
+    plain.set_image(img)
+    np.testing.assert_allclose(p.predict(points=[(30, 28)]).probability,
+                               plain.predict(points=[(30, 28)]).probability, atol=1e-6)
+    assert not np.allclose(plain.predict(box=box).probability, got.probability)
+
+
+@pytest.mark.parametrize("side,zoom", [(32, 1.0), (16, 2.0), (26, 2**0.25), (45, 2**-0.5), (1000, 0.25), (2, 4.0)])
+def test_box_zoom_is_on_a_quarter_octave_grid_within_range(tiny_model, side, zoom):
+    from napari_ruac.model.sam import LABEL_BOX_BR, LABEL_BOX_TL
+
+    p = Predictor(tiny_model)
+    pts = np.array([(10.0, 10.0), (10.0 + side, 10.0 + side / 2)])
+    assert p.zoom_for(pts, [LABEL_BOX_TL, LABEL_BOX_BR]) == pytest.approx(zoom)
+    assert p.zoom_for(pts[:1], [1]) == 1.0
+
+
+def test_box_size_is_off_for_resize_models_and_checked(tiny_model):
+    from dataclasses import replace
+
+    from napari_ruac.model import build_model
+
+    model = build_model(replace(tiny_model.config, input_scaling="resize")).eval()
+    assert Predictor(model).box_size is None
+    assert Predictor(tiny_model, box_size=24).box_size == 24.0
+    for bad in ("big", -3, 1, float("nan"), 10_000):
+        with pytest.raises(ValueError, match="box_size"):
+            Predictor(tiny_model, box_size=bad)

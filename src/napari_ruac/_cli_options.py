@@ -17,3 +17,20 @@ def parse_window(text: str) -> int | str | None:
         return int(text)
     except ValueError:
         raise ValueError(f"window must be 'auto', 0 (whole plane) or a side in pixels, got {text!r}") from None
+
+
+BOX_SIZE_HELP = ("size in model pixels a box prompt's object is shown at (the box sets its own zoom): 'auto' "
+                 "(32 for our models), 0 to use --zoom for boxes too, or a size")
+
+
+def parse_box_size(text: str) -> float | str | None:
+    """A ``--box-size`` command-line value: 'auto', 0/'none' (use zoom) or a size in pixels."""
+    text = str(text).strip().lower()
+    if text == "auto":
+        return "auto"
+    if text in ("0", "none", "off"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"box_size must be 'auto', 0 (use --zoom) or a size in pixels, got {text!r}") from None

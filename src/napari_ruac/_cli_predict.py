@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._cli_options import WINDOW_HELP, parse_window
+from ._cli_options import BOX_SIZE_HELP, WINDOW_HELP, parse_box_size, parse_window
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -30,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
                         help="resize the image by this factor before the model sees it (0.5 for objects twice the "
                              "size the model was trained on); outputs keep the image's size")
     parser.add_argument("--window", default="auto", help=WINDOW_HELP)
+    parser.add_argument("--box-size", default="auto", help=BOX_SIZE_HELP)
     parser.add_argument("-o", "--output", required=True, help="output folder")
 
 
@@ -111,7 +112,8 @@ def _predict(args) -> int:
             raise ValueError(f"--plane {args.plane} does not exist in an image of shape {image.shape}")
         image = image[args.plane]
     model = load_model(args.model, device=args.device, checkpoint=args.checkpoint)
-    predictor = Predictor(model, zoom=args.zoom, window=parse_window(args.window))
+    predictor = Predictor(model, zoom=args.zoom, window=parse_window(args.window),
+                          box_size=parse_box_size(args.box_size))
     predictor.set_image(image)
     pts = points + negatives
     labels = [1] * len(points) + [0] * len(negatives)

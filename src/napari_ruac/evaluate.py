@@ -26,7 +26,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.stats import rankdata
 
-from ._cli_options import WINDOW_HELP, parse_window
+from ._cli_options import BOX_SIZE_HELP, WINDOW_HELP, parse_box_size, parse_window
 
 PROMPT_MODES = ("point1", "point3", "box")
 REGION_DILATION = 5
@@ -244,10 +244,11 @@ class EvaluationReport:
     rows: list[ObjectRow]
     zoom: float = 1.0
     window: int | None = None
+    box_size: float | None = None
 
     def to_json(self) -> dict:
         return {"model": self.model, "n_images": self.n_images, "results": self.results, "baselines": self.baselines,
-                "zoom": self.zoom, "window": self.window}
+                "zoom": self.zoom, "window": self.window, "box_size": self.box_size}
 
 
 def iter_planes(image: np.ndarray, mask: np.ndarray):
@@ -273,16 +274,17 @@ def evaluate_model(
     progress=None,
     zoom: float = 1.0,
     window: int | str | None = "auto",
+    box_size: float | str | None = "auto",
 ) -> EvaluationReport:
     """Evaluate ``model`` on ``(name, image, instance_labels)`` samples (2D or 3D); ``zoom`` and
     ``window`` as in :class:`~napari_ruac.model.Predictor` (prompts and metrics stay at the
-    images' scale)."""
+    images' scale), as is ``box_size``."""
     from .model import Predictor
 
     for p in prompt_modes:
         if p not in PROMPT_MODES:
             raise ValueError(f"unknown prompt mode {p!r}; expected some of {PROMPT_MODES}")
-    predictor = Predictor(model, zoom=zoom, window=window)
+    predictor = Predictor(model, zoom=zoom, window=window, box_size=box_size)
     rows: list[ObjectRow] = []
     pooled = {p: _Pooled() for p in prompt_modes}
     structure = ndimage.generate_binary_structure(2, 1)
@@ -344,7 +346,8 @@ def evaluate_model(
         if theirs:
             base[method] = {"prompt": theirs[0].prompt, "n_objects": len(theirs),
                             "miou": _nanmean(r.iou for r in theirs), "jf": _nanmean(r.jf for r in theirs)}
-    return EvaluationReport(model_name, len(samples), results, base, rows, predictor.zoom, predictor.window)
+    return EvaluationReport(model_name, len(samples), results, base, rows, predictor.zoom, predictor.window,
+                            predictor.box_size)
 
 
 def _predict(predictor, prompt, gt, point, box, mode, mc_samples):
@@ -413,6 +416,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="resize images by this factor before the model sees them (0.5: objects twice the "
                              "size the model was trained on); prompts and metrics stay at the images' scale")
     parser.add_argument("--window", default="auto", help=WINDOW_HELP)
+    parser.add_argument("--box-size", default="auto", help=BOX_SIZE_HELP)
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--json", default=None, help="write results JSON here (per-object CSV beside it)")
 
@@ -427,7 +431,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = [p.strip() for p in args.prompts.split(",") if p.strip()]
     report = evaluate_model(model, samples, prompts, mode=args.mode, mc_samples=args.samples, seed=args.seed,
                             baselines=not args.no_baselines, model_name=str(args.model), zoom=args.zoom,
-                            window=parse_window(args.window))
+                            window=parse_window(args.window), box_size=parse_box_size(args.box_size))
     print_report(report)
     if args.json:
         write_report(report, Path(args.json))
