@@ -28,3 +28,4 @@ run dsb2018 dsb2018
 run nuclei3d nuclei3d
 run nuclei3d nuclei3d_zoom0.5 --zoom 0.5
 run stardist3d stardist3d
+run stardist3d stardist3d_zoom2 --zoom 2

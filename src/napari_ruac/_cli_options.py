@@ -4,33 +4,28 @@ from __future__ import annotations
 
 WINDOW_HELP = ("context a native-scale model sees around each prompt, in model pixels: 'auto' (the size it was "
                "trained on), 0 for the whole plane, or a side in pixels")
-
-
-def parse_window(text: str) -> int | str | None:
-    """A ``--window`` command-line value: 'auto', 0/'none' (whole plane) or a side in pixels."""
-    text = str(text).strip().lower()
-    if text == "auto":
-        return "auto"
-    if text in ("0", "none", "off"):
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"window must be 'auto', 0 (whole plane) or a side in pixels, got {text!r}") from None
-
-
 BOX_SIZE_HELP = ("size in model pixels a box prompt's object is shown at (the box sets its own zoom): 'auto' "
                  "(32 for our models), 0 to use --zoom for boxes too, or a size")
 
 
+def parse_window(text: str) -> int | str | None:
+    """A ``--window`` value: 'auto', 0/'none' (whole plane) or a side in pixels."""
+    return _auto_off_or(text, int, "window", "0 (whole plane) or a side in pixels")
+
+
 def parse_box_size(text: str) -> float | str | None:
-    """A ``--box-size`` command-line value: 'auto', 0/'none' (use zoom) or a size in pixels."""
+    """A ``--box-size`` value: 'auto', 0/'none' (use --zoom) or a size in pixels."""
+    return _auto_off_or(text, float, "box_size", "0 (use --zoom) or a size in pixels")
+
+
+def _auto_off_or(text: str, convert, name: str, expected: str):
+    """'auto' stays 'auto', 0/none/off become None, anything else goes through ``convert``."""
     text = str(text).strip().lower()
     if text == "auto":
         return "auto"
     if text in ("0", "none", "off"):
         return None
     try:
-        return float(text)
+        return convert(text)
     except ValueError:
-        raise ValueError(f"box_size must be 'auto', 0 (use --zoom) or a size in pixels, got {text!r}") from None
+        raise ValueError(f"{name} must be 'auto', {expected}, got {text!r}") from None
