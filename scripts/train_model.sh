@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Re-create one shipped model from its recipe, resumably (re-run the same command after a crash):
 #   bash scripts/train_model.sh ruac|bayes|det [THREADS]
-# Trains training/micro-<v>.yaml to step 3000 (of its 4000-step schedule) in runs/micro-<v>
+# Trains training/micro-<v>.yaml (its whole 4000-step schedule) in runs/micro-<v>
 # (gitignored) and exports it in fp16 into the package. Add --heads to also run the stage-2
 # recipe training/micro-<v>-heads.yaml (not what ships: see training/README.md) and export that.
 set -euo pipefail
@@ -16,7 +16,7 @@ case "$v" in
 esac
 cd "$(dirname "$0")/.."
 train() { .venv/bin/napari-ruac train "$@"; }
-train "training/micro-$v.yaml" --run-dir "runs/micro-$v" --threads "$threads" --resume --max-steps 3000
+train "training/micro-$v.yaml" --run-dir "runs/micro-$v" --threads "$threads" --resume
 if [ "$heads" != "--heads" ]; then
   train "training/micro-$v.yaml" --run-dir "runs/micro-$v" --export "src/napari_ruac/weights/$out.pt"
   exit 0

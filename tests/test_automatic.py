@@ -247,7 +247,7 @@ def test_small_instances_return_to_the_background_and_labels_are_canonical():
 
 @pytest.mark.xfail(
     strict=False,
-    reason="the shipped micro (3000 steps) gives good masks for clicks near a disc's centre, but its "
+    reason="the shipped micro (4000 steps) gives good masks for clicks near a disc's centre, but its "
     "IoU head predicts a near-constant value, its multimask tokens and object score were never trained "
     "on what the grid needs, and clicks near an edge give fragments, so the filters keep nothing (0/5); "
     "the stage-2 'heads' recipe taught the object score to reject background but left the IoU head flat "
