@@ -155,7 +155,7 @@ class WeibullHead(nn.Module):
         analytic mode over SAM2's decoder (C values per pixel). Training and ``sample`` mode keep
         the exact function, so their numerics and gradients do not move.
         """
-        raw = self.pixel_head(upscaled)
+        raw = _pointwise_conv(self.pixel_head, upscaled)
         c = self.channels
         return self._lam(raw[:, :c], fast), self._kappa(raw[:, c:])
 
@@ -534,6 +534,18 @@ class BayesianMaskDecoder(MaskDecoder):
             bank = log_exponential(u).to(like.device, like.dtype)
             self._noise_banks[key] = bank
         return bank[offset : offset + s][:, :, idx % self._NOISE_SLOTS]
+
+
+def _pointwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A 1x1 ``conv`` of (B, C, h, w) features as one batched matrix product.
+
+    Same result (to float rounding) and gradients as ``conv(x)``, but CPU convolution kernels
+    handle this shape (C = 8 in, 9 out for micro) badly: for the 64 prompt sets of an automatic
+    segmentation batch at 64x64, 24 ms as a convolution against 1.6 ms as ``baddbmm``.
+    """
+    b, c, h, w = x.shape
+    weight = conv.weight.view(1, -1, c).expand(b, -1, -1)
+    return torch.baddbmm(conv.bias.view(1, -1, 1), weight, x.reshape(b, c, h * w)).view(b, -1, h, w)
 
 
 def _softplus_inference(x: torch.Tensor) -> torch.Tensor:
