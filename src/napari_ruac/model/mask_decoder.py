@@ -200,6 +200,10 @@ class BayesianMaskDecoder(MaskDecoder):
         self._noise_banks: dict = {}
         # sample only the pixels that can be uncertain (see _monte_carlo); off = sample all
         self.mc_band = True
+        # ... when they are less than this fraction of the map: above it, gathering and
+        # scattering the band cost more than sampling every pixel (the shipped micro has
+        # |logit| < 8 + 6 sd on 99-100% of a 1024^2 map; MC click 26.5 -> 23.7 ms)
+        self.mc_band_below = 0.5
         if mc_pixels not in MC_PIXEL_ESTIMATORS:
             raise ValueError(f"unknown mc_pixels {mc_pixels!r}; expected one of {MC_PIXEL_ESTIMATORS}")
         self.mc_pixels = mc_pixels
@@ -423,8 +427,8 @@ class BayesianMaskDecoder(MaskDecoder):
             idx = band[i].nonzero().squeeze(1)
             if idx.numel() == 0:
                 continue
-            # all pixels in the band (random weights, small images): no gather needed
-            every = idx.numel() == h * w
+            # (nearly) all pixels in the band: sampling all of them is cheaper than a gather
+            every = idx.numel() >= self.mc_band_below * h * w
             p_i, h_i = sampler(
                 i, None if every else idx, lam_z, k_z, shape_factors, token_params, offset, samples, generator
             )
