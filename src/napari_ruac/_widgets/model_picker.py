@@ -100,5 +100,6 @@ def zoom_spin_box() -> QDoubleSpinBox:
     spin.setToolTip(
         "resize the image for the model so objects look like the ones it learned (micro: nuclei "
         "about 8-60 px across): 0.5 for objects twice as large, 2 for tiny ones. Masks stay at "
-        "the image's size; each zoom needs its own embeddings.")
+        "the image's size; each zoom needs its own embeddings. Objects prompted with a box are "
+        "seen at the zoom their box sets (box scaled to ~32 px), whatever this says.")
     return spin
