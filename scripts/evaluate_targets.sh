@@ -16,7 +16,7 @@ run() {  # target, tag, extra args...
   local target=$1 tag=$2; shift 2
   for m in "${models[@]}"; do
     name=$(basename "$m" .pt)
-    OMP_NUM_THREADS=1 .venv/bin/napari-ruac evaluate --images "$cache/$target/images" --masks "$cache/$target/masks" \
+    OMP_NUM_THREADS=${EVAL_THREADS:-1} .venv/bin/napari-ruac evaluate --images "$cache/$target/images" --masks "$cache/$target/masks" \
       --model "$m" --json "$out/$tag-$name.json" "$@" > /dev/null
   done
   echo "**$tag**"

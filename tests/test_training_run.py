@@ -294,3 +294,29 @@ def test_warm_start_from_a_det_run_then_distil_the_bayesian_head(tmp_path):
     assert all(float(r["distill"]) > 0 for r in rows)
     with pytest.raises(FileNotFoundError, match="warm-start checkpoint not found"):
         Trainer(tiny_recipe("bayes", model={"warm_start": str(tmp_path / "nope.pt")}), tmp_path / "x")
+
+
+# ---------------------------------------------------------------------------- recipes
+
+
+RECIPES = Path(__file__).resolve().parent.parent / "training"
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_loads_and_names_its_variant(path):
+    from napari_ruac.training.trainer import load_config
+
+    cfg = load_config(path)
+    variant = path.stem.split("-")[1]  # micro-<variant>[-stage].yaml
+    assert cfg["variant"] == variant
+    if cfg["model"]["init"] == "pretrained":  # later stages start from the same variant's stage 1
+        assert cfg["model"]["checkpoint"] == f"runs/micro-{variant}-stage1.pt"
+
+
+def test_shipped_variants_see_the_same_data_for_the_same_budget():
+    from napari_ruac.training.trainer import load_config
+
+    for stage in ("", "-cont", "-heads"):
+        cfgs = {v: load_config(RECIPES / f"micro-{v}{stage}.yaml") for v in ("ruac", "bayes", "det")}
+        for section in ("data", "optim", "loss", "train", "val", "seed"):
+            assert cfgs["ruac"][section] == cfgs["bayes"][section] == cfgs["det"][section], (stage, section)
