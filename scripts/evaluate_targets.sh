@@ -3,8 +3,8 @@
 # README's result tables:
 #   bash scripts/evaluate_targets.sh [MODEL ...]        # default: micro micro-bayes micro-det
 # Fetches the targets first (scripts/fetch_targets.py, cache outside git); results go to
-# results/eval/<target>[-zoom0.5]-<model>.json (+ per-object CSV). Single-threaded, so it can
-# run beside a training run on a 2-core machine.
+# results/eval/<target>[_zoomZ]-<model>.json (+ per-object CSV). One torch thread by default, so
+# it can run beside a training run on a 2-core machine; EVAL_THREADS=2 on a quiet one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 models=("$@")
