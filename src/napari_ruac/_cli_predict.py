@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._cli_options import BOX_SIZE_HELP, WINDOW_HELP, parse_box_size, parse_window
+from ._cli_options import BOX_SIZE_HELP, WINDOW_HELP
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -112,8 +112,8 @@ def _predict(args) -> int:
             raise ValueError(f"--plane {args.plane} does not exist in an image of shape {image.shape}")
         image = image[args.plane]
     model = load_model(args.model, device=args.device, checkpoint=args.checkpoint)
-    predictor = Predictor(model, zoom=args.zoom, window=parse_window(args.window),
-                          box_size=parse_box_size(args.box_size))
+    predictor = Predictor(model, zoom=args.zoom, window=args.window,
+                          box_size=args.box_size)
     predictor.set_image(image)
     pts = points + negatives
     labels = [1] * len(points) + [0] * len(negatives)

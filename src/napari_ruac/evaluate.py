@@ -26,7 +26,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.stats import rankdata
 
-from ._cli_options import BOX_SIZE_HELP, WINDOW_HELP, parse_box_size, parse_window
+from ._cli_options import BOX_SIZE_HELP, WINDOW_HELP
 
 PROMPT_MODES = ("point1", "point3", "box")
 REGION_DILATION = 5
@@ -431,7 +431,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = [p.strip() for p in args.prompts.split(",") if p.strip()]
     report = evaluate_model(model, samples, prompts, mode=args.mode, mc_samples=args.samples, seed=args.seed,
                             baselines=not args.no_baselines, model_name=str(args.model), zoom=args.zoom,
-                            window=parse_window(args.window), box_size=parse_box_size(args.box_size))
+                            window=args.window, box_size=args.box_size)
     print_report(report)
     if args.json:
         write_report(report, Path(args.json))

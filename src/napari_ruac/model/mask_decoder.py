@@ -339,11 +339,11 @@ class BayesianMaskDecoder(MaskDecoder):
 
         if mode == "mc":
             return self._monte_carlo(
-                lam_z, k_z, token_params, offset, samples, generator, iou_pred, object_score_logits, kl,
-                shape_factors,
+                lam_z, k_z, shape_factors, token_params, offset, samples, generator, iou_pred,
+                object_score_logits, kl,
             )
 
-        mu, var = self._analytic_moments(lam_z, k_z, token_params, shape_factors)
+        mu, var = self._analytic_moments(lam_z, shape_factors, token_params)
         mu = mu + offset[..., None, None]
         prob_logit = probit_logit(mu, var)
         if mode == "sample":
@@ -366,17 +366,18 @@ class BayesianMaskDecoder(MaskDecoder):
 
     # ------------------------------------------------------------------ Bayesian pieces
     @staticmethod
-    def _analytic_moments(lam_z, k_z, token_params, shape_factors=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _analytic_moments(lam_z, shape_factors, token_params) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and variance of ``logit = <z, w_fg - w_bg>`` with all factors independent.
 
         ``d = w_fg - w_bg``: ``E d = E fg - E bg``, ``Var d = Var fg + Var bg``;
         ``Var(z d) = Var z Var d + Var z (E d)^2 + (E z)^2 Var d``; channels add up. With one
         kappa per pixel, ``E z_c = g1 lam_c`` and ``Var z_c = g1^2 r lam_c^2`` where
         ``g1 = Gamma(1 + 1/kappa)`` and ``r = Gamma(1 + 2/kappa) / g1^2 - 1``, so
-        ``mu = g1 <lam, E d>`` and ``var = g1^2 (r <lam^2, Var d + (E d)^2> + <lam^2, Var d>)``.
+        ``mu = g1 <lam, E d>`` and ``var = g1^2 (r <lam^2, Var d + (E d)^2> + <lam^2, Var d>)``;
+        ``shape_factors`` is ``(g1, r)`` of the pixel shapes (see :func:`weibull_shape_factors`).
         """
         lam_fg, k_fg, lam_bg, k_bg = token_params
-        g1, r = weibull_shape_factors(k_z) if shape_factors is None else shape_factors
+        g1, r = shape_factors
         efg, vfg = weibull_moments(lam_fg, k_fg)
         ebg, vbg = weibull_moments(lam_bg, k_bg)
         ed = efg - ebg
@@ -396,8 +397,8 @@ class BayesianMaskDecoder(MaskDecoder):
         kl_tokens = 0.5 * (kl_weibull_gamma(lam_fg, k_fg, a, b).mean() + kl_weibull_gamma(lam_bg, k_bg, a, b).mean())
         return kl_pixels + kl_tokens
 
-    def _monte_carlo(self, lam_z, k_z, token_params, offset, samples, generator, iou_pred, obj_logits, kl,
-                     shape_factors=None):
+    def _monte_carlo(self, lam_z, k_z, shape_factors, token_params, offset, samples, generator, iou_pred,
+                     obj_logits, kl):
         """S samples of the head; total = H(mean p), aleatoric = mean H(p_s), epistemic = MI.
 
         Pixels whose logit stays far from zero in every plausible sample (``|mu| > 8 + 6 sd`` by
@@ -410,9 +411,7 @@ class BayesianMaskDecoder(MaskDecoder):
         """
         if self.mc_pixels not in MC_PIXEL_ESTIMATORS:
             raise ValueError(f"unknown mc_pixels {self.mc_pixels!r}; expected one of {MC_PIXEL_ESTIMATORS}")
-        if shape_factors is None:
-            shape_factors = weibull_shape_factors(k_z)
-        mu, var = self._analytic_moments(lam_z, k_z, token_params, shape_factors)
+        mu, var = self._analytic_moments(lam_z, shape_factors, token_params)
         mu = mu + offset[..., None, None]
         analytic_logit = probit_logit(mu, var)
         p = torch.sigmoid(analytic_logit)

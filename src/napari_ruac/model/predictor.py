@@ -141,7 +141,7 @@ class Predictor:
         if self._needs_windows(arr.shape[:2], self._zoom):
             return True
         cached = self.image_key in self._cache
-        self._embedding_for(self.image_key, arr, self._zoom)
+        self._window_embedding(self._whole_plane(), self._zoom)
         return cached
 
     def is_cached(self, image) -> bool:
@@ -219,7 +219,7 @@ class Predictor:
         zoom = self._zoom if zoom is None else zoom
         h, w = self._plane.shape[:2]
         if not self._needs_windows((h, w), zoom):
-            return (0, 0, h, w)
+            return self._whole_plane()
         side = self.window / zoom  # image pixels
         margin = side / 4  # context on every side of the prompts
         r0, r1 = _window_1d(extent[0], extent[2], h, side, margin)
@@ -292,10 +292,12 @@ class Predictor:
                         results[i] = pred
         return results
 
+    def _whole_plane(self) -> tuple[int, int, int, int]:
+        return (0, 0, *self._plane.shape[:2])
+
     def _window_embedding(self, window: tuple[int, int, int, int], zoom: float) -> tuple[ImageEmbedding, Frame]:
         r0, c0, r1, c1 = window
-        h, w = self._plane.shape[:2]
-        if window == (0, 0, h, w):
+        if window == self._whole_plane():
             return self._embedding_for(self._cache_key(zoom), self._plane, zoom)
         return self._embedding_for(self._cache_key(zoom, window=window), self._plane[r0:r1, c0:c1], zoom)
 
@@ -311,7 +313,7 @@ class Predictor:
         ``embedding`` defaults to the current plane's whole-plane embedding.
         """
         if embedding is None and self._plane is not None and not self.windowed:
-            embedding = self._embedding_for(self.image_key, self._plane, self._zoom)[0]
+            embedding = self._window_embedding(self._whole_plane(), self._zoom)[0]
         if self.device.type != "cpu" or embedding is None:
             return 1 << 30
         per_set = embedding.image_embed[0].numel() * embedding.image_embed.element_size()
@@ -392,10 +394,10 @@ class Predictor:
 
     def _paste(self, maps: dict, window: tuple[int, int, int, int]) -> dict:
         """Window-sized (M, h, w) maps -> plane-sized, zero outside the window."""
+        if window == self._whole_plane():
+            return maps
         h, w = self._plane.shape[:2]
         r0, c0, r1, c1 = window
-        if (r0, c0, r1, c1) == (0, 0, h, w):
-            return maps
         full = {}
         for name, m in maps.items():
             if m is None:
@@ -453,33 +455,48 @@ BOX_ZOOM_RANGE = (0.25, 4.0)
 
 
 def resolve_box_size(config, box_size: float | str | None) -> float | None:
-    """``Predictor(box_size=...)`` in model pixels, or None (boxes use the predictor's zoom)."""
-    if box_size == "auto":
+    """``Predictor(box_size=...)`` (or ``--box-size`` text) in model pixels, or None (boxes use
+    the predictor's zoom)."""
+    value = _auto_or_off(box_size)
+    if value == "auto":
         return DEFAULT_BOX_SIZE if config.input_scaling == "native" else None
-    if box_size is None or box_size == 0:
+    if value is None:
         return None
     try:
-        value = float(box_size)
+        size = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"box_size must be 'auto', None/0 (use zoom) or a size in pixels, got {box_size!r}") from None
-    if not (math.isfinite(value) and 4 <= value <= 512):
+    if not (math.isfinite(size) and 4 <= size <= 512):
         raise ValueError(f"box_size must be between 4 and 512 pixels, got {box_size!r}")
-    return value
+    return size
 
 
 def resolve_window(config, window: int | str | None) -> int | None:
-    """``Predictor(window=...)`` as a side in model-input pixels, or None (whole plane)."""
-    if window == "auto":
+    """``Predictor(window=...)`` (or ``--window`` text) as a side in model-input pixels, or None
+    (whole plane)."""
+    value = _auto_or_off(window)
+    if value == "auto":
         return config.image_size if config.input_scaling == "native" else None
-    if window is None or window == 0:
+    if value is None:
         return None
     try:
-        value = int(window)
+        side = int(value)
     except (TypeError, ValueError):
         raise ValueError(f"window must be 'auto', None/0 (whole plane) or a side in pixels, got {window!r}") from None
-    if value != window or value < 64:
+    if (not isinstance(value, str) and side != value) or side < 64:
         raise ValueError(f"window must be a whole number of pixels >= 64, got {window!r}")
-    return value
+    return side
+
+
+def _auto_or_off(value):
+    """A size option as given, with command-line text folded in: 'auto' stays 'auto'; None, 0
+    and the words '0', 'none', 'off' become None; other text comes back stripped."""
+    if isinstance(value, str):
+        value = value.strip().lower()
+        if value in ("0", "none", "off"):
+            return None
+        return value
+    return None if value is None or value == 0 else value
 
 
 def _window_1d(lo: float, hi: float, n: int, side: float, margin: float) -> tuple[int, int]:
