@@ -269,3 +269,39 @@ def test_kappa_init_must_lie_inside_range():
     with pytest.raises(ValueError, match="kappa_init"):
         WeibullHead(32, kappa_range=(1.0, 3.0), kappa_init=4.0)
     assert issubclass(BayesianMaskDecoder, torch.nn.Module)
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+def test_shared_image_transformer_equals_sam2_on_copies(heads):
+    """The first layer's image side computed once equals SAM2's TwoWayTransformer run on B
+    copies of the image (one and several attention heads, SAM2's own module)."""
+    from sam2.modeling.sam.transformer import TwoWayTransformer
+
+    from napari_ruac.model.mask_decoder import two_way_shared_image
+
+    torch.manual_seed(0)
+    transformer = TwoWayTransformer(depth=2, embedding_dim=32, num_heads=heads, mlp_dim=64).eval()
+    image, pe = torch.randn(1, 32, 6, 5), torch.randn(1, 32, 6, 5)
+    tokens = torch.randn(3, 7, 32)
+    with torch.no_grad():
+        want_q, want_k = transformer(image.expand(3, -1, -1, -1), pe.expand(3, -1, -1, -1), tokens)
+        got_q, got_k = two_way_shared_image(transformer, image, pe, tokens)
+    torch.testing.assert_close(got_q, want_q, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_k, want_k, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got_k[0], got_k[1])  # the image tokens do depend on the prompts
+
+
+def test_maps_derived_on_demand_equal_the_full_maps(tiny_model, embedded):
+    """Analytic and deterministic outputs compute probability/uncertainty when read;
+    uncertainty_of gives the rows of the full map without computing the others."""
+    from napari_ruac.model.weibull import binary_entropy_from_logit
+
+    emb, coords, labels = embedded
+    for mode in ("analytic", "deterministic", "mc"):
+        out = _decode(tiny_model, emb, coords, labels, mode=mode, samples=8, multimask_output=True)
+        full = out.uncertainty.flatten(0, 1)
+        idx = torch.tensor([4, 1])
+        torch.testing.assert_close(out.uncertainty_of(idx), full[idx])
+        if mode != "mc":
+            torch.testing.assert_close(out.probability, torch.sigmoid(out.logits))
+            torch.testing.assert_close(out.uncertainty, binary_entropy_from_logit(out.logits))

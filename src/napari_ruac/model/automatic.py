@@ -461,13 +461,16 @@ class AutomaticSegmenter:
         inter = (logits > off).flatten(1).sum(1).float()
         union = (logits > -off).flatten(1).sum(1).float()
         stability = inter / union.clamp_min(1)
-        # the decoder already gives the entropy of its probability (same shape as the logits)
-        entropy = out.uncertainty.float().reshape(b * m, h4, w4)[:, :vh4, :vw4]
-        mean_unc = (entropy * mask).flatten(1).sum(1) / area.clamp_min(1)
         keep = (iou > self.pred_iou_thresh) & (obj > self.object_score_thresh) & (area > 0)
         keep &= stability >= self.stability_score_thresh
-        keep &= mean_unc <= self.max_mean_uncertainty
         idx = torch.nonzero(keep).flatten()
+        if idx.numel() == 0:
+            return []
+        # the uncertainty filter last: the entropy maps are computed for these masks only
+        entropy = out.uncertainty_of(idx).float()[:, :vh4, :vw4]
+        mean_unc = torch.zeros_like(stability)
+        mean_unc[idx] = (entropy * mask[idx]).flatten(1).sum(1) / area[idx].clamp_min(1)
+        idx = idx[mean_unc[idx] <= self.max_mean_uncertainty]
         if idx.numel() == 0:
             return []
         rows_any = mask[idx].any(2)  # (K, vh4)

@@ -25,7 +25,7 @@ without missing keys and the deterministic decoder can be run side by side (``mo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -79,7 +79,9 @@ class DecoderOutput:
       probit-corrected mean; mc: logit of the mean probability; sample: one sampled logit;
       deterministic: SAM2's logit).
     * ``probability``, ``uncertainty`` (B, M, h, w): foreground probability and the binary
-      entropy of it in bits (total predictive uncertainty).
+      entropy of it in bits (total predictive uncertainty). Except in MC mode both follow from
+      ``logits`` and are computed when first read: automatic segmentation reads neither for
+      most of its masks (:meth:`uncertainty_of` gives the rows it needs).
     * ``logit_mean``, ``logit_var`` (B, M, h, w): moments of the Bayesian logit
       (analytic and sample modes), else None.
     * ``epistemic``, ``aleatoric`` (B, M, h, w): the MC split of ``uncertainty``, else None.
@@ -89,8 +91,6 @@ class DecoderOutput:
     """
 
     logits: torch.Tensor
-    probability: torch.Tensor
-    uncertainty: torch.Tensor
     iou_pred: torch.Tensor
     object_score_logits: torch.Tensor
     logit_mean: torch.Tensor | None = None
@@ -98,6 +98,28 @@ class DecoderOutput:
     epistemic: torch.Tensor | None = None
     aleatoric: torch.Tensor | None = None
     kl: torch.Tensor | None = None
+    # given by MC mode (the mean over samples); derived from ``logits`` on first read otherwise
+    _probability: torch.Tensor | None = field(default=None, repr=False)
+    _uncertainty: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def probability(self) -> torch.Tensor:
+        if self._probability is None:
+            self._probability = torch.sigmoid(self.logits)
+        return self._probability
+
+    @property
+    def uncertainty(self) -> torch.Tensor:
+        if self._uncertainty is None:
+            self._uncertainty = binary_entropy_from_logit(self.logits)
+        return self._uncertainty
+
+    def uncertainty_of(self, index: torch.Tensor) -> torch.Tensor:
+        """``uncertainty`` of the masks ``index`` (into the B*M masks, flattened), (K, h, w),
+        without computing it for the others."""
+        flat = (self._uncertainty if self._uncertainty is not None else self.logits).flatten(0, 1)
+        rows = flat[index]
+        return rows if self._uncertainty is not None else binary_entropy_from_logit(rows)
 
 
 class WeibullHead(nn.Module):
@@ -240,12 +262,15 @@ class BayesianMaskDecoder(MaskDecoder):
         else:
             src = image_embeddings
         src = src + dense_prompt_embeddings
-        if src.shape[0] != n:
-            src = src.expand(n, -1, -1, -1)
-        pos_src = image_pe.expand(n, -1, -1, -1)
-        b, c, h, w = src.shape
-
-        hs, src = self.transformer(src, pos_src, tokens)
+        _, c, h, w = src.shape
+        b = n
+        if src.shape[0] == 1 and n > 1:
+            # every prompt set sees the same image: its side of the first layer is computed once
+            hs, src = two_way_shared_image(self.transformer, src, image_pe, tokens)
+        else:
+            if src.shape[0] != n:
+                src = src.expand(n, -1, -1, -1)
+            hs, src = self.transformer(src, image_pe.expand(n, -1, -1, -1), tokens)
         iou_token_out = hs[:, s, :]
         mask_tokens_out = hs[:, s + 1 : s + 1 + self.num_mask_tokens, :]
         obj_token_out = hs[:, 0, :] if self.pred_obj_scores else None
@@ -317,8 +342,6 @@ class BayesianMaskDecoder(MaskDecoder):
             logits = torch.einsum("bkc,bchw->bkhw", hyper_in, upscaled)
             return DecoderOutput(
                 logits=logits,
-                probability=torch.sigmoid(logits),
-                uncertainty=binary_entropy_from_logit(logits),
                 iou_pred=iou_pred,
                 object_score_logits=object_score_logits,
                 kl=None,
@@ -355,13 +378,14 @@ class BayesianMaskDecoder(MaskDecoder):
             logits = prob_logit
         return DecoderOutput(
             logits=logits,
-            probability=torch.sigmoid(prob_logit),
-            uncertainty=binary_entropy_from_logit(prob_logit),
             iou_pred=iou_pred,
             object_score_logits=object_score_logits,
             logit_mean=mu,
             logit_var=var,
             kl=kl,
+            # a sampled logit is not the predictive one: the maps come from the probit logit
+            _probability=torch.sigmoid(prob_logit) if mode == "sample" else None,
+            _uncertainty=binary_entropy_from_logit(prob_logit) if mode == "sample" else None,
         )
 
     # ------------------------------------------------------------------ Bayesian pieces
@@ -444,13 +468,13 @@ class BayesianMaskDecoder(MaskDecoder):
         logits = torch.logit(p.clamp(eps, 1 - eps))
         return DecoderOutput(
             logits=logits,
-            probability=p,
-            uncertainty=total,
             iou_pred=iou_pred,
             object_score_logits=obj_logits,
             epistemic=epistemic,
             aleatoric=aleatoric,
             kl=kl,
+            _probability=p,
+            _uncertainty=total,
         )
 
     @staticmethod
@@ -537,6 +561,74 @@ class BayesianMaskDecoder(MaskDecoder):
             bank = log_exponential(u).to(like.device, like.dtype)
             self._noise_banks[key] = bank
         return bank[offset : offset + s][:, :, idx % self._NOISE_SLOTS]
+
+
+def two_way_shared_image(transformer, image: torch.Tensor, image_pe: torch.Tensor,
+                         tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM2's ``TwoWayTransformer.forward`` for B prompt sets on one image, without B copies of
+    the image's work.
+
+    ``image``, ``image_pe`` (1, D, h, w); ``tokens`` (B, N, D). Returns the same as
+    ``transformer(image.expand(B, ...), image_pe.expand(B, ...), tokens)``: tokens (B, N, D)
+    and image tokens (B, h*w, D). Until the first image-to-token attention writes into them,
+    the image tokens are identical for every prompt set, so the first layer projects them once:
+    the keys and values its token-to-image attention reads, and the queries of its
+    image-to-token attention. (The later layers see per-prompt image tokens and run as SAM2's.)
+    """
+    n = tokens.shape[0]
+    keys = image.flatten(2).transpose(1, 2)  # (1, hw, D)
+    key_pe = image_pe.flatten(2).transpose(1, 2)
+    queries = tokens
+    for i, layer in enumerate(transformer.layers):
+        if keys.shape[0] == n:
+            queries, keys = layer(queries=queries, keys=keys, query_pe=tokens, key_pe=key_pe)
+            continue
+        if layer.skip_first_layer_pe:
+            queries = layer.self_attn(q=queries, k=queries, v=queries)
+        else:
+            q = queries + tokens
+            queries = queries + layer.self_attn(q=q, k=q, v=queries)
+        queries = layer.norm1(queries)
+        k = keys + key_pe
+        queries = layer.norm2(queries + _tokens_to_shared_image(layer.cross_attn_token_to_image, queries + tokens, k, keys))
+        queries = layer.norm3(queries + layer.mlp(queries))
+        keys = layer.norm4(keys + _shared_image_to_tokens(layer.cross_attn_image_to_token, k, queries + tokens, queries))
+    q = queries + tokens
+    k = keys + key_pe
+    queries = transformer.norm_final_attn(queries + transformer.final_attn_token_to_image(q=q, k=k, v=keys))
+    return queries, keys
+
+
+def _tokens_to_shared_image(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SAM2 ``Attention`` of (B, N, D) token queries to (1, hw, D) image keys/values shared by
+    all B: the keys and values are projected once and the B*N queries attend as one sequence
+    (each query row attends on its own, so this equals B separate attentions)."""
+    b, t, _ = q.shape
+    heads = attn.num_heads
+    qp = attn._separate_heads(attn.q_proj(q).reshape(1, b * t, -1), heads)
+    kp = attn._separate_heads(attn.k_proj(k), heads)
+    vp = attn._separate_heads(attn.v_proj(v), heads)
+    out = F.scaled_dot_product_attention(qp, kp, vp)
+    return attn.out_proj(attn._recombine_heads(out).reshape(b, t, -1))
+
+
+def _shared_image_to_tokens(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SAM2 ``Attention`` of (1, hw, D) image queries shared by all B prompt sets to each set's
+    (B, N, D) tokens -> (B, hw, D). The queries are projected once; with N tokens much fewer
+    than the attention width the value and output projections are folded first
+    (``P (V Wv) Wo = P (V Wv Wo)``), so the per-set work is N-wide rather than D-wide."""
+    b, t, _ = k.shape
+    heads = attn.num_heads
+    qp = attn._separate_heads(attn.q_proj(q), heads)  # (1, H, hw, dh)
+    kp = attn._separate_heads(attn.k_proj(k), heads)  # (B, H, N, dh)
+    vp = attn._separate_heads(attn.v_proj(v), heads)  # (B, H, N, dh)
+    scale = qp.shape[-1] ** -0.5
+    weights = torch.softmax(torch.matmul(qp * scale, kp.transpose(-1, -2)), dim=-1)  # (B, H, hw, N)
+    wo = attn.out_proj.weight.t().reshape(heads, -1, attn.out_proj.out_features)  # (H, dh, D)
+    vo = torch.matmul(vp, wo)  # (B, H, N, D): values already in the output space, per head
+    hw = qp.shape[2]
+    out = torch.matmul(weights.transpose(1, 2).reshape(b, hw, heads * t), vo.reshape(b, heads * t, -1))
+    return out + attn.out_proj.bias
 
 
 def _pointwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:

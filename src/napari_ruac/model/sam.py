@@ -190,7 +190,9 @@ class RuacSam(nn.Module):
                 raise ValueError(f"{b} prompt sets for {n_img} images: pass image_index")
         sparse = self.embed_prompts(coords, labels, embedding.input_size)
         grid = tuple(embedding.image_embed.shape[-2:])
-        dense = self.sam_prompt_encoder.no_mask_embed.weight.view(1, -1, 1, 1).expand(b, -1, *grid)
+        # no mask prompt: the same dense embedding for every prompt set and pixel (broadcast, so
+        # prompt sets on one image still share it and the decoder can share the image's work)
+        dense = self.sam_prompt_encoder.no_mask_embed.weight.view(1, -1, 1, 1)
         return self.sam_mask_decoder(
             image_embeddings=embedding.image_embed,
             image_pe=self.dense_pe(grid),
