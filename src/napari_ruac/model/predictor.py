@@ -307,9 +307,12 @@ class Predictor:
         On a GPU: all of them. On a CPU the decoder is bound by memory traffic: each prompt set
         carries its own copy of the image tokens through the two-way transformer and the
         upscaling, and once a pass holds more than a few MB of them it falls out of the caches.
-        Measured at 1024^2 on 2 cores, 8 objects: Hiera-T (4 MB of tokens per prompt set)
-        478 ms one by one, 519 in pairs, 650 in fours, 831 all at once; micro (1 MB) 110 / 86 /
-        86 / 121 ms. So a pass holds about :data:`CPU_DECODER_BYTES` of image tokens.
+        So a pass holds about :data:`CPU_DECODER_BYTES` of image tokens, but at least two prompt
+        sets: prompt sets decoded together share the image's side of the first transformer
+        layer (:func:`~napari_ruac.model.mask_decoder.two_way_shared_image`), which pays for a
+        pair even when one set fills the budget. Measured at 1024^2 on 2 cores, 8 objects,
+        passes of 1 / 2 / 4 / 8 prompt sets: Hiera-T (4 MB of tokens per prompt set) 448 (a
+        loop of single clicks) / 355 / 391 / 533 ms; micro (1 MB) 107 / 95 / 80 / 94 ms.
         ``embedding`` defaults to the current plane's whole-plane embedding.
         """
         if embedding is None and self._plane is not None and not self.windowed:
@@ -317,7 +320,7 @@ class Predictor:
         if self.device.type != "cpu" or embedding is None:
             return 1 << 30
         per_set = embedding.image_embed[0].numel() * embedding.image_embed.element_size()
-        return max(1, CPU_DECODER_BYTES // per_set)
+        return max(2, CPU_DECODER_BYTES // per_set)
 
     def _check_prompt(self, i: int, p: Prompt) -> tuple[np.ndarray, list[int]]:
         """Object ``i``'s prompts as (N, 2) (row, col) image coordinates and SAM labels."""
