@@ -175,3 +175,100 @@ def test_with_head_keeps_weights_and_switches_decoder(tiny_model):
     np.testing.assert_allclose(a.predict(points=[(50, 50)]).probability,
                                b.predict(points=[(50, 50)], mode="deterministic").probability, atol=1e-6)
     assert with_head(bayes, "bayesian") is bayes
+
+
+# ---------------------------------------------------------------------------- official downloads
+
+
+def test_official_models_carry_their_published_sha256_and_size():
+    from napari_ruac.model import MODEL_SPECS
+
+    official = [s for s in MODEL_SPECS.values() if s.url]
+    assert {s.name for s in official} == {f"sam2.1_hiera_{k}" for k in ("tiny", "small", "base_plus", "large")}
+    for spec in official:
+        assert spec.url.endswith("/" + spec.filename)
+        assert len(spec.sha256) == 64 and int(spec.sha256, 16) >= 0
+        assert 100e6 < spec.size < 1e9
+    assert len({s.sha256 for s in official}) == 4
+
+
+@pytest.fixture
+def http_folder(tmp_path):
+    """A real HTTP server on 127.0.0.1 serving the files of a folder."""
+    import functools
+    import http.server
+    import threading
+
+    root = tmp_path / "served"
+    root.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_port}/"
+    server.shutdown()
+    server.server_close()
+
+
+def _spec_for(content: bytes, url: str):
+    """Hiera-T's spec with the URL, hash and size of a small stand-in file."""
+    import hashlib
+    from dataclasses import replace
+
+    from napari_ruac.model import MODEL_SPECS
+
+    return replace(MODEL_SPECS["sam2.1_hiera_tiny"], url=url, sha256=hashlib.sha256(content).hexdigest(),
+                   size=len(content))
+
+
+def test_download_is_checked_against_the_published_hash(http_folder, tmp_path):
+    from napari_ruac.model.build import _download, verify_official_file
+
+    root, base = http_folder
+    content = np.random.default_rng(0).bytes(3 << 20)
+    (root / "w.pt").write_bytes(content)
+    spec = _spec_for(content, base + "w.pt")
+    dest = tmp_path / "cache" / spec.filename
+    _download(spec, dest)
+    assert dest.read_bytes() == content
+    assert (tmp_path / "cache" / (spec.filename + ".sha256")).read_text().strip() == spec.sha256
+    verify_official_file(spec, dest)  # passes, and says nothing
+    dest.write_bytes(content[:-1] + b"\0")  # changed after the download
+    with pytest.raises(CheckpointError, match="no longer matches"):
+        verify_official_file(spec, dest)
+
+
+@pytest.mark.parametrize("served, message", [("tampered", "SHA-256 .* expected"), ("truncated", "truncated")])
+def test_bad_download_is_refused_and_leaves_nothing(http_folder, tmp_path, served, message):
+    from napari_ruac.model.build import _download
+
+    root, base = http_folder
+    content = np.random.default_rng(1).bytes(1 << 20)
+    spec = _spec_for(content, base + "w.pt")
+    bad = content[:-1] + b"x" if served == "tampered" else content[: len(content) // 2]
+    (root / "w.pt").write_bytes(bad)
+    cache = tmp_path / "cache"
+    with pytest.raises(CheckpointError, match=message) as exc:
+        _download(spec, cache / spec.filename)
+    assert spec.url in str(exc.value)  # says what to fetch again
+    assert list(cache.iterdir()) == []  # no half-written or unverified file stays
+
+
+def test_hand_fetched_official_file_with_wrong_content_is_refused(tmp_path, monkeypatch):
+    """The offline message tells users to fetch the file by hand: a wrong file is caught on load."""
+    from napari_ruac.model import MODEL_SPECS
+
+    content = b"not the weights" * 1000
+    spec = _spec_for(content, MODEL_SPECS["sam2.1_hiera_tiny"].url)
+    monkeypatch.setitem(MODEL_SPECS, spec.name, spec)
+    monkeypatch.setenv("NAPARI_RUAC_CACHE", str(tmp_path))
+    (tmp_path / spec.filename).write_bytes(content[:-1] + b"?")
+    with pytest.raises(CheckpointError, match="corrupted or tampered"):
+        load_model("sam2.1_hiera_tiny", download=False)
+    (tmp_path / spec.filename).write_bytes(content[:100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_model("sam2.1_hiera_tiny", download=False)

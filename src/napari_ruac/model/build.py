@@ -167,7 +167,12 @@ def _from_spec(spec: ModelSpec, checkpoint, download: bool) -> RuacSam:
         if not download:
             raise FileNotFoundError(_missing_official_message(spec, file))
         _download(spec, file)
-    verify_cached_hash(file)
+    if checkpoint is None:
+        # the file in the cache stands for Meta's: downloaded by us, or fetched by hand as the
+        # offline message says. (A checkpoint passed explicitly may be the user's own fine-tune.)
+        verify_official_file(spec, file)
+    else:
+        verify_cached_hash(file)
     return _from_file(file, spec.config)
 
 
@@ -195,15 +200,42 @@ def _download(spec: ModelSpec, dest: Path) -> None:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise FileNotFoundError(_missing_official_message(spec, dest, f"download failed: {exc}")) from exc
-    digest = file_sha256(tmp)
-    if spec.sha256 and digest != spec.sha256:
+    try:
+        digest = _check_official(spec, tmp, f"downloaded {spec.url}")
+    except CheckpointError:
         tmp.unlink(missing_ok=True)
-        raise CheckpointError(
-            f"downloaded {spec.url} has SHA-256 {digest}, expected {spec.sha256}: refusing to use it"
-        )
+        raise
     os.replace(tmp, dest)
     # record the hash so later loads can tell whether the cached file changed
     dest.with_name(dest.name + ".sha256").write_text(digest + "\n")
+
+
+def verify_official_file(spec: ModelSpec, file: Path) -> None:
+    """The cached official file must be Meta's: its size and SHA-256 are checked once and the
+    hash recorded beside it (``verify_cached_hash`` then catches later changes)."""
+    record = file.with_name(file.name + ".sha256")
+    if record.is_file() and record.read_text().strip() == spec.sha256:
+        verify_cached_hash(file)
+        return
+    digest = _check_official(spec, file, str(file))
+    record.write_text(digest + "\n")
+
+
+def _check_official(spec: ModelSpec, file: Path, what: str) -> str:
+    """SHA-256 of ``file`` after checking its size and hash against ``spec``'s published values."""
+    size = file.stat().st_size
+    if spec.size is not None and size != spec.size:
+        raise CheckpointError(
+            f"{what} has {size:,} bytes, but {spec.filename} has {spec.size:,}: the file is truncated or "
+            f"not the official one. Delete it and fetch {spec.url} again"
+        )
+    digest = file_sha256(file)
+    if spec.sha256 is not None and digest != spec.sha256:
+        raise CheckpointError(
+            f"{what} has SHA-256 {digest}, expected {spec.sha256} for {spec.filename}: refusing to use it "
+            f"(corrupted or tampered). Delete it and fetch {spec.url} again"
+        )
+    return digest
 
 
 def verify_cached_hash(file: Path) -> None:

@@ -76,10 +76,11 @@ class ModelSpec:
     name: str
     config: ModelConfig
     description: str
-    # official SAM2.1 weights: Meta's URL; file name in the cache
+    # official SAM2.1 weights: Meta's URL; file name in the cache; the file's SHA-256 and size
     url: str | None = None
     filename: str | None = None
     sha256: str | None = None
+    size: int | None = None
     # our shipped weights: a file name inside napari_ruac/weights
     packaged: str | None = None
     # test-tiny: random weights from a fixed seed
@@ -88,6 +89,9 @@ class ModelSpec:
 
 
 _META = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
+# SHA-256 and sizes of Meta's SAM2.1 files at _META: Meta publishes none, so these are the values
+# that independent projects verifying the same downloads record (micro-sam's SAM2 registry,
+# computational-cell-analytics/micro-sam, micro_sam/v2/util.py, among others), and they agree.
 
 MICRO = ModelConfig(
     embed_dim=32,
@@ -133,6 +137,8 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             "SAM2.1 Hiera-T (39 M params), official weights + RUAC head",
             url=_META + "sam2.1_hiera_tiny.pt",
             filename="sam2.1_hiera_tiny.pt",
+            sha256="7402e0d864fa82708a20fbd15bc84245c2f26dff0eb43a4b5b93452deb34be69",
+            size=156_008_466,
             aliases=("tiny", "sam2.1_hiera_t"),
         ),
         ModelSpec(
@@ -141,6 +147,8 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             "SAM2.1 Hiera-S (46 M params), official weights + RUAC head",
             url=_META + "sam2.1_hiera_small.pt",
             filename="sam2.1_hiera_small.pt",
+            sha256="6d1aa6f30de5c92224f8172114de081d104bbd23dd9dc5c58996f0cad5dc4d38",
+            size=184_416_285,
             aliases=("small", "sam2.1_hiera_s"),
         ),
         ModelSpec(
@@ -155,6 +163,8 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             "SAM2.1 Hiera-B+ (81 M params), official weights + RUAC head",
             url=_META + "sam2.1_hiera_base_plus.pt",
             filename="sam2.1_hiera_base_plus.pt",
+            sha256="a2345aede8715ab1d5d31b4a509fb160c5a4af1970f199d9054ccfb746c004c5",
+            size=323_606_802,
             aliases=("base_plus", "sam2.1_hiera_b+"),
         ),
         ModelSpec(
@@ -170,6 +180,8 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             "SAM2.1 Hiera-L (224 M params), official weights + RUAC head",
             url=_META + "sam2.1_hiera_large.pt",
             filename="sam2.1_hiera_large.pt",
+            sha256="2647878d5dfa5098f2f8649825738a9345572bae2d4350a2468587ece47dd318",
+            size=898_083_611,
             aliases=("large", "sam2.1_hiera_l"),
         ),
         ModelSpec(
