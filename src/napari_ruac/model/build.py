@@ -161,18 +161,18 @@ def _from_spec(spec: ModelSpec, checkpoint, download: bool) -> RuacSam:
         model.info["variant"] = spec.name
         return model
     file = Path(checkpoint) if checkpoint is not None else cache_dir() / spec.filename
-    if not file.is_file():
-        if checkpoint is not None:
+    if checkpoint is not None:
+        # a checkpoint passed explicitly may be the user's own fine-tune, not Meta's file
+        if not file.is_file():
             raise FileNotFoundError(f"checkpoint file not found: {file}")
-        if not download:
-            raise FileNotFoundError(_missing_official_message(spec, file))
-        _download(spec, file)
-    if checkpoint is None:
-        # the file in the cache stands for Meta's: downloaded by us, or fetched by hand as the
-        # offline message says. (A checkpoint passed explicitly may be the user's own fine-tune.)
-        verify_official_file(spec, file)
-    else:
         verify_cached_hash(file)
+    elif file.is_file():
+        # in the cache: downloaded earlier, or fetched by hand as the offline message says
+        verify_official_file(spec, file)
+    elif download:
+        _download(spec, file)  # checked against the published hash as it arrives
+    else:
+        raise FileNotFoundError(_missing_official_message(spec, file))
     return _from_file(file, spec.config)
 
 
@@ -207,13 +207,13 @@ def _download(spec: ModelSpec, dest: Path) -> None:
         raise
     os.replace(tmp, dest)
     # record the hash so later loads can tell whether the cached file changed
-    dest.with_name(dest.name + ".sha256").write_text(digest + "\n")
+    _hash_record(dest).write_text(digest + "\n")
 
 
 def verify_official_file(spec: ModelSpec, file: Path) -> None:
     """The cached official file must be Meta's: its size and SHA-256 are checked once and the
     hash recorded beside it (``verify_cached_hash`` then catches later changes)."""
-    record = file.with_name(file.name + ".sha256")
+    record = _hash_record(file)
     if record.is_file() and record.read_text().strip() == spec.sha256:
         verify_cached_hash(file)
         return
@@ -238,9 +238,14 @@ def _check_official(spec: ModelSpec, file: Path, what: str) -> str:
     return digest
 
 
+def _hash_record(file: Path) -> Path:
+    """Where the SHA-256 a file was verified with is kept: beside it."""
+    return file.with_name(file.name + ".sha256")
+
+
 def verify_cached_hash(file: Path) -> None:
     """If a download recorded a hash beside ``file``, the file must still match it."""
-    record = file.with_name(file.name + ".sha256")
+    record = _hash_record(file)
     if record.is_file():
         expected = record.read_text().strip()
         if file_sha256(file) != expected:

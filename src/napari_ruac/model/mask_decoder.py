@@ -117,9 +117,9 @@ class DecoderOutput:
     def uncertainty_of(self, index: torch.Tensor) -> torch.Tensor:
         """``uncertainty`` of the masks ``index`` (into the B*M masks, flattened), (K, h, w),
         without computing it for the others."""
-        flat = (self._uncertainty if self._uncertainty is not None else self.logits).flatten(0, 1)
-        rows = flat[index]
-        return rows if self._uncertainty is not None else binary_entropy_from_logit(rows)
+        if self._uncertainty is not None:
+            return self._uncertainty.flatten(0, 1)[index]
+        return binary_entropy_from_logit(self.logits.flatten(0, 1)[index])
 
 
 class WeibullHead(nn.Module):
@@ -579,7 +579,7 @@ def two_way_shared_image(transformer, image: torch.Tensor, image_pe: torch.Tenso
     keys = image.flatten(2).transpose(1, 2)  # (1, hw, D)
     key_pe = image_pe.flatten(2).transpose(1, 2)
     queries = tokens
-    for i, layer in enumerate(transformer.layers):
+    for layer in transformer.layers:
         if keys.shape[0] == n:
             queries, keys = layer(queries=queries, keys=keys, query_pe=tokens, key_pe=key_pe)
             continue
