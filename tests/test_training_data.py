@@ -218,3 +218,28 @@ def test_multimask_loss_trains_the_best_mask_and_the_iou_head_on_all():
     assert grads[1] > 0 and grads[0] == 0 and grads[2] == 0  # only the best mask is trained
     wrong = multimask_loss(logits.detach(), target, torch.tensor([[1.0, 0.0, 1.0]]), LossConfig())
     assert wrong["mm_iou"] == pytest.approx((1 + 1 + 0.75) / 3)
+
+
+def test_synthetic_overlap_bounds_how_close_objects_are_placed():
+    # overlap=None keeps the original layout (objects may hide most of one another); a number
+    # keeps every pair of centres at least (1 - overlap) x the sum of their radii apart
+    from napari_ruac.training.synthetic import SynthConfig, _object_set
+
+    free, bounded = SynthConfig(touching=(0.6, 0.6)), SynthConfig(touching=(0.6, 0.6), overlap=0.1)
+    closest = {}
+    for name, cfg in (("free", free), ("bounded", bounded)):
+        ratios = []
+        for i in range(6):
+            centres, radii = _object_set(np.random.default_rng(i), (256, 256), cfg, (16.0, 30.0))
+            assert len(centres) == len(radii) >= 2
+            d = np.hypot(*(centres[:, None] - centres[None]).transpose(2, 0, 1))
+            r = radii[:, None] + radii[None]
+            off = ~np.eye(len(radii), dtype=bool)
+            ratios.append((d[off] / r[off]).min())
+        closest[name] = min(ratios)
+    assert closest["bounded"] >= 0.9 - 1e-6
+    assert closest["free"] < 0.85  # the unbounded layout does overlap objects this much
+    # the bounded layout still makes touching nuclei, and labels stay exact 1..n
+    s = SyntheticMicroscopy(bounded, seed=2).sample(0, 192, mode="fluorescence")
+    ids = np.unique(s.labels)
+    assert np.array_equal(ids, np.arange(len(ids))) and len(ids) > 3

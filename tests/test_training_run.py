@@ -18,6 +18,7 @@ import yaml
 
 from napari_ruac.cli import main
 from napari_ruac.model import load_model
+from napari_ruac.model.config import MODEL_SPECS
 from napari_ruac.training.trainer import LOSS_FIELDS, Trainer, load_config, read_log
 
 REPO = Path(__file__).resolve().parents[1]
@@ -320,3 +321,29 @@ def test_shipped_variants_see_the_same_data_for_the_same_budget():
         cfgs = {v: load_config(RECIPES / f"micro-{v}{stage}.yaml") for v in ("ruac", "bayes", "det")}
         for section in ("data", "optim", "loss", "train", "val", "seed"):
             assert cfgs["ruac"][section] == cfgs["bayes"][section] == cfgs["det"][section], (stage, section)
+
+
+def test_a_recipe_changes_fields_of_its_specs_architecture_and_the_export_keeps_them(tmp_path):
+    from napari_ruac.model import read_checkpoint
+    from napari_ruac.training.trainer import build_training_model, load_config
+
+    torch.set_num_threads(1)
+    over = {"model": {"spec": "test-tiny", "init": "scratch", "config": {"fpn_top_down_levels": [0, 1, 2, 3]}}}
+    cfg = tiny_recipe("bayes", steps=1, **over)
+    model = build_training_model(load_config(cfg))
+    assert model.config.fpn_top_down_levels == (0, 1, 2, 3)
+    assert model.config.embed_dim == MODEL_SPECS["test-tiny"].config.embed_dim  # the rest is the spec's
+    # top-down fusion reaches the stride-4 features: they now depend on the coarsest stage
+    x = torch.rand(1, 3, 128, 128)
+    plain = build_training_model(load_config(tiny_recipe("bayes", steps=1)))
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(model.encode(x).high_res[0], plain.encode(x).high_res[0])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(cfg))
+    Trainer(str(recipe), tmp_path / "run", quiet=True).fit()
+    assert main(["train", str(recipe), "--run-dir", str(tmp_path / "run"), "--export", str(tmp_path / "m.pt")]) == 0
+    assert read_checkpoint(tmp_path / "m.pt")[1].config.fpn_top_down_levels == (0, 1, 2, 3)
+    assert load_model(tmp_path / "m.pt").config.fpn_top_down_levels == (0, 1, 2, 3)
+    with pytest.raises(ValueError, match="unknown model config fields"):
+        build_training_model(load_config(tiny_recipe("bayes", model={"config": {"fpn_levels": [0]}})))

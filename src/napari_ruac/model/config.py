@@ -23,6 +23,10 @@ class ModelConfig:
     window_spec: tuple[int, ...] = (8, 4, 14, 7)
     # FPN neck / decoder width
     d_model: int = 256
+    # FPN levels (0 = stride 4 ... 3 = stride 32) that receive top-down features from the coarser
+    # levels. SAM2: only the coarse ones; the stride-4/8 features the decoder adds back for detail
+    # then come from the first Hiera stages alone.
+    fpn_top_down_levels: tuple[int, ...] = (2, 3)
     # SAM heads
     decoder_depth: int = 2
     decoder_heads: int = 8

@@ -75,7 +75,7 @@ class RuacSam(nn.Module):
             position_encoding=PositionEmbeddingSine(num_pos_feats=d, normalize=True, temperature=10000),
             d_model=d,
             backbone_channel_list=config.backbone_channel_list,
-            fpn_top_down_levels=[2, 3],
+            fpn_top_down_levels=list(config.fpn_top_down_levels),
             fpn_interp_model="nearest",
         )
         self.image_encoder = ImageEncoder(trunk=trunk, neck=neck, scalp=1)

@@ -42,6 +42,11 @@ class SynthConfig:
     coverage: tuple[float, float] = (0.08, 0.5)  # fraction of the area covered by objects
     max_objects: int = 160
     touching: tuple[float, float] = (0.0, 0.6)  # fraction of objects placed against another
+    # None: centres anywhere (objects may hide most of one another, leaving crescent-shaped
+    # labels no image evidence supports). A number: the centres of two objects stay at least
+    # (1 - overlap) x the sum of their radii apart (0 = at most touching); an object that finds
+    # no such place in a few tries is left out.
+    overlap: float | None = None
     photons: tuple[float, float] = (15.0, 2000.0)  # peak photon count (log-uniform)
     read_noise: tuple[float, float] = (0.0, 0.04)
     blur: tuple[float, float] = (0.3, 2.0)
@@ -97,22 +102,44 @@ def _log_uniform(rng, lo, hi):
     return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
 
 
-def _place_centres(rng, shape, radii, touching):
-    """Centres (n, 2) as (row, col): uniform, but a fraction placed against an earlier object
-    (touching or slightly overlapping), which is what makes crowded nuclei hard."""
+def _place_centres(rng, shape, radii, touching, overlap=None):
+    """Centres (n, 2) as (row, col) and the radii kept: uniform, but a fraction placed against
+    an earlier object (touching or slightly overlapping), which is what makes crowded nuclei
+    hard. With ``overlap`` set (see :class:`SynthConfig`), no two objects overlap by more."""
     h, w = shape
     n = len(radii)
-    centres = np.empty((n, 2))
-    for i in range(n):
-        if i > 0 and rng.random() < touching:
-            j = rng.integers(0, i)
-            ang = rng.uniform(0, 2 * math.pi)
-            # 0.75..1.05 of the radius sum: from overlapping to just touching
-            d = (radii[i] + radii[j]) * rng.uniform(0.75, 1.05)
-            centres[i] = centres[j] + d * np.array([math.sin(ang), math.cos(ang)])
-        else:
-            centres[i] = rng.uniform([0, 0], [h, w])
-    return centres
+    if overlap is None:
+        centres = np.empty((n, 2))
+        for i in range(n):
+            if i > 0 and rng.random() < touching:
+                j = rng.integers(0, i)
+                ang = rng.uniform(0, 2 * math.pi)
+                # 0.75..1.05 of the radius sum: from overlapping to just touching
+                d = (radii[i] + radii[j]) * rng.uniform(0.75, 1.05)
+                centres[i] = centres[j] + d * np.array([math.sin(ang), math.cos(ang)])
+            else:
+                centres[i] = rng.uniform([0, 0], [h, w])
+        return centres, radii
+    closest = 1.0 - overlap
+    kept_c: list[np.ndarray] = []
+    kept_r: list[float] = []
+    for r in radii:
+        for _ in range(12):
+            if kept_c and rng.random() < touching:
+                j = rng.integers(0, len(kept_c))
+                ang = rng.uniform(0, 2 * math.pi)
+                d = (r + kept_r[j]) * rng.uniform(closest, closest + 0.15)
+                c = kept_c[j] + d * np.array([math.sin(ang), math.cos(ang)])
+            else:
+                c = rng.uniform([0, 0], [h, w])
+            if kept_c:
+                dist = np.hypot(*(np.asarray(kept_c) - c).T)
+                if np.any(dist < closest * (r + np.asarray(kept_r)) - 1e-6):
+                    continue
+            kept_c.append(c)
+            kept_r.append(float(r))
+            break
+    return np.asarray(kept_c, float).reshape(-1, 2), np.asarray(kept_r, float)
 
 
 def _blob(rng, radius, irregularity):
@@ -229,8 +256,7 @@ def _object_set(rng, shape, cfg, diameter_range):
     n = int(np.clip(round(coverage * h * w / (math.pi * d_mean ** 2 / 4)), 1, cfg.max_objects))
     radii = d_mean / 2 * np.exp(rng.normal(0, 0.2, size=n))
     radii = np.clip(radii, diameter_range[0] / 2 * 0.8, diameter_range[1] / 2 * 1.2)
-    centres = _place_centres(rng, shape, radii, rng.uniform(*cfg.touching))
-    return centres, radii
+    return _place_centres(rng, shape, radii, rng.uniform(*cfg.touching), cfg.overlap)
 
 
 # ---------------------------------------------------------------------------------- modes

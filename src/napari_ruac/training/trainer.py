@@ -125,16 +125,15 @@ def load_config(path_or_dict) -> dict:
 
 # ---------------------------------------------------------------------------------- model
 def build_training_model(cfg: dict) -> RuacSam:
-    """From scratch (``init: scratch``, a registered spec's architecture or an explicit
-    ``config``) or from existing weights (``init: pretrained``, via ``load_model``)."""
+    """From scratch (``init: scratch``: a registered spec's architecture, with the fields given
+    in ``config`` changed) or from existing weights (``init: pretrained``, via ``load_model``)."""
     mcfg = cfg["model"]
     if mcfg["init"] == "scratch":
+        if mcfg["spec"] not in MODEL_SPECS:
+            raise ValueError(f"unknown model spec {mcfg['spec']!r}; expected one of {list(MODEL_SPECS)}")
+        config = MODEL_SPECS[mcfg["spec"]].config
         if mcfg.get("config"):
-            config = ModelConfig.from_dict(mcfg["config"])
-        else:
-            if mcfg["spec"] not in MODEL_SPECS:
-                raise ValueError(f"unknown model spec {mcfg['spec']!r}; expected one of {list(MODEL_SPECS)}")
-            config = MODEL_SPECS[mcfg["spec"]].config
+            config = ModelConfig.from_dict({**config.to_dict(), **mcfg["config"]})
         want = "deterministic" if cfg["variant"] == "det" else "bayesian"
         if config.head != want:
             config = ModelConfig(**{**config.to_dict(), "head": want})
