@@ -58,6 +58,7 @@ SEGMENTER_OPTIONS = (
     "stability_score_offset", "max_mean_uncertainty", "box_nms_thresh", "crop_n_layers",
     "crop_overlap_ratio", "crop_n_points_downscale_factor", "crop_nms_thresh", "min_area",
     "multimask", "object_score_thresh", "mode", "samples", "tile_size", "tile_overlap", "seed", "zoom",
+    "point_in_mask", "refine_rounds", "rank_by",
 )
 RUN_OPTIONS = ("axes", "channel", "checkpoint", "threads", "keep_work")
 CSV_COLUMNS = ("label", "plane", "area", "mean_uncertainty", "iou_score")
@@ -799,14 +800,23 @@ def add_arguments(parser) -> None:
     g.add_argument("--points-per-side", type=int, default=16,
                    help="grid of point prompts per tile/crop side (default: 16)")
     g.add_argument("--points-per-batch", type=int, default=64, help="points decoded in one decoder pass")
-    g.add_argument("--iou-thresh", dest="pred_iou_thresh", type=float, default=0.7,
-                   help="drop masks whose predicted IoU is not above this (default: 0.7)")
+    g.add_argument("--iou-thresh", dest="pred_iou_thresh", type=float, default=None,
+                   help="drop masks whose predicted IoU is not above this (default: 0.7 for SAM2's weights; "
+                        "off for ours, whose IoU head was not trained for it)")
     g.add_argument("--stability-thresh", dest="stability_score_thresh", type=float, default=0.8,
                    help="drop masks whose stability score is below this (default: 0.8)")
     g.add_argument("--max-uncertainty", dest="max_mean_uncertainty", type=float, default=0.6,
                    help="drop masks whose mean uncertainty (bits) exceeds this")
     g.add_argument("--nms-thresh", dest="box_nms_thresh", type=float, default=0.7,
                    help="box IoU above which the weaker of two masks is dropped (default: 0.7)")
+    g.add_argument("--refine-rounds", type=int, default=1,
+                   help="re-click every mask at its centre this many times, so fragments from clicks near an "
+                        "object's edge become the whole object (default: 1; 0 = one grid pass, as SAM2)")
+    g.add_argument("--point-filter", dest="point_in_mask", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep a grid click's mask only if it holds the click (default: on)")
+    g.add_argument("--rank-by", choices=("auto", "iou", "confidence"), default="auto",
+                   help="what NMS prefers: predicted IoU (SAM2's weights) or stability x (1 - mean uncertainty) "
+                        "(ours; default: auto)")
     g.add_argument("--crop-layers", dest="crop_n_layers", type=int, default=0,
                    help="zoomed crop layers for small objects")
     g.add_argument("--min-area", type=int, default=0, help="smallest object kept, in pixels")
@@ -814,7 +824,7 @@ def add_arguments(parser) -> None:
                    help="uncertainty mode (default: the model's, analytic for Bayesian models)")
     g.add_argument("--samples", type=int, default=8, help="Monte-Carlo samples (mode mc)")
     g.add_argument("--tile-size", type=int, default=None,
-                   help="planes larger than this are tiled (default: the model's largest input)")
+                   help="planes larger than this are tiled (default: the model's input size, 256 for ours)")
     g.add_argument("--tile-overlap", type=int, default=None,
                    help="tile overlap in pixels, larger than the biggest object (default: tile/4)")
     g.add_argument("--zoom", type=float, default=1.0,

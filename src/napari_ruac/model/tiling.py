@@ -80,7 +80,7 @@ def _centrality(c: MaskCandidate) -> float:
     copies of one object, the one seen with more context wins."""
     s, b = c.source, c.box
     margin = min(b[0] - s[0], b[1] - s[1], s[2] - b[2], s[3] - b[3])
-    return float(margin) + 1e-3 * (c.layer + c.iou_score)
+    return float(margin) + 1e-3 * (c.layer + c.rank())
 
 
 def segment_tiled(
