@@ -15,7 +15,9 @@ from napari_ruac.io.normalize import to_rgb_float
 from napari_ruac.model.automatic import (
     AutomaticSegmenter,
     MaskCandidate,
+    SUPPORT_LOGIT,
     _sample_window,
+    _support_window,
     box_nms,
     canonical_relabel,
     crop_boxes,
@@ -336,3 +338,19 @@ def test_refining_clicks_at_mask_centres_finds_whole_objects(micro):
     assert refined.labels.max() < once.labels.max()
     again = AutomaticSegmenter(micro, points_per_side=16, refine_rounds=1).segment(img)
     assert np.array_equal(again.labels, refined.labels)
+
+
+def test_candidate_windows_reach_where_the_probability_is_negligible():
+    # a broad low-res logit bump: the mask (logit > 0) is small, p stays above 0.25 % further out
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    logits = 4.0 - ((yy - 30) ** 2 + (xx - 34) ** 2) / 12.0
+    rows, cols = torch.nonzero(logits > 0, as_tuple=True)
+    box = (int(rows.min()), int(cols.min()), int(rows.max()) + 1, int(cols.max()) + 1)
+    a0, b0, a1, b1 = _support_window(logits, box, margin=2, max_margin=32)
+    win = logits[a0:a1, b0:b1]
+    border = torch.cat([win[0], win[-1], win[:, 0], win[:, -1]])
+    assert bool((border < -SUPPORT_LOGIT).all())
+    assert (a1 - a0) > (box[2] - box[0]) + 4  # it grew beyond the initial margin
+    # capped: a map that never falls off stops at max_margin
+    flat = torch.zeros(64, 64)
+    assert _support_window(flat, (30, 30, 34, 34), margin=2, max_margin=8) == (22, 22, 42, 42)

@@ -123,3 +123,41 @@ def test_evaluate_cli_errors(tmp_path, capsys):
     assert main(["evaluate", "--images", str(tmp_path / "x"), "--masks", str(tmp_path / "b")]) == 1
     with pytest.raises(ValueError, match="unknown prompt mode"):
         ev.evaluate_model(None, [], prompt_modes=("point7",))
+
+
+def test_automatic_segmentation_is_matched_to_the_truth():
+    from napari_ruac.model.automatic import AutoResult
+
+    truth = np.zeros((64, 96), np.uint16)
+    truth[disk(truth.shape, (20, 20), 8)] = 1
+    truth[disk(truth.shape, (40, 60), 8)] = 2
+    truth[disk(truth.shape, (40, 77), 8)] = 3  # touches 2
+    found = np.zeros_like(truth, dtype=np.int32)
+    found[truth == 1] = 5  # a perfect match
+    found[(truth == 2) | (truth == 3)] = 7  # 2 and 3 merged into one label
+    found[disk(truth.shape, (55, 15), 4)] = 9  # nothing there
+    wrong = (truth == 3) | (found == 9)  # the merge belongs to 2 (ties: first), 9 is a false object
+    unc = np.where(wrong, 0.9, 0.05).astype(np.float32)
+    tally = ev._AutomaticTally()
+    rows = []
+    tally.add("x", 0, AutoResult(found, unc, []), truth, rows)
+    m = tally.metrics()
+    assert (m["n_objects"], m["n_found"]) == (3, 3)
+    assert m["precision"] == pytest.approx(1 / 3) and m["recall"] == pytest.approx(1 / 3)
+    assert m["f1"] == pytest.approx(1 / 3)
+    assert m["auroc"] == 1.0 and m["pcc"] > 0.9  # uncertainty exactly on the wrong pixels
+    ious = {r.label: r.iou for r in rows}
+    assert ious[1] == 1.0 and 0.45 < ious[2] <= 0.5 and 0.45 < ious[3] <= 0.5
+
+
+def test_evaluate_automatic_with_the_trained_model(micro):
+    labels = np.zeros((128, 128), np.uint16)
+    for i, (r, c, rad) in enumerate(((30, 30, 10), (30, 90, 12), (90, 40, 9), (95, 100, 14)), start=1):
+        labels[disk(labels.shape, (r, c), rad)] = i
+    rng = np.random.default_rng(0)
+    image = (0.1 + 0.8 * (labels > 0) + rng.normal(0, 0.03, labels.shape)).astype(np.float32)
+    report = ev.evaluate_model(micro, [("d", image, labels)], prompt_modes=("automatic", "box"))
+    auto = report.results["automatic"]
+    assert auto["n_objects"] == 4 and auto["recall"] >= 0.75 and auto["miou"] > 0.6
+    assert report.results["box"]["n_objects"] == 4  # prompts still evaluated beside it
+    assert sum(r.prompt == "automatic" for r in report.rows) == 4

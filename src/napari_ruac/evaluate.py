@@ -10,6 +10,15 @@ uncertainty with error (PCC). Pooled over the regions of all objects: AUROC of u
 error detector, PAvPU at ``PAVPU_THRESHOLD`` bits, ECE (15 bins) and NLL of the probability.
 Trivial baselines (ellipse in the box, Otsu in the box, Otsu region under the point) are
 reported beside the model so every table shows what the model adds.
+
+``automatic`` (not a prompt; opt-in, it is slower) runs automatic segmentation on each plane
+(:class:`~napari_ruac.model.automatic.AutomaticSegmenter`, its defaults) and matches its labels
+to the ground truth at IoU > 0.5 (such matches are unique): precision, recall and F1 of the
+instances; mIoU and J&F of every true object with its best-overlapping label (0 if none); and,
+inside the dilated union of true and found objects, how the segmenter's per-pixel uncertainty
+(that of the decision at each pixel) detects the pixels it got wrong (PCC per plane, AUROC and
+PAvPU pooled). A pixel is wrong when it is foreground in one and background in the other, or
+when its label's best-matching true object is not the one it belongs to (merged or split nuclei).
 """
 
 from __future__ import annotations
@@ -29,6 +38,8 @@ from scipy.stats import rankdata
 from ._cli_options import BOX_SIZE_HELP, WINDOW_HELP
 
 PROMPT_MODES = ("point1", "point3", "box")
+AUTOMATIC = "automatic"
+MATCH_IOU = 0.5
 REGION_DILATION = 5
 PAVPU_THRESHOLD = 0.5
 ECE_BINS = 15
@@ -282,9 +293,17 @@ def evaluate_model(
     from .model import Predictor
 
     for p in prompt_modes:
-        if p not in PROMPT_MODES:
-            raise ValueError(f"unknown prompt mode {p!r}; expected some of {PROMPT_MODES}")
+        if p not in PROMPT_MODES + (AUTOMATIC,):
+            raise ValueError(f"unknown prompt mode {p!r}; expected some of {PROMPT_MODES + (AUTOMATIC,)}")
+    automatic = AUTOMATIC in prompt_modes
+    prompt_modes = [p for p in prompt_modes if p != AUTOMATIC]
     predictor = Predictor(model, zoom=zoom, window=window, box_size=box_size)
+    segmenter = None
+    if automatic:
+        from .model.automatic import AutomaticSegmenter
+
+        segmenter = AutomaticSegmenter(model, zoom=zoom, mode=mode, samples=mc_samples, seed=seed)
+    auto = _AutomaticTally()
     rows: list[ObjectRow] = []
     pooled = {p: _Pooled() for p in prompt_modes}
     structure = ndimage.generate_binary_structure(2, 1)
@@ -292,6 +311,12 @@ def evaluate_model(
         for z, plane, lab in iter_planes(np.asarray(image), np.asarray(labels)):
             ids = [int(i) for i in np.unique(lab) if i != 0]
             if not ids:
+                continue
+            if segmenter is not None:
+                auto.add(name, z, segmenter.segment(plane), lab, rows)
+            if not prompt_modes:
+                if progress is not None:
+                    progress(name, z)
                 continue
             predictor.set_image(plane)
             grey = plane if plane.ndim == 2 else plane.mean(-1)
@@ -340,6 +365,10 @@ def evaluate_model(
             "pcc": _nanmean(r.pcc for r in mine),
             **pooled[prompt].metrics(),
         }
+    if automatic:
+        mine = [r for r in rows if r.prompt == AUTOMATIC]
+        results[AUTOMATIC] = {"miou": _nanmean(r.iou for r in mine), "jf": _nanmean(r.jf for r in mine),
+                              **auto.metrics()}
     base = {}
     for method in ("ellipse_in_box", "otsu_in_box", "otsu_under_point"):
         theirs = [r for r in rows if r.method == method]
@@ -348,6 +377,64 @@ def evaluate_model(
                             "miou": _nanmean(r.iou for r in theirs), "jf": _nanmean(r.jf for r in theirs)}
     return EvaluationReport(model_name, len(samples), results, base, rows, predictor.zoom, predictor.window,
                             predictor.box_size)
+
+
+class _AutomaticTally:
+    """Instance matching and uncertainty-vs-error statistics of automatic segmentation."""
+
+    def __init__(self) -> None:
+        self.n_true = self.n_found = self.n_matched = 0
+        self.pcc: list[float] = []
+        self.pooled = _Pooled()
+        self.structure = ndimage.generate_binary_structure(2, 1)
+
+    def add(self, name: str, z: int, result, truth: np.ndarray, rows: list) -> None:
+        found = result.labels
+        small = [i for i, a in zip(*np.unique(truth, return_counts=True)) if i and a < MIN_OBJECT_AREA]
+        truth = np.where(np.isin(truth, small), 0, truth) if small else truth
+        t_ids, t_inv = np.unique(truth, return_inverse=True)
+        f_ids, f_inv = np.unique(found, return_inverse=True)
+        # contingency table of true x found labels (index 0 = background when present)
+        table = np.bincount(t_inv.ravel() * len(f_ids) + f_inv.ravel(), minlength=len(t_ids) * len(f_ids))
+        table = table.reshape(len(t_ids), len(f_ids)).astype(np.float64)
+        t_fg, f_fg = t_ids != 0, f_ids != 0
+        inter = table[np.ix_(t_fg, f_fg)]
+        union = table[t_fg].sum(1)[:, None] + table[:, f_fg].sum(0)[None, :] - inter
+        ious = inter / np.maximum(union, 1)
+        self.n_true += int(t_fg.sum())
+        self.n_found += int(f_fg.sum())
+        self.n_matched += int((ious > MATCH_IOU).sum())
+        best = ious.argmax(1) if ious.shape[1] else np.zeros(ious.shape[0], int)
+        f_labels = f_ids[f_fg]
+        for i, lab in enumerate(t_ids[t_fg]):
+            gt = truth == lab
+            j = float(ious[i, best[i]]) if ious.shape[1] else 0.0
+            m = found == f_labels[best[i]] if ious.shape[1] and j > 0 else np.zeros_like(gt)
+            win = _window(gt | m, 3)
+            f = boundary_f(m[win], gt[win], tolerance=_tolerance(gt.shape))
+            rows.append(ObjectRow(name, z, int(lab), AUTOMATIC, "model", int(gt.sum()), j, f, (j + f) / 2,
+                                  float("nan"), float("nan"), float("nan")))
+        # which true object each found label stands for (its best overlap), to spot merges
+        owner = np.zeros(int(found.max(initial=0)) + 1, dtype=truth.dtype)
+        if ious.shape[0] and ious.shape[1]:
+            owner[f_labels] = t_ids[t_fg][ious.argmax(0)]
+        wrong = (found > 0) != (truth > 0)
+        wrong |= (found > 0) & (truth > 0) & (owner[found] != truth)
+        region = ndimage.binary_dilation((truth > 0) | (found > 0), self.structure, iterations=REGION_DILATION)
+        unc, err = result.uncertainty[region], wrong[region]
+        self.pcc.append(pearson(unc, err))
+        self.pooled.unc.append(unc.astype(np.float32))
+        self.pooled.err.append(err)
+
+    def metrics(self) -> dict:
+        precision = self.n_matched / self.n_found if self.n_found else float("nan")
+        recall = self.n_matched / self.n_true if self.n_true else float("nan")
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+        unc = np.concatenate(self.pooled.unc) if self.pooled.unc else np.zeros(0)
+        err = np.concatenate(self.pooled.err) if self.pooled.err else np.zeros(0, bool)
+        return {"n_objects": self.n_true, "n_found": self.n_found, "precision": precision, "recall": recall,
+                "f1": f1, "pcc": _nanmean(self.pcc), "auroc": auroc(unc, err), "pavpu": pavpu(unc, err),
+                "ece": float("nan"), "nll": float("nan")}
 
 
 def _predict(predictor, prompt, gt, point, box, mode, mc_samples):
@@ -408,7 +495,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="micro", help="model name or checkpoint path")
     parser.add_argument("--checkpoint", default=None, help="weights file for an official SAM2.1 model")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--prompts", default="point1,point3,box", help="comma list of point1, point3, box")
+    parser.add_argument("--prompts", default="point1,point3,box",
+                        help="comma list of point1, point3, box and automatic (automatic segmentation of every "
+                             "plane, matched to the ground truth; slower)")
     parser.add_argument("--mode", choices=["analytic", "mc"], default=None, help="uncertainty mode")
     parser.add_argument("--samples", type=int, default=20, help="MC samples (--mode mc)")
     parser.add_argument("--seed", type=int, default=0)
@@ -446,6 +535,10 @@ def print_report(report: EvaluationReport) -> None:
     for prompt, r in report.results.items():
         print(f"| {prompt} | {r['n_objects']} | {r['miou']:.3f} | {r['jf']:.3f} | {r['pcc']:.3f} | "
               f"{r['auroc']:.3f} | {r['pavpu']:.3f} | {r['ece']:.3f} | {r['nll']:.3f} |")
+    if AUTOMATIC in report.results:
+        r = report.results[AUTOMATIC]
+        print(f"automatic segmentation: {r['n_found']} objects found for {r['n_objects']} true ones; at IoU > "
+              f"{MATCH_IOU}: precision {r['precision']:.3f}, recall {r['recall']:.3f}, F1 {r['f1']:.3f}")
     for method, b in report.baselines.items():
         print(f"| baseline {method} ({b['prompt']}) | {b['n_objects']} | {b['miou']:.3f} | {b['jf']:.3f} | | | | | |")
 

@@ -575,8 +575,7 @@ class AutomaticSegmenter:
             cols = torch.nonzero(cols_any[j]).flatten()
             i0, i1 = int(rows[0]), int(rows[-1]) + 1
             j0, j1 = int(cols[0]), int(cols[-1]) + 1
-            a0, b0 = max(0, i0 - margin), max(0, j0 - margin)
-            a1, b1 = min(vh4, i1 + margin), min(vw4, j1 + margin)
+            a0, b0, a1, b1 = _support_window(logits[k], (i0, j0, i1, j1), margin, 4 * margin)
             result.append(_LowRes(
                 logits=logits[k, a0:a1, b0:b1].clone(),
                 origin=(a0, b0),
@@ -647,6 +646,28 @@ class _LowRes:
 
     def rank(self) -> float:
         return self.quality
+
+
+# outside its window a candidate's probability counts as 0: windows reach where the logit is
+# below -SUPPORT_LOGIT (p < 0.25 %, entropy < 0.03 bits), so the uncertainty map shows no step
+# at a window's edge
+SUPPORT_LOGIT = 6.0
+
+
+def _support_window(logits: torch.Tensor, box: tuple[int, int, int, int], margin: int,
+                    max_margin: int) -> tuple[int, int, int, int]:
+    """A low-res window around ``box`` (i0, j0, i1, j1) grown from ``margin`` until the logits
+    on its border are all below ``-SUPPORT_LOGIT`` (or ``max_margin`` or the map's edge)."""
+    h, w = logits.shape
+    i0, j0, i1, j1 = box
+    grow = margin
+    while True:
+        a0, b0, a1, b1 = max(0, i0 - grow), max(0, j0 - grow), min(h, i1 + grow), min(w, j1 + grow)
+        win = logits[a0:a1, b0:b1]
+        border = torch.cat([win[0], win[-1], win[:, 0], win[:, -1]])
+        if grow >= max_margin or bool((border < -SUPPORT_LOGIT).all()) or (a0, b0, a1, b1) == (0, 0, h, w):
+            return a0, b0, a1, b1
+        grow = min(max_margin, grow * 2)
 
 
 def _sample_window(low: torch.Tensor, window: Box, lowres_per_px: float,
