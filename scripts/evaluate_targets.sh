@@ -24,8 +24,9 @@ run() {  # target, tag, extra args...
   .venv/bin/python scripts/results_table.py $(for m in "${models[@]}"; do echo "$out/$tag-$(basename "$m" .pt).json"; done)
   echo
 }
-run dsb2018 dsb2018
-run nuclei3d nuclei3d
-run nuclei3d nuclei3d_zoom0.5 --zoom 0.5
-run stardist3d stardist3d
-run stardist3d stardist3d_zoom2 --zoom 2
+all=point1,point3,box,automatic  # automatic: automatic segmentation, matched to the truth
+run dsb2018 dsb2018 --prompts $all
+run nuclei3d nuclei3d --prompts $all
+run nuclei3d nuclei3d_zoom0.5 --zoom 0.5 --prompts $all
+run stardist3d stardist3d --prompts $all
+run stardist3d stardist3d_zoom2 --zoom 2 --prompts $all

@@ -354,3 +354,14 @@ def test_candidate_windows_reach_where_the_probability_is_negligible():
     # capped: a map that never falls off stops at max_margin
     flat = torch.zeros(64, 64)
     assert _support_window(flat, (30, 30, 34, 34), margin=2, max_margin=8) == (22, 22, 42, 42)
+
+
+def test_a_candidate_that_lost_most_of_its_mask_is_dropped():
+    big = _cand((10, 10, 40, 40), 4.0)  # 900 px, p = 0.98
+    piece = _cand((10, 30, 40, 44), 2.0)  # 420 px, 300 of them inside big (less probable there)
+    kept_all, _, objs = resolve_labels([big, piece], (64, 64))
+    assert len(objs) == 2
+    labels, unc, objs = resolve_labels([big, piece], (64, 64), min_kept=0.5)  # piece kept 120/420
+    assert len(objs) == 1 and objs[0].area == 900 and labels[20, 42] == 0
+    assert np.array_equal(unc, resolve_labels([big, piece], (64, 64))[1])  # the decision map is unchanged
+    assert len(resolve_labels([big, piece], (64, 64), min_kept=0.25)[2]) == 2

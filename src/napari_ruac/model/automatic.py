@@ -216,13 +216,16 @@ def drop_cut_candidates(
 
 # ---------------------------------------------------------------------------- resolution
 def resolve_labels(
-    candidates: Sequence[MaskCandidate], shape: tuple[int, int], min_area: int = 0
+    candidates: Sequence[MaskCandidate], shape: tuple[int, int], min_area: int = 0,
+    min_kept: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, list[ObjectInfo]]:
     """Label image, per-pixel decision uncertainty and per-object statistics.
 
     Each pixel takes the candidate of highest probability if it exceeds 0.5 (ties: the earlier
     candidate); its uncertainty is the binary entropy of that probability. Instances smaller
-    than ``min_area`` pixels after resolution are returned to the background. Labels are
+    than ``min_area`` pixels after resolution, or keeping less than ``min_kept`` of their own
+    mask (the rest went to more probable candidates: a duplicate or a fragment), are returned to
+    the background. Labels are
     numbered 1..N in raster order of each instance's first pixel, so the numbering does not
     depend on the order the candidates were found in.
 
@@ -243,6 +246,10 @@ def resolve_labels(
     owner[best_p <= 0.5] = 0
     areas = np.bincount(owner.ravel(), minlength=len(candidates) + 1)
     small = np.flatnonzero(areas < max(min_area, 1))
+    if min_kept > 0:
+        # a candidate that kept less than min_kept of its own mask is mostly another object's
+        own = np.array([0] + [c.area for c in candidates], dtype=np.float64)
+        small = np.union1d(small, np.flatnonzero(areas < min_kept * own))
     if small.size:
         owner[np.isin(owner, small)] = 0
     labels, order = canonical_relabel(owner)
@@ -347,6 +354,7 @@ class AutomaticSegmenter:
         crop_n_points_downscale_factor: int = 1,
         crop_nms_thresh: float = 0.7,
         min_area: int = 0,
+        min_kept: float = 0.0,
         multimask: bool | str = "auto",
         rank_by: str = "auto",
         object_score_thresh: float = 0.0,
@@ -386,6 +394,9 @@ class AutomaticSegmenter:
         self.crop_n_points_downscale_factor = crop_n_points_downscale_factor
         self.crop_nms_thresh = crop_nms_thresh
         self.min_area = min_area
+        if not 0.0 <= min_kept <= 1.0:
+            raise ValueError(f"min_kept must be a fraction in [0, 1], got {min_kept}")
+        self.min_kept = float(min_kept)
         self.multimask = heads if multimask == "auto" else bool(multimask)
         self.object_score_thresh = object_score_thresh
         self.mode = mode or model.default_mode
@@ -413,7 +424,7 @@ class AutomaticSegmenter:
         keys = (
             "points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
             "stability_score_offset", "max_mean_uncertainty", "box_nms_thresh", "crop_n_layers",
-            "crop_overlap_ratio", "crop_n_points_downscale_factor", "crop_nms_thresh", "min_area",
+            "crop_overlap_ratio", "crop_n_points_downscale_factor", "crop_nms_thresh", "min_area", "min_kept",
             "multimask", "object_score_thresh", "mode", "samples", "tile_size", "tile_overlap",
             "window_margin", "seed", "zoom", "point_in_mask", "refine_rounds", "rank_by",
         )
@@ -438,7 +449,7 @@ class AutomaticSegmenter:
                 self.tile_overlap,
                 nms_thresh=self.crop_nms_thresh,
             )
-        labels, unc, objects = resolve_labels(cands, (h, w), self.min_area)
+        labels, unc, objects = resolve_labels(cands, (h, w), self.min_area, self.min_kept)
         stats.n_objects = len(objects)
         return AutoResult(labels, unc, objects, stats)
 
