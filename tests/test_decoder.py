@@ -192,6 +192,26 @@ def test_analytic_mode_gives_same_result_with_and_without_autograd(tiny_model, e
     torch.testing.assert_close(fast.logit_var, exact.logit_var.detach(), atol=1e-5, rtol=1e-5)
 
 
+def test_analytic_inference_in_chunks_equals_the_autograd_path(tiny_model, embedded):
+    """More prompt sets than one chunk of the inference head (a ragged last chunk too)."""
+    from napari_ruac.model.mask_decoder import HEAD_CHUNK
+
+    emb = embedded[0]
+    n = 2 * HEAD_CHUNK + 3
+    g = torch.Generator().manual_seed(1)
+    coords = torch.rand(n, 1, 2, generator=g) * torch.tensor([160.0, 128.0])
+    labels = torch.ones(n, 1, dtype=torch.long)
+    index = torch.arange(n) % 2
+    with torch.no_grad():
+        fast = tiny_model.decode(emb, coords, labels, image_index=index, multimask_output=True, mode="analytic")
+    exact = tiny_model.decode(emb, coords, labels, image_index=index, multimask_output=True, mode="analytic")
+    assert fast.logits.shape == (n, 3, *exact.logits.shape[-2:])
+    for field in ("logit_mean", "logit_var", "logits"):
+        torch.testing.assert_close(getattr(fast, field), getattr(exact, field).detach(), atol=1e-5, rtol=1e-5)
+    # each prompt set got its own maps (no chunk written over another)
+    assert not torch.allclose(fast.logits[HEAD_CHUNK - 1], fast.logits[HEAD_CHUNK + 1])
+
+
 def test_analytic_moments_match_sampled_logits(tiny_model, embedded):
     emb, coords, labels = embedded
     analytic = _decode(tiny_model, emb, coords, labels, mode="analytic")

@@ -49,6 +49,8 @@ from .weibull import (
 
 DecoderMode = Literal["deterministic", "sample", "analytic", "mc"]
 DECODER_MODES = ("deterministic", "sample", "analytic", "mc")
+# prompt sets per pass of the analytic head at inference (see _analytic_inference)
+HEAD_CHUNK = 16
 MC_PIXEL_ESTIMATORS = ("integrate", "sample")
 """How MC mode treats the pixel factor ``z`` (``BayesianMaskDecoder.mc_pixels``).
 
@@ -350,6 +352,17 @@ class BayesianMaskDecoder(MaskDecoder):
         head = self.weibull_head
         # inference-only modes without autograd may take the vectorised softplus
         fast = mode in ("analytic", "mc") and not torch.is_grad_enabled()
+        if mode == "analytic" and fast and not return_kl and head.kappa_min >= 1.0:
+            token_params, offset = head.token_params(mask_toks_sel)
+            mu, var, logits = self._analytic_inference(upscaled, token_params, offset)
+            return DecoderOutput(
+                logits=logits,
+                iou_pred=iou_pred,
+                object_score_logits=object_score_logits,
+                logit_mean=mu,
+                logit_var=var,
+                kl=None,
+            )
         lam_z, k_z = head.pixel_params(upscaled, fast=fast)
         # (B, 1, h, w) Gamma-function factors of the pixel shapes; lgamma is a scalar loop on CPU
         fast_shapes = fast and head.kappa_min >= 1.0  # the polynomial covers kappa >= 1
@@ -412,6 +425,41 @@ class BayesianMaskDecoder(MaskDecoder):
             r * torch.einsum("bkc,bchw->bkhw", vd + ed.square(), lam2) + torch.einsum("bkc,bchw->bkhw", vd, lam2)
         )
         return mu, var
+
+    def _analytic_inference(self, upscaled, token_params, offset) -> tuple[torch.Tensor, ...]:
+        """The analytic mode without autograd: ``(mu, var, probit logit)``, each (B, K, h, w).
+
+        The same computation as the general path (pixel parameters, shape factors, moments,
+        probit), but over :data:`HEAD_CHUNK` prompt sets at a time, writing into the outputs:
+        for an automatic-segmentation batch (64 prompt sets x 8 channels x 64x64 for micro) the
+        per-pixel tensors of a whole pass are 8 MB each and stream through memory several times,
+        a chunk's stay in the CPU's caches. The two variance products share one pass over
+        ``lam_z^2``.
+        """
+        head = self.weibull_head
+        b, c, h, w = upscaled.shape
+        lam_fg, k_fg, lam_bg, k_bg = token_params
+        efg, vfg = weibull_moments(lam_fg, k_fg)
+        ebg, vbg = weibull_moments(lam_bg, k_bg)
+        ed = efg - ebg  # (B, K, C)
+        vd = vfg + vbg
+        k = ed.shape[1]
+        var_rows = torch.cat([vd + ed.square(), vd], dim=1)  # (B, 2K, C)
+        mu = upscaled.new_empty(b, k, h * w)
+        var = upscaled.new_empty(b, k, h * w)
+        logits = upscaled.new_empty(b, k, h * w)
+        for s in range(0, b, HEAD_CHUNK):
+            e = min(b, s + HEAD_CHUNK)
+            lam_z, k_z = head.pixel_params(upscaled[s:e], fast=True)
+            g1, r = weibull_shape_factors_fast(k_z)
+            g1, r = g1.view(e - s, 1, h * w), r.view(e - s, 1, h * w)
+            lam_z = lam_z.view(e - s, c, h * w)
+            m = torch.bmm(ed[s:e], lam_z, out=mu[s:e]).mul_(g1)
+            parts = torch.bmm(var_rows[s:e], lam_z.square_())  # (n, 2K, hw)
+            v = torch.mul(parts[:, :k], r, out=var[s:e]).add_(parts[:, k:]).mul_(g1.square_())
+            m.add_(offset[s:e, :, None])
+            torch.mul(m, torch.rsqrt(v.mul(math.pi / 8.0).add_(1.0)), out=logits[s:e])
+        return mu.view(b, k, h, w), var.view(b, k, h, w), logits.view(b, k, h, w)
 
     def kl_divergence(self, lam_z, k_z, token_params) -> torch.Tensor:
         """Mean KL per element of each granularity, summed over the two granularities."""
