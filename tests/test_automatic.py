@@ -299,11 +299,14 @@ def test_our_models_defaults_skip_the_heads_stage_1_never_trained(micro, tiny_mo
     seg = AutomaticSegmenter(micro)
     assert not trained_heads(micro)
     assert seg.multimask is False and seg.pred_iou_thresh < 0 and seg.rank_by == "confidence"
+    assert seg.stability_score_thresh == 0.5  # softer logits than SAM2's
     assert seg.tile_size == micro.config.image_size  # tiles are the crops it learned from
     # SAM2's weights (or a model without our recipe) keep SAM's choices
     assert trained_heads(tiny_model)
     sam = AutomaticSegmenter(tiny_model)
     assert sam.multimask is True and sam.pred_iou_thresh == 0.7 and sam.rank_by == "iou"
+    assert sam.stability_score_thresh == 0.8
+    assert AutomaticSegmenter(micro, stability_score_thresh=0.9).stability_score_thresh == 0.9
     assert AutomaticSegmenter(micro, multimask=True, pred_iou_thresh=0.5, rank_by="iou").options()["pred_iou_thresh"] == 0.5
     with pytest.raises(ValueError, match="rank_by"):
         AutomaticSegmenter(micro, rank_by="area")

@@ -803,8 +803,9 @@ def add_arguments(parser) -> None:
     g.add_argument("--iou-thresh", dest="pred_iou_thresh", type=float, default=None,
                    help="drop masks whose predicted IoU is not above this (default: 0.7 for SAM2's weights; "
                         "off for ours, whose IoU head was not trained for it)")
-    g.add_argument("--stability-thresh", dest="stability_score_thresh", type=float, default=0.8,
-                   help="drop masks whose stability score is below this (default: 0.8)")
+    g.add_argument("--stability-thresh", dest="stability_score_thresh", type=float, default=None,
+                   help="drop masks whose stability score is below this (default: 0.8 for SAM2's weights, "
+                        "0.5 for ours, whose logits are softer)")
     g.add_argument("--max-uncertainty", dest="max_mean_uncertainty", type=float, default=0.6,
                    help="drop masks whose mean uncertainty (bits) exceeds this")
     g.add_argument("--nms-thresh", dest="box_nms_thresh", type=float, default=0.7,

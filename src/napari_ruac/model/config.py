@@ -105,6 +105,10 @@ MICRO = ModelConfig(
     window_pos_embed_bkg_spatial_size=(8, 8),
     window_spec=(8, 4, 8, 4),
     d_model=64,
+    # top-down features reach the stride-4/8 levels too: trained from scratch, SAM2's [2, 3] left
+    # the detail the decoder adds back to a single Hiera block (blocky masks); all levels
+    # raised DSB2018 box mIoU of micro-det at 1000 steps from 0.39 to 0.58
+    fpn_top_down_levels=(0, 1, 2, 3),
     decoder_depth=2,
     # one head: at small widths 8 heads of 8 dims left the output ignoring the prompt
     decoder_heads=1,
