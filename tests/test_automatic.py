@@ -22,6 +22,7 @@ from napari_ruac.model.automatic import (
     canonical_relabel,
     crop_boxes,
     drop_cut_candidates,
+    merge_fragments,
     point_grid,
     resolve_labels,
     trained_heads,
@@ -368,3 +369,32 @@ def test_a_candidate_that_lost_most_of_its_mask_is_dropped():
     assert len(objs) == 1 and objs[0].area == 900 and labels[20, 42] == 0
     assert np.array_equal(unc, resolve_labels([big, piece], (64, 64))[1])  # the decision map is unchanged
     assert len(resolve_labels([big, piece], (64, 64), min_kept=0.25)[2]) == 2
+
+
+def test_pieces_of_one_object_are_merged_and_touching_objects_are_not():
+    left = _cand((10, 10, 30, 24), 4.0, iou=0.9)  # two pieces of one object, 160 px (57 %) shared
+    right = _cand((10, 16, 30, 34), 3.0, iou=0.8)
+    neighbour = _cand((10, 33, 30, 50), 4.0, iou=0.7)  # touches right (20 px, 6 % shared)
+    apart = _cand((40, 40, 50, 50), 4.0)
+    merged = merge_fragments([left, right, neighbour, apart], 0.5)
+    assert len(merged) == 3
+    whole = merged[0]
+    assert whole.box == (10, 10, 30, 34) and whole.area == 20 * 24 and whole.iou_score == 0.9
+    assert whole.window == (8, 8, 32, 36)
+    # its logit is the better member's wherever either reaches
+    assert whole.logits[20 - 8, 15 - 8] == 4.0 and whole.logits[20 - 8, 30 - 8] == 3.0
+    labels, _, objs = resolve_labels(merged, (64, 64))
+    assert len(objs) == 3 and len(np.unique(labels[10:30, 10:33])) == 1  # one object, not cut (col 33: neighbour)
+    assert labels[20, 45] not in (0, labels[20, 15])
+    # unmerged, resolution cuts the object in two; 0 turns merging off; chains merge transitively
+    assert len(resolve_labels([left, right, neighbour, apart], (64, 64))[2]) == 4
+    assert merge_fragments([left, right, neighbour, apart], 0.0) == [left, right, neighbour, apart]
+    assert len(merge_fragments([left, right, neighbour, apart], 0.01)) == 2
+
+
+def test_merging_is_on_for_our_models_and_off_for_sam2_weights(micro, tiny_model):
+    assert AutomaticSegmenter(micro).merge_overlap == 0.5
+    assert AutomaticSegmenter(tiny_model).merge_overlap == 0.0
+    assert AutomaticSegmenter(micro, merge_overlap=0).options()["merge_overlap"] == 0.0
+    with pytest.raises(ValueError, match="merge_overlap"):
+        AutomaticSegmenter(micro, merge_overlap=1.5)

@@ -58,7 +58,7 @@ SEGMENTER_OPTIONS = (
     "stability_score_offset", "max_mean_uncertainty", "box_nms_thresh", "crop_n_layers",
     "crop_overlap_ratio", "crop_n_points_downscale_factor", "crop_nms_thresh", "min_area",
     "multimask", "object_score_thresh", "mode", "samples", "tile_size", "tile_overlap", "seed", "zoom",
-    "point_in_mask", "refine_rounds", "rank_by", "min_kept",
+    "point_in_mask", "refine_rounds", "rank_by", "min_kept", "merge_overlap",
 )
 RUN_OPTIONS = ("axes", "channel", "checkpoint", "threads", "keep_work")
 CSV_COLUMNS = ("label", "plane", "area", "mean_uncertainty", "iou_score")
@@ -824,6 +824,9 @@ def add_arguments(parser) -> None:
     g.add_argument("--min-kept", type=float, default=None,
                    help="drop an object that kept less than this fraction of its own mask after overlaps "
                         "were resolved (a duplicate or fragment; default: 0 = keep)")
+    g.add_argument("--merge-overlap", type=float, default=None,
+                   help="merge masks overlapping by at least this fraction of the smaller one into one object "
+                        "(pieces of one object; default: 0.5 for ours, 0 = off for SAM2's weights)")
     g.add_argument("--mode", choices=("analytic", "mc", "deterministic"), default=None,
                    help="uncertainty mode (default: the model's, analytic for Bayesian models)")
     g.add_argument("--samples", type=int, default=8, help="Monte-Carlo samples (mode mc)")

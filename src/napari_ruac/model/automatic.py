@@ -13,7 +13,10 @@ object's edge give converge on the whole object. Models trained from scratch by 
 recipes never trained their multimask tokens and IoU head (:func:`trained_heads`): for them
 the segmenter decodes one mask per click, leaves the IoU filter off, ranks candidates by their
 own confidence, ``stability x (1 - mean uncertainty)``, and asks for a stability of 0.5 rather
-than SAM's 0.8 (their logits are softer: whole nuclei score 0.5-0.8).
+than SAM's 0.8 (their logits are softer: whole nuclei score 0.5-0.8). Their masks for clicks
+off an object's centre are pieces of it around the click, so candidates that overlap by half of
+the smaller are merged into one object before resolution (:func:`merge_fragments`; on DSB2018
+nuclei F1 at IoU 0.5 0.10 -> 0.32, held-out synthetic 0.47 -> 0.54).
 
 Resolution rule (what "the uncertainty of the decision" means): every kept candidate ``k`` gives
 a foreground probability ``p_k(x)``. A pixel belongs to ``argmax_k p_k(x)`` if that maximum
@@ -215,6 +218,90 @@ def drop_cut_candidates(
     return kept
 
 
+# ---------------------------------------------------------------------------- merging
+# the logit a merged candidate takes where a member's window does not reach (probability ~0)
+_OUTSIDE_LOGIT = -30.0
+
+
+def merge_fragments(candidates: Sequence[MaskCandidate], overlap: float) -> list[MaskCandidate]:
+    """Merge candidates whose masks overlap by at least ``overlap`` of the smaller one (0: off).
+
+    Clicks spread over one object by the grid can each return a piece of it around the click;
+    box NMS keeps such pieces (their boxes differ) and resolution would then cut the object into
+    cells along the lines where the pieces' probabilities cross. Pieces of one object overlap
+    much more than masks of two touching objects do, so overlapping candidates are joined
+    (transitively: union-find over the pairs whose boxes intersect) into one candidate whose logit
+    is the maximum of its members' and whose scores are the best member's. Returns candidates
+    that were not merged unchanged, merged ones in the position of their best member.
+    """
+    n = len(candidates)
+    if n < 2 or overlap <= 0:
+        return list(candidates)
+    boxes = np.array([c.box for c in candidates])
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    # a sweep over the boxes sorted by first row: each pair whose boxes intersect is tested
+    # once, without an n x n matrix (a large plane has thousands of candidates)
+    order = np.argsort(boxes[:, 0], kind="stable")
+    for pos, i in enumerate(order):
+        for j in order[pos + 1 :]:
+            if boxes[j, 0] >= boxes[i, 2]:
+                break
+            if boxes[j, 1] >= boxes[i, 3] or boxes[i, 1] >= boxes[j, 3]:
+                continue
+            a, b = candidates[int(i)], candidates[int(j)]
+            inter = _mask_intersection(a, b)
+            if inter and inter >= overlap * min(a.area, b.area):
+                ri, rj = find(int(i)), find(int(j))
+                if ri != rj:
+                    parent[max(ri, rj)] = min(ri, rj)  # the earlier (better) candidate leads
+    groups: dict[int, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(find(i), []).append(i)
+    return [candidates[g[0]] if len(g) == 1 else _merged([candidates[i] for i in g]) for g in groups.values()]
+
+
+def _mask_intersection(a: MaskCandidate, b: MaskCandidate) -> int:
+    """Pixels inside both masks (``logits > 0``), computed on the overlap of their windows."""
+    r0, c0 = max(a.window[0], b.window[0]), max(a.window[1], b.window[1])
+    r1, c1 = min(a.window[2], b.window[2]), min(a.window[3], b.window[3])
+    if r1 <= r0 or c1 <= c0:
+        return 0
+    ma = a.logits[r0 - a.window[0] : r1 - a.window[0], c0 - a.window[1] : c1 - a.window[1]] > 0
+    mb = b.logits[r0 - b.window[0] : r1 - b.window[0], c0 - b.window[1] : c1 - b.window[1]] > 0
+    return int(np.count_nonzero(ma & mb))
+
+
+def _merged(members: list[MaskCandidate]) -> MaskCandidate:
+    """One candidate from ``members`` (best first): maximum logit over the union window."""
+    wins = np.array([c.window for c in members])
+    window = (int(wins[:, 0].min()), int(wins[:, 1].min()), int(wins[:, 2].max()), int(wins[:, 3].max()))
+    logits = np.full((window[2] - window[0], window[3] - window[1]), _OUTSIDE_LOGIT, dtype=np.float32)
+    for c in members:
+        r0, c0 = c.window[0] - window[0], c.window[1] - window[1]
+        view = logits[r0 : r0 + c.logits.shape[0], c0 : c0 + c.logits.shape[1]]
+        np.maximum(view, c.logits, out=view)
+    mask = logits > 0
+    rr, cc = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    best = members[0]
+    return replace(
+        best,
+        window=window,
+        logits=logits,
+        box=(window[0] + int(rr[0]), window[1] + int(cc[0]), window[0] + int(rr[-1]) + 1, window[1] + int(cc[-1]) + 1),
+        area=int(mask.sum()),
+        iou_score=max(c.iou_score for c in members),
+        stability=max(c.stability for c in members),
+        mean_uncertainty=min(c.mean_uncertainty for c in members),
+    )
+
+
 # ---------------------------------------------------------------------------- resolution
 def resolve_labels(
     candidates: Sequence[MaskCandidate], shape: tuple[int, int], min_area: int = 0,
@@ -305,6 +392,8 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 # how candidates are ranked for NMS: the decoder's predicted IoU (SAM), or the mask's own
 # confidence, stability x (1 - mean uncertainty), for models whose IoU head says little
 RANKINGS = ("iou", "confidence")
+# masks overlapping by this much of the smaller are pieces of one object (see merge_fragments)
+MERGE_OVERLAP = 0.5
 
 
 def trained_heads(model: RuacSam) -> bool:
@@ -356,6 +445,7 @@ class AutomaticSegmenter:
         crop_nms_thresh: float = 0.7,
         min_area: int = 0,
         min_kept: float = 0.0,
+        merge_overlap: float | None = None,
         multimask: bool | str = "auto",
         rank_by: str = "auto",
         object_score_thresh: float = 0.0,
@@ -403,6 +493,13 @@ class AutomaticSegmenter:
         if not 0.0 <= min_kept <= 1.0:
             raise ValueError(f"min_kept must be a fraction in [0, 1], got {min_kept}")
         self.min_kept = float(min_kept)
+        # merging pieces of one object: for ours, whose grid clicks return pieces around the
+        # click (see merge_fragments); SAM2's weights return whole objects, nothing to merge
+        if merge_overlap is None:
+            merge_overlap = 0.0 if heads else MERGE_OVERLAP
+        if not 0.0 <= merge_overlap <= 1.0:
+            raise ValueError(f"merge_overlap must be a fraction in [0, 1] (0: off), got {merge_overlap}")
+        self.merge_overlap = float(merge_overlap)
         self.multimask = heads if multimask == "auto" else bool(multimask)
         self.object_score_thresh = object_score_thresh
         self.mode = mode or model.default_mode
@@ -431,6 +528,7 @@ class AutomaticSegmenter:
             "points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
             "stability_score_offset", "max_mean_uncertainty", "box_nms_thresh", "crop_n_layers",
             "crop_overlap_ratio", "crop_n_points_downscale_factor", "crop_nms_thresh", "min_area", "min_kept",
+            "merge_overlap",
             "multimask", "object_score_thresh", "mode", "samples", "tile_size", "tile_overlap",
             "window_margin", "seed", "zoom", "point_in_mask", "refine_rounds", "rank_by",
         )
@@ -455,6 +553,7 @@ class AutomaticSegmenter:
                 self.tile_overlap,
                 nms_thresh=self.crop_nms_thresh,
             )
+        cands = merge_fragments(cands, self.merge_overlap)
         labels, unc, objects = resolve_labels(cands, (h, w), self.min_area, self.min_kept)
         stats.n_objects = len(objects)
         return AutoResult(labels, unc, objects, stats)
