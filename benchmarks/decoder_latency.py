@@ -10,6 +10,10 @@ default: clicks are decoded in a context window of the model's input size around
 (see ``Predictor``), so a click in a new part of the plane pays one window encoding and a
 click in a window already seen pays the decoder only (analytic mode).
 
+The second table is issue 6's latency target: ``set_image`` on a new 512^2 plane (the bundled
+DSB2018 image) plus one click, with the shipped ``micro`` weights, by default (context window:
+the click encodes one window) and with the whole plane encoded (``window=None``).
+
     python benchmarks/decoder_latency.py [--size 1024] [--reps 15] [--threads 2]
 """
 
@@ -118,6 +122,36 @@ def main() -> None:
             f"| {r['analytic'] / d:.2f}x | {r['mc'] / d:.2f}x | {1e3 * r['batch8']:.0f} | {1e3 * r['loop8']:.0f} "
             f"| {r['loop8'] / r['batch8']:.2f}x | {window_cell(r)} |"
         )
+    print()
+    print("set_image + one click on a new 512x512 plane (DSB2018), shipped micro, target < 150 ms:")
+    print()
+    print("| predictor | set_image + click (ms) |")
+    print("|---|---|")
+    for label, t in first_click("micro", args.reps).items():
+        print(f"| {label} | {1e3 * t:.0f} |")
+
+
+def first_click(model_name: str, reps: int) -> dict[str, float]:
+    """Median seconds of ``set_image`` + one click on a plane the predictor has not seen."""
+    model = load_model(model_name)
+    img = _sample_image(512)
+    rng = np.random.default_rng(2)
+    out = {}
+    for label, window in (("default window", "default"), ("whole plane", None)):
+        predictor = Predictor(model) if window == "default" else Predictor(model, window=None)
+        predictor.set_image(img)  # warm-up
+        predictor.predict(points=[(256, 256)])
+        times = []
+        for i in range(reps):
+            # a new plane each time (a different array: nothing is reused from the last one)
+            plane = np.roll(img, i + 1, axis=0).copy()
+            point = [tuple(rng.integers(0, 512, 2))]
+            t0 = time.perf_counter()
+            predictor.set_image(plane)
+            predictor.predict(points=point)
+            times.append(time.perf_counter() - t0)
+        out[label] = statistics.median(times)
+    return out
 
 
 def window_cell(r: dict) -> str:
