@@ -113,6 +113,36 @@ def test_outputs_of_a_time_and_z_stack(tmp_path):
     assert leftovers(tmp_path / "out") == []
 
 
+def test_outputs_get_the_permissions_of_a_plain_open(tmp_path):
+    # a lab shares results: atomic writes must not leave mkstemp's owner-only 0o600 files
+    src = tmp_path / "one.tif"
+    tifffile.imwrite(src, stack((40, 48)))
+    old = os.umask(0o022)
+    try:
+        assert segment_files([src], tmp_path / "out", **FAST).ok
+    finally:
+        os.umask(old)
+    for f in outputs(tmp_path / "out", "one").values():
+        assert f.stat().st_mode & 0o777 == 0o644, f
+
+
+def test_rewriting_a_file_keeps_its_mode(tmp_path):
+    from napari_ruac.io.imageio import atomic_write_text, write_tiff_atomic
+
+    target = tmp_path / "labels.tif"
+    write_tiff_atomic(target, np.zeros((4, 4), np.uint8))
+    target.chmod(0o640)
+    write_tiff_atomic(target, np.ones((4, 4), np.uint8))
+    assert target.stat().st_mode & 0o777 == 0o640 and tifffile.imread(target).max() == 1
+    old = os.umask(0o077)
+    try:
+        atomic_write_text(tmp_path / "private.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "private.json").stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
 def test_2d_rgb_and_zarr_inputs(tmp_path):
     tifffile.imwrite(tmp_path / "flat.tif", stack((30, 34)))
     tifffile.imwrite(tmp_path / "colour.tif", stack((30, 34, 3), dtype=np.uint8), photometric="rgb")

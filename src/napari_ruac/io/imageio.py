@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -36,11 +36,14 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 @contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "wb", **open_kwargs):
     """Open a temporary file beside ``path`` for writing; on success fsync and rename it over
-    ``path``, on any error remove it. ``path`` is either the complete new file or untouched."""
+    ``path``, on any error remove it. ``path`` is either the complete new file or untouched.
+
+    The file gets the permissions a plain ``open`` would give it (``0o666`` less the umask), or
+    those of the file it replaces (``mkstemp``'s ``0o600`` would hide results from the rest of a
+    lab on a shared disk)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _create_temporary(path)
     try:
         # opened by name (not os.fdopen): writers such as tifffile use the file's name
         with open(tmp, mode, **open_kwargs) as f:
@@ -51,6 +54,28 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", **open_kwargs):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _create_temporary(path: Path) -> str:
+    """Create a new empty file beside ``path`` (exclusive, so never someone else's) with the
+    mode of an existing ``path`` or else the default mode under the process's umask."""
+    try:
+        keep_mode = path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        keep_mode = None
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
+        except FileExistsError:
+            continue
+        try:
+            if keep_mode is not None:
+                os.fchmod(fd, keep_mode)
+        finally:
+            os.close(fd)
+        return str(tmp)
+    raise FileExistsError(f"could not create a temporary file beside {path}")
 
 
 def write_tiff_atomic(path: str | os.PathLike, data: np.ndarray, **kwargs) -> Path:
