@@ -98,6 +98,7 @@ def test_outputs_of_a_time_and_z_stack(tmp_path):
     assert 0 <= unc.min() and unc.max() <= 1
     with tifffile.TiffFile(files["labels"]) as tf:
         assert tf.series[0].axes == "TZYX"
+        assert tf.pages[0].compression == tifffile.COMPRESSION.ADOBE_DEFLATE  # labels are deflated
     rows = list(csv.DictReader(files["objects"].open()))
     assert files["objects"].read_text().splitlines()[0] == "label,plane,area,mean_uncertainty,iou_score"
     assert rows
@@ -111,6 +112,17 @@ def test_outputs_of_a_time_and_z_stack(tmp_path):
     assert [p.done_planes for p in seen] == list(range(1, 7))
     assert seen[-1].total_planes == 6 and seen[-1].eta_s == 0 and seen[2].current_file == str(src)
     assert leftovers(tmp_path / "out") == []
+
+
+def test_a_three_plane_stack_is_written_as_three_grey_pages(tmp_path):
+    # (3, Y, X) is also the shape of planar RGB: outputs must stay one grey page per plane
+    src = tmp_path / "z3.tif"
+    tifffile.imwrite(src, stack((3, 40, 48)), metadata={"axes": "ZYX"}, photometric="minisblack")
+    assert segment_files([src], tmp_path / "out", **FAST).ok
+    for name in ("labels", "uncertainty"):
+        with tifffile.TiffFile(outputs(tmp_path / "out", "z3")[name]) as tf:
+            assert len(tf.pages) == 3 and tf.series[0].axes == "ZYX"
+            assert tf.pages[0].photometric == tifffile.PHOTOMETRIC.MINISBLACK and tf.pages[0].samplesperpixel == 1
 
 
 def test_outputs_get_the_permissions_of_a_plain_open(tmp_path):

@@ -85,6 +85,9 @@ def test_writer_and_reader_round_trip(make_napari_viewer, tmp_path):
     written = viewer.layers.save(str(tmp_path / "cells.tif"), selected=True, plugin="napari-ruac")
     assert sorted(Path(p).name for p in written) == ["cells_labels.tif", "cells_uncertainty.tif"]
     assert tifffile.imread(tmp_path / "cells_labels.tif").dtype == np.uint16
+    for name in ("cells_labels.tif", "cells_uncertainty.tif"):  # 3 grey planes, not one RGB page
+        with tifffile.TiffFile(tmp_path / name) as tf:
+            assert len(tf.pages) == 3 and tf.pages[0].samplesperpixel == 1
     layers = viewer.open(str(tmp_path / "cells_uncertainty.tif"), plugin="napari-ruac")
     by_name = {l.name: l for l in layers}
     np.testing.assert_array_equal(by_name["cells labels"].data, labels)

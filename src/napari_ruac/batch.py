@@ -528,11 +528,15 @@ def _finalize(store: WorkStore, stack: Stack, finals: dict[str, Path], spec: Mod
 
     shape, axes = stack.output_shape, stack.output_axes
     n = stack.n_planes
-    for name, array, dtype in (("labels", store.labels, np.int32), ("uncertainty", store.uncertainty, np.float32)):
+    # label images are mostly runs of one value: deflate makes them ~70x smaller (a 20-plane
+    # 256^2 stack: 5.2 MB -> 75 kB, 55 ms) and every TIFF reader (Fiji, napari, tifffile,
+    # skimage) reads it; uncertainty maps are float noise that deflate shrinks by only ~12 %
+    for name, array, dtype, compression in (("labels", store.labels, np.int32, "zlib"),
+                                            ("uncertainty", store.uncertainty, np.float32, None)):
         nbytes = math.prod(shape) * np.dtype(dtype).itemsize
         write_tiff_atomic(
             finals[name], data=_iter_planes(array, n), shape=shape, dtype=dtype,
-            metadata={"axes": axes}, bigtiff=nbytes > 2**31 - 2**25,
+            metadata={"axes": axes}, bigtiff=nbytes > 2**31 - 2**25, compression=compression,
         )
     n_objects = _write_objects_csv(store, n, finals["objects"])
     import sam2

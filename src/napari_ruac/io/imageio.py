@@ -79,7 +79,12 @@ def _create_temporary(path: Path) -> str:
 
 
 def write_tiff_atomic(path: str | os.PathLike, data: np.ndarray, **kwargs) -> Path:
-    """Write ``data`` as a TIFF without ever leaving a half-written ``path``."""
+    """Write ``data`` as a TIFF without ever leaving a half-written ``path``.
+
+    Grey pages unless ``photometric`` says otherwise: our outputs (masks, labels, uncertainty)
+    are never colour, and tifffile would otherwise store a stack of 3 or 4 planes as the
+    colour samples of one RGB(A) page, which Fiji shows as a colour image."""
+    kwargs.setdefault("photometric", "minisblack")
     with atomic_file(path) as f:
         tifffile.imwrite(f, data, **kwargs)
     return Path(path)
