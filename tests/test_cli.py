@@ -49,6 +49,25 @@ def test_predict_plane_of_a_stack(tmp_path):
     assert tifffile.imread(tmp_path / "o" / "stack_mask.tif").shape == (64, 64)
 
 
+def test_predict_on_a_stack_asks_for_a_plane_and_a_colour_image_has_none(tmp_path, capsys):
+    stack = np.random.default_rng(0).integers(0, 255, (5, 64, 64)).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "stack.tif", stack, photometric="minisblack")
+    rgb = np.random.default_rng(1).integers(0, 255, (64, 64, 3)).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb")
+    cases = [("stack.tif", [], "choose one with --plane 0..4"), ("stack.tif", ["--plane", "5"], "planes 0..4"),
+             ("rgb.tif", ["--plane", "2"], "a single plane of shape (64, 64, 3)")]
+    for name, extra, message in cases:
+        out = tmp_path / f"o_{name}_{len(extra)}"
+        assert main(["predict", str(tmp_path / name), "--point", "5,5", *extra, "--model", "test-tiny",
+                     "-o", str(out)]) == 1
+        assert message in capsys.readouterr().err
+        assert not out.exists()
+    # a colour image is one plane: no --plane needed
+    assert main(["predict", str(tmp_path / "rgb.tif"), "--point", "5,5", "--model", "test-tiny",
+                 "-o", str(tmp_path / "ok")]) == 0
+    assert tifffile.imread(tmp_path / "ok" / "rgb_mask.tif").shape == (64, 64)
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

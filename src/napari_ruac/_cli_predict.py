@@ -107,10 +107,18 @@ def _predict(args) -> int:
         raise ValueError("give at least one --point or a --box")
 
     image = read_image(args.image)
+    # a plane is (H, W) or (H, W, C) with C in 1, 3, 4 (colour last); anything else is a stack
+    colour = image.ndim >= 3 and image.shape[-1] in (1, 3, 4)
+    n_planes = image.shape[0] if image.ndim - colour >= 3 else None
     if args.plane is not None:
-        if image.ndim < 3 or not 0 <= args.plane < image.shape[0]:
-            raise ValueError(f"--plane {args.plane} does not exist in an image of shape {image.shape}")
+        if n_planes is None:
+            raise ValueError(f"--plane {args.plane}: {args.image} is a single plane of shape {image.shape}, not a stack")
+        if not 0 <= args.plane < n_planes:
+            raise ValueError(f"--plane {args.plane} does not exist: {args.image} has planes 0..{n_planes - 1}")
         image = image[args.plane]
+    elif n_planes is not None:
+        raise ValueError(f"{args.image} is a stack of {n_planes} planes (shape {image.shape}): "
+                         f"choose one with --plane 0..{n_planes - 1}")
     model = load_model(args.model, device=args.device, checkpoint=args.checkpoint)
     predictor = Predictor(model, zoom=args.zoom, window=args.window,
                           box_size=args.box_size)
