@@ -46,7 +46,14 @@ def test_predict_plane_of_a_stack(tmp_path):
     tifffile.imwrite(tmp_path / "stack.tif", stack)
     assert main(["predict", str(tmp_path / "stack.tif"), "--plane", "1", "--point", "5,5",
                  "--model", "test-tiny", "-o", str(tmp_path / "o")]) == 0
-    assert tifffile.imread(tmp_path / "o" / "stack_mask.tif").shape == (64, 64)
+    assert tifffile.imread(tmp_path / "o" / "stack_plane1_mask.tif").shape == (64, 64)
+    # another plane gets its own files; a dotted name keeps its dots
+    (tmp_path / "stack.tif").rename(tmp_path / "cells.2024-01-05.tif")
+    assert main(["predict", str(tmp_path / "cells.2024-01-05.tif"), "--plane", "2", "--point", "5,5",
+                 "--model", "test-tiny", "-o", str(tmp_path / "o")]) == 0
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
+        "cells.2024-01-05_plane2_mask.tif", "cells.2024-01-05_plane2_uncertainty.tif",
+        "stack_plane1_mask.tif", "stack_plane1_uncertainty.tif"]
 
 
 def test_predict_on_a_stack_asks_for_a_plane_and_a_colour_image_has_none(tmp_path, capsys):

@@ -91,6 +91,7 @@ def _parse_pair(text: str, what: str) -> tuple[float, float]:
 
 def _predict(args) -> int:
     from .io.imageio import read_image, write_tiff_atomic
+    from .io.stacks import stack_stem
     from .model import Predictor, load_model
 
     points = [_parse_pair(p, "--point") for p in args.point]
@@ -128,7 +129,8 @@ def _predict(args) -> int:
     pred = predictor.predict(points=pts or None, labels=labels or None, box=box, mode=args.mode, samples=args.samples)
 
     out = Path(args.output)
-    stem = Path(args.image).name.split(".")[0]
+    # "a.2024-01-05.ome.tif" -> "a.2024-01-05"; one file per plane, so planes do not overwrite
+    stem = stack_stem(args.image) + ("" if args.plane is None else f"_plane{args.plane}")
     mask_path = write_tiff_atomic(out / f"{stem}_mask.tif", pred.mask.astype(np.uint8))
     unc_path = write_tiff_atomic(out / f"{stem}_uncertainty.tif", pred.uncertainty.astype(np.float32))
     print(

@@ -36,6 +36,7 @@ from scipy import ndimage
 from scipy.stats import rankdata
 
 from ._cli_options import BOX_SIZE_HELP, WINDOW_HELP
+from .io.stacks import stack_stem
 
 PROMPT_MODES = ("point1", "point3", "box")
 AUTOMATIC = "automatic"
@@ -455,14 +456,6 @@ def _predict(predictor, prompt, gt, point, box, mode, mc_samples):
 
 
 # ---------------------------------------------------------------------------- folders + CLI
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".ome.tif", ".ome.tiff") + IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
-
-
 def match_folders(images: Path, masks: Path) -> list[tuple[str, Path, Path]]:
     """Pair images with masks by file name (a mask may end in _mask/_masks/_labels/_label)."""
     images, masks = Path(images), Path(masks)
@@ -472,7 +465,7 @@ def match_folders(images: Path, masks: Path) -> list[tuple[str, Path, Path]]:
     mask_files = {}
     for p in sorted(masks.iterdir()):
         if p.suffix.lower() in IMAGE_SUFFIXES:
-            stem = _stem(p)
+            stem = stack_stem(p)
             for tag in ("_masks", "_mask", "_labels", "_label"):
                 if stem.endswith(tag):
                     stem = stem[: -len(tag)]
@@ -480,10 +473,10 @@ def match_folders(images: Path, masks: Path) -> list[tuple[str, Path, Path]]:
             mask_files[stem] = p
     pairs = []
     for p in sorted(images.iterdir()):
-        if p.suffix.lower() in IMAGE_SUFFIXES and _stem(p) in mask_files:
-            if images == masks and p == mask_files[_stem(p)]:
+        if p.suffix.lower() in IMAGE_SUFFIXES and stack_stem(p) in mask_files:
+            if images == masks and p == mask_files[stack_stem(p)]:
                 continue
-            pairs.append((_stem(p), p, mask_files[_stem(p)]))
+            pairs.append((stack_stem(p), p, mask_files[stack_stem(p)]))
     if not pairs:
         raise ValueError(f"no image in {images} has a mask with the same name in {masks}")
     return pairs
