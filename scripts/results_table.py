@@ -42,6 +42,8 @@ def table(paths: list[Path]) -> str:
     for name, res in baselines.items():
         lines.append(f"| baseline: {name} | {res.get('prompt', '')} | {res.get('n_objects', '')} | "
                      f"{fmt(res.get('miou'))} | {fmt(res.get('jf'))} | | | | |")
+    if len(lines) == 2:  # automatic segmentation only
+        return "\n".join(auto)
     if len(auto) > 2:
         lines += ["", "Automatic segmentation (no prompts; matched to the truth at IoU > 0.5):", ""] + auto
     return "\n".join(lines)

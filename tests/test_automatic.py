@@ -181,13 +181,32 @@ def test_segmentation_is_deterministic_in_mc_mode(tiny_model):
 
 def test_zoom_scales_every_crop_frame_and_keeps_labels_at_plane_size(tiny_model):
     seg = AutomaticSegmenter(tiny_model, points_per_side=4, crop_n_layers=1, zoom=0.5)
-    assert seg._frame((64, 64), 0).scale == 0.5 and seg._frame((64, 64), 1).scale == 1.0
+    assert seg._frame((64, 64), 0, seg.zoom).scale == 0.5 and seg._frame((64, 64), 1, seg.zoom).scale == 1.0
     img, _ = discs()
     result = seg.segment(img)
     assert result.labels.shape == img.shape and result.uncertainty.shape == img.shape
     assert seg.options()["zoom"] == 0.5
     with pytest.raises(ValueError, match="zoom"):
         AutomaticSegmenter(tiny_model, zoom=0)
+
+
+def test_auto_zoom_shows_large_nuclei_at_the_size_the_model_learned(micro):
+    # nine discs ~50 px across, twice what micro learned: at zoom 1 their grid clicks give
+    # token-sized pieces that never add up to whole discs
+    rng = np.random.default_rng(0)
+    centres = [((i + 0.5) * 256 / 3 + rng.uniform(-5, 5), (j + 0.5) * 256 / 3 + rng.uniform(-5, 5),
+                rng.uniform(22, 28)) for i in range(3) for j in range(3)]
+    img, masks = discs((256, 256), centres, noise=0.03)
+    plain = AutomaticSegmenter(micro).segment(img)
+    auto_seg = AutomaticSegmenter(micro, zoom="auto")
+    auto = auto_seg.segment(img)
+    assert plain.zoom == 1.0 and auto.zoom < 0.75 and auto_seg.options()["zoom"] == "auto"
+    assert recall(auto.labels, masks) == 1.0 and recall(plain.labels, masks) < 1.0
+    assert auto.labels.max() <= 10 < plain.labels.max()  # at zoom 1 the discs fall into pieces
+    # a plane with nothing to measure is seen at its own scale
+    assert auto_seg.plane_zoom(np.random.default_rng(1).random((96, 96), dtype=np.float32)) == 1.0
+    with pytest.raises(ValueError, match="zoom"):
+        AutomaticSegmenter(micro, zoom="big")
 
 
 def test_crop_layers_add_magnified_crops(tiny_model):

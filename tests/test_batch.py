@@ -366,3 +366,16 @@ def test_cli_segment_prints_progress_and_summary(tmp_path):
     assert "3/3 planes" in proc.stderr and "ETA" in proc.stderr
     assert "FAILED" in proc.stdout and "bad.tif" in proc.stdout and "ok " in proc.stdout
     assert (tmp_path / "out" / "s_labels.tif").exists()
+
+
+def test_cli_zoom_auto_is_recorded_and_a_bad_zoom_is_named(tmp_path):
+    from napari_ruac.cli import main
+
+    tifffile.imwrite(tmp_path / "s.tif", stack((2, 32, 32)), photometric="minisblack")
+    args = ["segment", str(tmp_path / "s.tif"), "-o", str(tmp_path / "out"), "--model", "test-tiny",
+            "--points-per-side", "4", "--threads", "1"]
+    assert main([*args, "--zoom", "auto"]) == 0
+    assert json.loads((tmp_path / "out" / "s_metadata.json").read_text())["parameters"]["zoom"] == "auto"
+    proc = subprocess.run([sys.executable, "-m", "napari_ruac.cli", *args, "--zoom", "large"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--zoom must be a number or 'auto', got 'large'" in proc.stderr

@@ -2,7 +2,20 @@
 stays fast). The values are checked where they are used (``resolve_window``/``resolve_box_size``
 in :mod:`napari_ruac.model.predictor`), so a bad one fails with the same message everywhere."""
 
+import argparse
+
 WINDOW_HELP = ("context a native-scale model sees around each prompt, in model pixels: 'auto' (the size it was "
                "trained on), 0 for the whole plane, or a side in pixels")
 BOX_SIZE_HELP = ("size in model pixels a box prompt's object is shown at (the box sets its own zoom): 'auto' "
                  "(32 for our models), 0 to use --zoom for boxes too, or a size")
+
+
+def zoom_value(text: str) -> float | str:
+    """``--zoom`` of the automatic-segmentation commands: a number, or 'auto' (each plane's own
+    zoom from the size of its objects). The number's range is checked where it is used."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--zoom must be a number or 'auto', got {text!r}") from None

@@ -48,6 +48,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from ._cli_options import zoom_value
 from .io.imageio import atomic_file, atomic_write_bytes
 from .io.normalize import ImageError
 from .io.stacks import TIFF_SUFFIXES, ZARR_SUFFIXES, Stack, describe, open_stack, stack_stem
@@ -838,9 +839,10 @@ def add_arguments(parser) -> None:
                    help="planes larger than this are tiled (default: the model's input size, 256 for ours)")
     g.add_argument("--tile-overlap", type=int, default=None,
                    help="tile overlap in pixels, larger than the biggest object (default: tile/4)")
-    g.add_argument("--zoom", type=float, default=1.0,
+    g.add_argument("--zoom", type=zoom_value, default=1.0,
                    help="resize planes by this factor for the model (0.5: objects twice the size it was "
-                        "trained on); outputs keep the planes' size")
+                        "trained on), or 'auto': each plane at the zoom that shows its typical object at the "
+                        "size the model learned (estimated from the plane); outputs keep the planes' size")
 
 
 def run(args) -> int:

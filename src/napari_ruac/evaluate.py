@@ -35,7 +35,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.stats import rankdata
 
-from ._cli_options import BOX_SIZE_HELP, WINDOW_HELP
+from ._cli_options import BOX_SIZE_HELP, WINDOW_HELP, zoom_value
 from .io.stacks import stack_stem
 
 PROMPT_MODES = ("point1", "point3", "box")
@@ -254,7 +254,7 @@ class EvaluationReport:
     results: dict
     baselines: dict
     rows: list[ObjectRow]
-    zoom: float = 1.0
+    zoom: float | str = 1.0
     window: int | None = None
     box_size: float | None = None
 
@@ -284,7 +284,7 @@ def evaluate_model(
     baselines: bool = True,
     model_name: str = "model",
     progress=None,
-    zoom: float = 1.0,
+    zoom: float | str = 1.0,
     window: int | str | None = "auto",
     box_size: float | str | None = "auto",
 ) -> EvaluationReport:
@@ -298,7 +298,7 @@ def evaluate_model(
             raise ValueError(f"unknown prompt mode {p!r}; expected some of {PROMPT_MODES + (AUTOMATIC,)}")
     automatic = AUTOMATIC in prompt_modes
     prompt_modes = [p for p in prompt_modes if p != AUTOMATIC]
-    predictor = Predictor(model, zoom=zoom, window=window, box_size=box_size)
+    predictor = Predictor(model, zoom=1.0 if zoom == "auto" else zoom, window=window, box_size=box_size)
     segmenter = None
     if automatic:
         from .model.automatic import AutomaticSegmenter
@@ -376,7 +376,8 @@ def evaluate_model(
         if theirs:
             base[method] = {"prompt": theirs[0].prompt, "n_objects": len(theirs),
                             "miou": _nanmean(r.iou for r in theirs), "jf": _nanmean(r.jf for r in theirs)}
-    return EvaluationReport(model_name, len(samples), results, base, rows, predictor.zoom, predictor.window,
+    return EvaluationReport(model_name, len(samples), results, base, rows,
+                            "auto" if zoom == "auto" else predictor.zoom, predictor.window,
                             predictor.box_size)
 
 
@@ -494,9 +495,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=["analytic", "mc"], default=None, help="uncertainty mode")
     parser.add_argument("--samples", type=int, default=20, help="MC samples (--mode mc)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--zoom", type=float, default=1.0,
+    parser.add_argument("--zoom", type=zoom_value, default=1.0,
                         help="resize images by this factor before the model sees them (0.5: objects twice the "
-                             "size the model was trained on); prompts and metrics stay at the images' scale")
+                             "size the model was trained on); prompts and metrics stay at the images' scale. "
+                             "'auto' applies to automatic segmentation (each plane's zoom from the size of its "
+                             "objects); prompts then use 1")
     parser.add_argument("--window", default="auto", help=WINDOW_HELP)
     parser.add_argument("--box-size", default="auto", help=BOX_SIZE_HELP)
     parser.add_argument("--no-baselines", action="store_true")

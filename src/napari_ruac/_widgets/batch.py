@@ -31,7 +31,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .model_picker import ModelPicker, zoom_spin_box
+from .model_picker import ModelPicker, zoom_of, zoom_spin_box
 from .runner import describe_error, show_worker_warning
 
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -98,7 +98,7 @@ class BatchWidget(QWidget):
         self.max_unc_spin.setSingleStep(0.05)
         self.max_unc_spin.setValue(0.6)
         self.max_unc_spin.setToolTip("drop masks whose mean uncertainty (bits) is above this")
-        self.zoom_spin = zoom_spin_box()
+        self.zoom_spin = zoom_spin_box(auto=True)
         #: further segment_files options (e.g. pred_iou_thresh), as on the CLI
         self.extra_options: dict = {}
 
@@ -186,7 +186,7 @@ class BatchWidget(QWidget):
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         options = {"points_per_side": self.points_spin.value(),
-                   "max_mean_uncertainty": self.max_unc_spin.value(), "zoom": self.zoom_spin.value(),
+                   "max_mean_uncertainty": self.max_unc_spin.value(), "zoom": zoom_of(self.zoom_spin),
                    **self.extra_options}
         if choice.checkpoint:
             options["checkpoint"] = choice.checkpoint

@@ -92,6 +92,7 @@ class AutoResult:
     uncertainty: np.ndarray
     objects: list[ObjectInfo]
     stats: AutoStats = field(default_factory=AutoStats)
+    zoom: float = 1.0  # the zoom the plane was seen at (its own estimate with zoom="auto")
 
 
 @dataclass
@@ -455,7 +456,7 @@ class AutomaticSegmenter:
         tile_overlap: int | None = None,
         window_margin: int = 12,
         seed: int = 0,
-        zoom: float = 1.0,
+        zoom: float | str = 1.0,
         point_in_mask: bool = True,
         refine_rounds: int = 1,
     ) -> None:
@@ -508,8 +509,9 @@ class AutomaticSegmenter:
         self.tile_overlap = self.tile_size // 4 if tile_overlap is None else tile_overlap
         self.window_margin = window_margin
         self.seed = seed
-        # as Predictor's zoom: objects look to the model as large as the ones it learned
-        self.zoom = check_zoom(zoom)
+        # as Predictor's zoom: objects look to the model as large as the ones it learned;
+        # "auto": each plane's own, from the size of its objects (see model/scale.py)
+        self.zoom = "auto" if isinstance(zoom, str) and zoom.strip().lower() == "auto" else check_zoom(zoom)
         self.point_in_mask = point_in_mask
         self.refine_rounds = refine_rounds
 
@@ -541,13 +543,14 @@ class AutomaticSegmenter:
         rgb = to_rgb_float(arr)
         h, w = rgb.shape[:2]
         stats = AutoStats()
+        zoom = self.plane_zoom(arr)
         if max(h, w) <= self.tile_size:
-            cands = self.candidates(rgb, stats)
+            cands = self.candidates(rgb, stats, zoom)
         else:
             from .tiling import tiled_candidates
 
             cands = tiled_candidates(
-                lambda tile: self.candidates(tile, stats),
+                lambda tile: self.candidates(tile, stats, zoom),
                 rgb,
                 self.tile_size,
                 self.tile_overlap,
@@ -556,19 +559,30 @@ class AutomaticSegmenter:
         cands = merge_fragments(cands, self.merge_overlap)
         labels, unc, objects = resolve_labels(cands, (h, w), self.min_area, self.min_kept)
         stats.n_objects = len(objects)
-        return AutoResult(labels, unc, objects, stats)
+        return AutoResult(labels, unc, objects, stats, zoom)
 
-    def candidates(self, rgb: np.ndarray, stats: AutoStats | None = None) -> list[MaskCandidate]:
+    def plane_zoom(self, plane: np.ndarray) -> float:
+        """The zoom a plane is seen at: ``zoom``, or with ``zoom="auto"`` the one that shows the
+        plane's typical object at the size the model learned (1.0 if it shows none)."""
+        if self.zoom != "auto":
+            return self.zoom
+        from .scale import auto_zoom
+
+        return auto_zoom(plane)
+
+    def candidates(self, rgb: np.ndarray, stats: AutoStats | None = None,
+                   zoom: float | None = None) -> list[MaskCandidate]:
         """Filtered, de-duplicated candidates of an (H, W, 3) float image in [0, 1] that fits the
-        model (max side <= ``tile_size``), best first."""
+        model (max side <= ``tile_size``), best first; ``zoom`` default: :meth:`plane_zoom`."""
         stats = stats if stats is not None else AutoStats()
+        zoom = self.plane_zoom(rgb) if zoom is None else zoom
         h, w = rgb.shape[:2]
         image = torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32)).permute(2, 0, 1)
         per_crop: list[MaskCandidate] = []
         boxes = crop_boxes((h, w), self.crop_n_layers, self.crop_overlap_ratio)
         for box, layer in boxes:
             n_side = max(1, self.points_per_side // (self.crop_n_points_downscale_factor**layer))
-            per_crop.extend(self._crop_candidates(image, box, layer, n_side, stats))
+            per_crop.extend(self._crop_candidates(image, box, layer, n_side, stats, zoom))
         stats.n_crops += len(boxes)
         if len(boxes) > 1:
             per_crop = drop_cut_candidates(per_crop, (h, w))
@@ -578,19 +592,19 @@ class AutomaticSegmenter:
         return per_crop
 
     # ------------------------------------------------------------------ internals
-    def _frame(self, shape: tuple[int, int], layer: int) -> Frame:
+    def _frame(self, shape: tuple[int, int], layer: int, zoom: float) -> Frame:
         # zoomed crops are magnified (up to 2^layer) so small objects cover more tokens
-        return frame_for(self.model.config, shape, zoom=self.zoom * 2**layer)
+        return frame_for(self.model.config, shape, zoom=zoom * 2**layer)
 
     @torch.inference_mode()
     def _crop_candidates(
-        self, image: torch.Tensor, box: Box, layer: int, n_side: int, stats: AutoStats
+        self, image: torch.Tensor, box: Box, layer: int, n_side: int, stats: AutoStats, zoom: float
     ) -> list[MaskCandidate]:
         """Decode the point grid of one crop; filter and de-duplicate at decoder resolution,
         then bring the survivors to full resolution. ``image`` (3, H, W) float in [0, 1]."""
         r0, c0, r1, c1 = box
         crop = image[:, r0:r1, c0:c1]
-        frame = self._frame((r1 - r0, c1 - c0), layer)
+        frame = self._frame((r1 - r0, c1 - c0), layer, zoom)
         embedding = self.model.encode(_model_input(crop, frame).to(self.model.device))
         stats.n_encoder_calls += 1
         points = point_grid(n_side) * np.array(frame.shape, dtype=np.float64)  # (P, 2) row, col
