@@ -209,6 +209,17 @@ def test_auto_zoom_shows_large_nuclei_at_the_size_the_model_learned(micro):
         AutomaticSegmenter(micro, zoom="big")
 
 
+def test_auto_zoom_leaves_models_that_resize_every_plane_alone():
+    import dataclasses
+
+    from napari_ruac.model import build_model
+    from napari_ruac.model.config import TEST_TINY
+
+    resizing = build_model(dataclasses.replace(TEST_TINY, input_scaling="resize")).eval()
+    img, _ = discs((256, 256), ((128, 128, 50),))  # one disc 100 px across: auto would say 0.25
+    assert AutomaticSegmenter(resizing, zoom="auto").plane_zoom(img) == 1.0
+
+
 def test_crop_layers_add_magnified_crops(tiny_model):
     img, _ = discs()
     seg = AutomaticSegmenter(tiny_model, points_per_side=4, crop_n_layers=1, **PERMISSIVE)

@@ -566,6 +566,8 @@ class AutomaticSegmenter:
         plane's typical object at the size the model learned (1.0 if it shows none)."""
         if self.zoom != "auto":
             return self.zoom
+        if self.model.config.input_scaling != "native":
+            return 1.0  # models that resize every plane (SAM2's) ignore the zoom
         from .scale import auto_zoom
 
         return auto_zoom(plane)
