@@ -107,6 +107,7 @@ def test_outputs_of_a_time_and_z_stack(tmp_path):
         assert (plane == int(r["label"])).sum() == int(r["area"])
     meta = json.loads(files["metadata"].read_text())
     assert meta["model"]["name"] == "test-tiny" and meta["parameters"]["points_per_side"] == 4
+    assert meta["plane_zooms"] == [1.0] * 6
     assert meta["input"]["axes"] == "TZYX" and meta["napari_ruac_version"]
     # progress after every plane, with an ETA
     assert [p.done_planes for p in seen] == list(range(1, 7))
@@ -375,7 +376,21 @@ def test_cli_zoom_auto_is_recorded_and_a_bad_zoom_is_named(tmp_path):
     args = ["segment", str(tmp_path / "s.tif"), "-o", str(tmp_path / "out"), "--model", "test-tiny",
             "--points-per-side", "4", "--threads", "1"]
     assert main([*args, "--zoom", "auto"]) == 0
-    assert json.loads((tmp_path / "out" / "s_metadata.json").read_text())["parameters"]["zoom"] == "auto"
+    meta = json.loads((tmp_path / "out" / "s_metadata.json").read_text())
+    assert meta["parameters"]["zoom"] == "auto" and meta["plane_zooms"] == [1.0, 1.0]  # noise: nothing to measure
     proc = subprocess.run([sys.executable, "-m", "napari_ruac.cli", *args, "--zoom", "large"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--zoom must be a number or 'auto', got 'large'" in proc.stderr
+
+
+def test_metadata_records_each_planes_own_zoom(tmp_path):
+    # plane 0: discs ~50 px across (twice what our models learned) -> shrunk; plane 1 empty -> 1
+    yy, xx = np.mgrid[:128, :128]
+    plane = np.full((128, 128), 100, np.uint16)
+    for cy, cx in ((32, 32), (32, 96), (96, 32), (96, 96)):
+        plane[(yy - cy) ** 2 + (xx - cx) ** 2 < 25**2] = 900
+    src = tmp_path / "z.tif"
+    tifffile.imwrite(src, np.stack([plane, np.full_like(plane, 100)]), photometric="minisblack")
+    assert segment_files([src], tmp_path / "out", **{**FAST, "zoom": "auto"}).ok
+    zooms = json.loads((tmp_path / "out" / "z_metadata.json").read_text())["plane_zooms"]
+    assert 0.5 <= zooms[0] < 0.75 and zooms[1] == 1.0

@@ -145,6 +145,7 @@ class PlaneResult:
     labels: np.ndarray
     uncertainty: np.ndarray
     objects: list[dict]
+    zoom: float = 1.0  # the zoom the plane was seen at (its own with zoom="auto")
 
 
 class _Cancelled(Exception):
@@ -511,10 +512,19 @@ class WorkStore:
         self.labels[result.index] = result.labels
         self.uncertainty[result.index] = result.uncertainty
         # the marker last: its presence means the plane's chunks are complete
-        atomic_write_bytes(self.path / "planes" / f"{result.index}.json", json.dumps(result.objects).encode())
+        marker = {"objects": result.objects, "zoom": result.zoom}
+        atomic_write_bytes(self.path / "planes" / f"{result.index}.json", json.dumps(marker).encode())
+
+    def _marker(self, i: int) -> dict:
+        data = json.loads((self.path / "planes" / f"{i}.json").read_text())
+        # stores written before markers held the zoom: a bare list of objects, at zoom 1
+        return {"objects": data, "zoom": 1.0} if isinstance(data, list) else data
 
     def plane_objects(self, i: int) -> list[dict]:
-        return json.loads((self.path / "planes" / f"{i}.json").read_text())
+        return self._marker(i)["objects"]
+
+    def plane_zoom(self, i: int) -> float:
+        return float(self._marker(i)["zoom"])
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
@@ -556,6 +566,8 @@ def _finalize(store: WorkStore, stack: Stack, finals: dict[str, Path], spec: Mod
         "outputs": {k: p.name for k, p in finals.items() if k != "metadata"},
         "csv_columns": list(CSV_COLUMNS),
         "n_objects": n_objects,
+        # what each plane was seen at (differs between planes with --zoom auto)
+        "plane_zooms": [store.plane_zoom(i) for i in range(n)],
         "fingerprint": fingerprint,
     }
     atomic_write_bytes(finals["metadata"], (json.dumps(meta, indent=2, default=str) + "\n").encode())
@@ -647,7 +659,7 @@ def segment_plane(plane: np.ndarray, index: int, spec: ModelSpec) -> PlaneResult
         {"label": o.label, "area": o.area, "mean_uncertainty": o.mean_uncertainty, "iou_score": o.iou_score}
         for o in result.objects
     ]
-    return PlaneResult(index, result.labels, result.uncertainty, objects)
+    return PlaneResult(index, result.labels, result.uncertainty, objects, float(result.zoom))
 
 
 class _LocalExecutor:
