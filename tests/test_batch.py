@@ -394,3 +394,24 @@ def test_metadata_records_each_planes_own_zoom(tmp_path):
     assert segment_files([src], tmp_path / "out", **{**FAST, "zoom": "auto"}).ok
     zooms = json.loads((tmp_path / "out" / "z_metadata.json").read_text())["plane_zooms"]
     assert 0.5 <= zooms[0] < 0.75 and zooms[1] == 1.0
+
+
+def test_results_written_into_the_input_folder_are_not_inputs_of_the_next_run(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    tifffile.imwrite(data / "cells.tif", stack((2, 32, 32)), photometric="minisblack")
+    # a user's own annotation file with a results-like name is an input like any other
+    tifffile.imwrite(data / "truth_labels.tif", stack((32, 32), seed=1), photometric="minisblack")
+    first = segment_files([data], data, **FAST)
+    assert first.ok and sorted(f.status for f in first.files) == ["done", "done"]
+    names = sorted(p.name for p in data.iterdir())
+    # again, over the folder and over a shell glob of it: our outputs are skipped, nothing new
+    for inputs in ([data], sorted(data.glob("*.tif"))):
+        again = segment_files(inputs, data, **FAST)
+        assert again.ok
+        status = {Path(f.input).name: f.status for f in again.files}
+        assert status == {"cells.tif": "complete", "truth_labels.tif": "complete", "cells_labels.tif": "skipped",
+                          "cells_uncertainty.tif": "skipped", "truth_labels_labels.tif": "skipped",
+                          "truth_labels_uncertainty.tif": "skipped"}
+        assert "skipped" in again.format() and "cells_metadata.json" in again.format()
+        assert sorted(p.name for p in data.iterdir()) == names

@@ -87,7 +87,8 @@ class BatchProgress:
 @dataclass
 class FileResult:
     """What happened to one input. ``status``: ``done`` (written now), ``complete`` (outputs
-    from an earlier run are current), ``failed`` (see ``reason``) or ``cancelled``."""
+    from an earlier run are current), ``failed`` (see ``reason``), ``cancelled`` or ``skipped``
+    (an output of an earlier run, e.g. picked up again by ``data/*.tif`` with ``-o data``)."""
 
     input: str
     status: str
@@ -129,6 +130,8 @@ class BatchSummary:
                 lines.append(f"  FAILED {f.input}: {f.reason}")
             elif f.status == "cancelled":
                 lines.append(f"  cancelled {f.input}")
+            elif f.status == "skipped":
+                lines.append(f"  skipped {f.input}: {f.reason}")
             else:
                 extra = f", {f.resumed_planes} resumed" if f.resumed_planes else ""
                 extra += ", already complete" if f.status == "complete" else ""
@@ -259,6 +262,25 @@ def _expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     return files
 
 
+def earlier_run_output(path: str | os.PathLike) -> Path | None:
+    """The metadata file that names ``path`` as one of its run's outputs, or None: results
+    written into the input folder must not become inputs of the next run over that folder."""
+    path = Path(path)
+    for kind in ("labels", "uncertainty"):
+        suffix = f"_{kind}"
+        stem = stack_stem(path)
+        if not stem.endswith(suffix):
+            continue
+        meta = path.with_name(f"{stem[: -len(suffix)]}_metadata.json")
+        try:
+            outputs = json.loads(meta.read_text()).get("outputs", {})
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(outputs, dict) and outputs.get(kind) == path.name:
+            return meta
+    return None
+
+
 def _is_zarr(path: Path) -> bool:
     return path.suffix.lower() in ZARR_SUFFIXES or any(
         (path / name).exists() for name in (".zarray", ".zgroup", "zarr.json")
@@ -271,6 +293,10 @@ def _plan_jobs(files: list[Path], out: Path, run_options: dict) -> tuple[list[_J
     results: list[FileResult | None] = [None] * len(files)
     stems: dict[str, Path] = {}
     for i, path in enumerate(files):
+        earlier = earlier_run_output(path)
+        if earlier is not None:
+            results[i] = FileResult(str(path), "skipped", reason=f"an output of an earlier run (see {earlier.name})")
+            continue
         stem = stack_stem(path)
         if stem in stems:
             results[i] = FileResult(

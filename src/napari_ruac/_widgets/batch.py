@@ -44,11 +44,13 @@ class _ProgressRelay(QObject):
 
 
 def tiffs_in(folder: str | Path) -> list[Path]:
-    """TIFF files directly inside ``folder``, sorted, skipping our own result files."""
+    """TIFF files directly inside ``folder``, sorted, skipping the results of earlier runs."""
+    from ..batch import earlier_run_output
+
     folder = Path(folder)
     return sorted(
         p for p in folder.iterdir()
-        if p.suffix.lower() in TIFF_SUFFIXES and not p.stem.endswith(("_labels", "_uncertainty"))
+        if p.suffix.lower() in TIFF_SUFFIXES and earlier_run_output(p) is None
     )
 
 
