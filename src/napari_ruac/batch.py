@@ -266,18 +266,20 @@ def earlier_run_output(path: str | os.PathLike) -> Path | None:
     """The metadata file that names ``path`` as one of its run's outputs, or None: results
     written into the input folder must not become inputs of the next run over that folder."""
     path = Path(path)
+    stem = stack_stem(path)
     for kind in ("labels", "uncertainty"):
-        suffix = f"_{kind}"
-        stem = stack_stem(path)
-        if not stem.endswith(suffix):
+        if not stem.endswith(f"_{kind}"):
             continue
-        meta = path.with_name(f"{stem[: -len(suffix)]}_metadata.json")
+        # the names that run would have given its outputs, from the same function it used
+        finals = _final_paths(path.parent, stem[: -len(kind) - 1])
+        if finals[kind].name != path.name:
+            continue
         try:
-            outputs = json.loads(meta.read_text()).get("outputs", {})
+            outputs = json.loads(finals["metadata"].read_text()).get("outputs", {})
         except (OSError, ValueError, AttributeError):
             continue
         if isinstance(outputs, dict) and outputs.get(kind) == path.name:
-            return meta
+            return finals["metadata"]
     return None
 
 
