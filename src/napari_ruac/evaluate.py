@@ -474,10 +474,11 @@ def match_folders(images: Path, masks: Path) -> list[tuple[str, Path, Path]]:
             mask_files[stem] = p
     pairs = []
     for p in sorted(images.iterdir()):
-        if p.suffix.lower() in IMAGE_SUFFIXES and stack_stem(p) in mask_files:
-            if images == masks and p == mask_files[stack_stem(p)]:
+        stem = stack_stem(p)
+        if p.suffix.lower() in IMAGE_SUFFIXES and stem in mask_files:
+            if images == masks and p == mask_files[stem]:
                 continue
-            pairs.append((stack_stem(p), p, mask_files[stack_stem(p)]))
+            pairs.append((stem, p, mask_files[stem]))
     if not pairs:
         raise ValueError(f"no image in {images} has a mask with the same name in {masks}")
     return pairs
