@@ -668,10 +668,8 @@ class AutomaticSegmenter:
         obj = out.object_score_logits.float()[:, 0].repeat_interleave(m)
         off = self.stability_score_offset
         mask = logits > 0
-        area = mask.flatten(1).sum(1)
-        inter = (logits > off).flatten(1).sum(1).float()
-        union = (logits > -off).flatten(1).sum(1).float()
-        stability = inter / union.clamp_min(1)
+        area = _count(mask)
+        stability = _count(logits > off).float() / _count(logits > -off).float().clamp_min(1)
         keep = (iou > self.pred_iou_thresh) & (obj > self.object_score_thresh) & (area > 0)
         keep &= stability >= self.stability_score_thresh
         if self.point_in_mask:
@@ -690,10 +688,11 @@ class AutomaticSegmenter:
         idx = idx[mean_unc[idx] <= self.max_mean_uncertainty]
         if idx.numel() == 0:
             return []
-        rows_any = mask[idx].any(2)  # (K, vh4)
-        cols_any = mask[idx].any(1)  # (K, vw4)
+        kept = mask[idx]
+        rows_any = kept.any(2)  # (K, vh4)
+        cols_any = kept.any(1)  # (K, vw4)
         # centroids in model coordinates, as clicks are given (see _crop_candidates)
-        weight = mask[idx].float()
+        weight = kept.float()
         n_px = weight.flatten(1).sum(1)
         cy = (weight.sum(2) * torch.arange(vh4, dtype=torch.float32)).sum(1) / n_px
         cx = (weight.sum(1) * torch.arange(vw4, dtype=torch.float32)).sum(1) / n_px
@@ -778,6 +777,15 @@ class _LowRes:
 
     def rank(self) -> float:
         return self.quality
+
+
+def _count(mask: torch.Tensor) -> torch.Tensor:
+    """True pixels of each (h, w) map of a (N, h, w) boolean stack, as int32 (N,).
+
+    Row sums in int16 first (a row is at most a few hundred pixels), as SAM2's stability score
+    counts: on CPU a third faster than one int64 sum over the flattened maps.
+    """
+    return mask.sum(-1, dtype=torch.int16).sum(-1, dtype=torch.int32)
 
 
 # outside its window a candidate's probability counts as 0: windows reach where the logit is
