@@ -325,3 +325,24 @@ def test_maps_derived_on_demand_equal_the_full_maps(tiny_model, embedded):
         if mode != "mc":
             torch.testing.assert_close(out.probability, torch.sigmoid(out.logits))
             torch.testing.assert_close(out.uncertainty, binary_entropy_from_logit(out.logits))
+
+
+def test_fused_channel_layer_norm_equals_sam2s_layernorm2d_with_gradients():
+    from sam2.modeling.sam2_utils import LayerNorm2d
+
+    from napari_ruac.model.mask_decoder import _channel_layer_norm
+
+    g = torch.Generator().manual_seed(3)
+    norm = LayerNorm2d(16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(16, generator=g) + 0.5)
+        norm.bias.copy_(torch.randn(16, generator=g))
+    x = (torch.randn(3, 16, 9, 7, generator=g) * 4 + 2).requires_grad_()
+    ref = norm(x)
+    got = _channel_layer_norm(norm, x)
+    torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
+    w = torch.randn(ref.shape, generator=g)
+    ref_grads = torch.autograd.grad((ref * w).sum(), (x, norm.weight, norm.bias))
+    got_grads = torch.autograd.grad((got * w).sum(), (x, norm.weight, norm.bias))
+    for a, b in zip(got_grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
