@@ -42,6 +42,7 @@ def _info(args) -> int:
     import torch
 
     from . import __version__
+    from ._versions import package_version
     from .model import MODEL_SPECS, available_devices
     from .model.build import WEIGHTS_DIR, cache_dir
 
@@ -62,12 +63,7 @@ def _info(args) -> int:
         "cache": str(cache_dir()),
         "models": models,
     }
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        info["sam2"] = version("sam2")
-    except PackageNotFoundError:  # pragma: no cover - sam2 is a hard dependency
-        info["sam2"] = "missing"
+    info["sam2"] = package_version("sam2")
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -90,6 +86,7 @@ def _parse_pair(text: str, what: str) -> tuple[float, float]:
 
 
 def _predict(args) -> int:
+    from .io.calibration import PixelSize, file_pixel_size, tiff_write_kwargs
     from .io.imageio import read_image, write_tiff_atomic
     from .io.stacks import stack_stem
     from .model import Predictor, load_model
@@ -131,8 +128,11 @@ def _predict(args) -> int:
     out = Path(args.output)
     # "a.2024-01-05.ome.tif" -> "a.2024-01-05"; one file per plane, so planes do not overwrite
     stem = stack_stem(args.image) + ("" if args.plane is None else f"_plane{args.plane}")
-    mask_path = write_tiff_atomic(out / f"{stem}_mask.tif", pred.mask.astype(np.uint8))
-    unc_path = write_tiff_atomic(out / f"{stem}_uncertainty.tif", pred.uncertainty.astype(np.float32))
+    # the input's pixel size, so the mask measures in its units (a plane: no Z spacing)
+    size = file_pixel_size(args.image)
+    calibration = tiff_write_kwargs(size and PixelSize(size.x, size.y))
+    mask_path = write_tiff_atomic(out / f"{stem}_mask.tif", pred.mask.astype(np.uint8), **calibration)
+    unc_path = write_tiff_atomic(out / f"{stem}_uncertainty.tif", pred.uncertainty.astype(np.float32), **calibration)
     print(
         f"{stem}: mask area {int(pred.mask.sum())} px, predicted IoU {pred.iou_score:.3f}, "
         f"mean uncertainty in mask {pred.mean_uncertainty:.3f}"

@@ -49,6 +49,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from ._cli_options import zoom_value
+from ._versions import package_version
 from .io.imageio import atomic_file, atomic_write_bytes
 from .io.normalize import ImageError
 from .io.stacks import TIFF_SUFFIXES, ZARR_SUFFIXES, Stack, describe, open_stack, stack_stem
@@ -563,10 +564,14 @@ def _finalize(store: WorkStore, stack: Stack, finals: dict[str, Path], spec: Mod
     """Write the final files from the store, each atomically, metadata last (its fingerprint
     marks the set as complete). Returns the number of objects."""
     from . import __version__
+    from .io.calibration import tiff_write_kwargs
     from .io.imageio import write_tiff_atomic
 
     shape, axes = stack.output_shape, stack.output_axes
     n = stack.n_planes
+    # the input's calibration, so labels measure in its units in Fiji and beside it
+    calibration = tiff_write_kwargs(stack.pixel_size)
+    calibration["metadata"] = {"axes": axes, **calibration["metadata"]}
     # label images are mostly runs of one value: deflate makes them ~70x smaller (a 20-plane
     # 256^2 stack: 5.2 MB -> 75 kB, 55 ms) and every TIFF reader (Fiji, napari, tifffile,
     # skimage) reads it; uncertainty maps are float noise that deflate shrinks by only ~12 %
@@ -575,16 +580,15 @@ def _finalize(store: WorkStore, stack: Stack, finals: dict[str, Path], spec: Mod
         nbytes = math.prod(shape) * np.dtype(dtype).itemsize
         write_tiff_atomic(
             finals[name], data=_iter_planes(array, n), shape=shape, dtype=dtype,
-            metadata={"axes": axes}, bigtiff=nbytes > 2**31 - 2**25, compression=compression,
+            bigtiff=nbytes > 2**31 - 2**25, compression=compression, **calibration,
         )
     n_objects = _write_objects_csv(store, n, finals["objects"])
-    import sam2
     import torch
 
     meta = {
         "napari_ruac_version": __version__,
         "torch_version": torch.__version__,
-        "sam2_version": getattr(sam2, "__version__", "unknown"),
+        "sam2_version": package_version("sam2"),
         "model": identity,
         "device": spec.device,
         "parameters": spec.options,

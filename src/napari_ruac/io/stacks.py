@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .calibration import PixelSize, ngff_pixel_size, tiff_pixel_size
 from .normalize import ImageError
 
 SPATIAL = "YX"
@@ -44,6 +45,8 @@ class Stack:
     _array: object = field(repr=False)  # anything indexable like a numpy array (zarr, memmap)
     _closer: object = field(default=None, repr=False)
     channel: int | None = None
+    #: physical pixel size from the file's metadata (micrometres), None when it gives none
+    pixel_size: PixelSize | None = None
 
     @property
     def stem(self) -> str:
@@ -138,13 +141,14 @@ def open_stack(path: str | os.PathLike, axes: str | None = None, channel: int | 
         raise ImageError(f"{path} is empty (0 bytes)")
     is_zarr = path.is_dir() or path.suffix.lower() in ZARR_SUFFIXES
     if is_zarr:
-        array, file_axes, closer = _open_zarr(path)
+        array, file_axes, closer, pixel_size = _open_zarr(path)
     elif path.suffix.lower() in TIFF_SUFFIXES:
-        array, file_axes, closer = _open_tiff(path)
+        array, file_axes, closer, pixel_size = _open_tiff(path)
     else:
         raise ImageError(f"{path}: unsupported format {path.suffix!r}; expected TIFF/OME-TIFF or zarr")
     try:
         stack = _make_stack(path, array, file_axes, axes, channel, closer)
+        stack.pixel_size = pixel_size
     except BaseException:
         if closer is not None:
             closer()
@@ -234,13 +238,14 @@ def _open_tiff(path: Path):
             axes = "Q" * (len(series.shape) - 1) + ("S" if rgb else "Q")
         _check_tiff_data(path, tf, series)
         array = zarr.open(series.aszarr(), mode="r")
+        pixel_size = tiff_pixel_size(tf)
     except ImageError:
         tf.close()
         raise
     except Exception as exc:
         tf.close()
         raise ImageError(f"{path} is not a readable TIFF (corrupt or truncated?): {exc}") from exc
-    return array, axes, tf.close
+    return array, axes, tf.close, pixel_size
 
 
 class _TiffWarnings(logging.Handler):
@@ -288,6 +293,7 @@ def _open_zarr(path: Path):
     except Exception as exc:
         raise ImageError(f"{path} is not a readable zarr store: {exc}") from exc
     axes = None
+    pixel_size = None
     if hasattr(node, "shape"):
         array = node
         dims = array.attrs.get("_ARRAY_DIMENSIONS")
@@ -310,7 +316,8 @@ def _open_zarr(path: Path):
             names = [a["name"] if isinstance(a, dict) else a for a in ms[0].get("axes", [])]
             if names:
                 axes = "".join(str(n)[:1].upper() for n in names)
-    return array, axes, None
+            pixel_size = ngff_pixel_size(ms[0])
+    return array, axes, None, pixel_size
 
 
 def describe(stack: Stack) -> dict:
@@ -323,6 +330,7 @@ def describe(stack: Stack) -> dict:
         "channel": stack.channel,
         "n_planes": stack.n_planes,
         "output_axes": stack.output_axes,
+        "pixel_size": stack.pixel_size.as_dict() if stack.pixel_size else None,
     }
 
 
