@@ -125,6 +125,39 @@ def test_evaluate_cli_errors(tmp_path, capsys):
         ev.evaluate_model(None, [], prompt_modes=("point7",))
 
 
+def test_evaluate_cli_checks_every_pair_before_it_starts(tmp_path, capsys):
+    """Pairs that cannot be scored are all named up front (not a numpy error minutes in);
+    images without a mask are listed as skipped."""
+    (tmp_path / "img").mkdir()
+    (tmp_path / "msk").mkdir()
+    good = disk((48, 48), (24, 24), 8).astype(np.uint16)
+    image = (good * 800 + 100).astype(np.uint16)
+    for name in ("a", "b", "c", "d", "e"):
+        tifffile.imwrite(tmp_path / "img" / f"{name}.tif", image)
+    tifffile.imwrite(tmp_path / "img" / "rgb.tif", np.stack([image] * 3, -1), photometric="rgb")
+    tifffile.imwrite(tmp_path / "msk" / "a.tif", good)
+    tifffile.imwrite(tmp_path / "msk" / "rgb.tif", good)  # an RGB image's mask has no colour axis
+    tifffile.imwrite(tmp_path / "msk" / "b.tif", good[:40])  # wrong shape
+    tifffile.imwrite(tmp_path / "msk" / "c.tif", good.astype(np.float32) * 0.5)  # a probability map
+    tifffile.imwrite(tmp_path / "msk" / "d.tif", good.astype(np.int16) - 1)  # negative ids
+    args = ["evaluate", "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "msk"),
+            "--model", "test-tiny", "--prompts", "box", "--no-baselines"]
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    assert "skipping 1 image(s) without a mask" in captured.out and "e.tif" in captured.out
+    err = captured.err
+    assert "3 of 5 image/mask pairs cannot be evaluated" in err
+    assert "b.tif / b.tif: image of shape (48, 48) and mask of shape (40, 48) do not match" in err
+    assert "c.tif / c.tif: mask holds non-integer values" in err
+    assert "d.tif / d.tif: mask holds negative values" in err
+    assert "a.tif" not in err and "rgb.tif" not in err
+    for name in ("b", "c", "d"):
+        (tmp_path / "msk" / f"{name}.tif").unlink()
+    assert main(args + ["--json", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["n_images"] == 2 and report["results"]["box"]["n_objects"] == 2
+
+
 def test_automatic_segmentation_is_matched_to_the_truth():
     from napari_ruac.model.automatic import AutoResult
 

@@ -263,13 +263,34 @@ class EvaluationReport:
                 "zoom": self.zoom, "window": self.window, "box_size": self.box_size}
 
 
-def iter_planes(image: np.ndarray, mask: np.ndarray):
+def pair_problem(image: np.ndarray, mask: np.ndarray) -> str | None:
+    """Why an image and its instance mask cannot be evaluated together, or None.
+
+    The mask must have the image's planes and pixels (an RGB image's colour axis aside) and
+    hold integer object ids: a probability map or a colour-coded label image is not one."""
+    colour = image.ndim == mask.ndim + 1 and image.shape[-1] in (3, 4)
+    spatial = image.shape[:-1] if colour else image.shape
+    if mask.ndim not in (2, 3) or spatial != mask.shape:
+        return (f"image of shape {image.shape} and mask of shape {mask.shape} do not match "
+                "(the mask needs the image's planes and pixels)")
+    if mask.dtype.kind == "f":
+        if not np.isfinite(mask).all() or not np.array_equal(mask, np.round(mask)):
+            return f"mask holds non-integer values ({mask.dtype}); expected integer object ids, 0 = background"
+    elif mask.dtype.kind not in "biu":
+        return f"mask has unsupported dtype {mask.dtype}; expected integer object ids, 0 = background"
+    if mask.min() < 0:
+        return "mask holds negative values; expected object ids >= 1 and 0 = background"
+    return None
+
+
+def iter_planes(image: np.ndarray, mask: np.ndarray, name: str = "image"):
     """(plane index, image plane, label plane) for 2D images or 3D stacks."""
+    problem = pair_problem(image, mask)
+    if problem is not None:
+        raise ValueError(f"{name}: {problem}")
     if mask.ndim == 2:
         yield 0, image, mask
         return
-    if mask.ndim != 3 or image.shape[: mask.ndim] != mask.shape:
-        raise ValueError(f"image {image.shape} and mask {mask.shape} do not match plane by plane")
     for z in range(mask.shape[0]):
         yield z, image[z], mask[z]
 
@@ -309,7 +330,7 @@ def evaluate_model(
     pooled = {p: _Pooled() for p in prompt_modes}
     structure = ndimage.generate_binary_structure(2, 1)
     for name, image, labels in samples:
-        for z, plane, lab in iter_planes(np.asarray(image), np.asarray(labels)):
+        for z, plane, lab in iter_planes(np.asarray(image), np.asarray(labels), name):
             ids = [int(i) for i in np.unique(lab) if i != 0]
             if not ids:
                 continue
@@ -484,6 +505,12 @@ def match_folders(images: Path, masks: Path) -> list[tuple[str, Path, Path]]:
     return pairs
 
 
+def unmatched_images(images: Path, pairs: list[tuple[str, Path, Path]]) -> list[Path]:
+    """Image files in ``images`` that no pair uses (they have no mask)."""
+    used = {img for _, img, _ in pairs} | {msk for _, _, msk in pairs}
+    return [p for p in sorted(Path(images).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES and p not in used]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", required=True, help="folder of images (TIFF/PNG, 2D or 3D)")
     parser.add_argument("--masks", required=True, help="folder of instance label masks, same file names")
@@ -512,7 +539,19 @@ def run(args: argparse.Namespace) -> int:
     from .model import load_model
 
     pairs = match_folders(Path(args.images), Path(args.masks))
-    samples = [(name, read_image(img), read_image(msk)) for name, img, msk in pairs]
+    unmatched = unmatched_images(Path(args.images), pairs)
+    if unmatched:
+        shown = ", ".join(p.name for p in unmatched[:5]) + (", ..." if len(unmatched) > 5 else "")
+        print(f"skipping {len(unmatched)} image(s) without a mask in {args.masks}: {shown}")
+    samples, problems = [], []
+    for name, img, msk in pairs:  # every pair checked before minutes of evaluation start
+        image, mask = read_image(img), read_image(msk)
+        problem = pair_problem(image, mask)
+        if problem is not None:
+            problems.append(f"  {img.name} / {msk.name}: {problem}")
+        samples.append((name, image, mask))
+    if problems:
+        raise ValueError(f"{len(problems)} of {len(pairs)} image/mask pairs cannot be evaluated:\n" + "\n".join(problems))
     model = load_model(args.model, device=args.device, checkpoint=args.checkpoint)
     prompts = [p.strip() for p in args.prompts.split(",") if p.strip()]
     report = evaluate_model(model, samples, prompts, mode=args.mode, mc_samples=args.samples, seed=args.seed,
