@@ -95,6 +95,27 @@ def test_writer_and_reader_round_trip(make_napari_viewer, tmp_path):
     assert tuple(by_name["cells uncertainty"].contrast_limits) == (0.0, 1.0)
 
 
+def test_writer_keeps_a_calibrated_layers_pixel_size(make_napari_viewer, tmp_path):
+    from napari_ruac.io.calibration import file_pixel_size
+
+    viewer = make_napari_viewer()
+    labels = np.zeros((3, 16, 20), np.uint16)
+    labels[1, 2:6, 3:9] = 1
+    viewer.add_labels(labels, name="objects", scale=(2.0, 0.5, 0.25), units=("um", "um", "nm"))
+    viewer.add_image(np.zeros((3, 16, 20), np.float32), name="uncertainty")
+    viewer.layers.select_all()
+    viewer.layers.save(str(tmp_path / "cal.tif"), selected=True, plugin="napari-ruac")
+    for name in ("cal_labels.tif", "cal_uncertainty.tif"):
+        size = file_pixel_size(tmp_path / name)
+        assert (size.x, size.y, size.z) == pytest.approx((0.00025, 0.5, 2.0))
+    # napari's default unit is the pixel: no made-up calibration
+    viewer.layers.clear()
+    viewer.add_labels(labels, name="objects", scale=(2.0, 0.5, 0.5))
+    viewer.layers.select_all()
+    viewer.layers.save(str(tmp_path / "px.tif"), selected=True, plugin="napari-ruac")
+    assert file_pixel_size(tmp_path / "px_labels.tif") is None
+
+
 def test_writer_refuses_mismatched_layers_without_leaving_files(tmp_path):
     from napari_ruac._writer import write_results
 

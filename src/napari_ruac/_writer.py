@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from .io.calibration import PixelSize, tiff_write_kwargs, to_micrometres
 from .io.imageio import write_tiff_atomic
 
 LABELS_SUFFIX = "_labels"
@@ -45,21 +46,38 @@ def write_results(path: str, layer_data: list[tuple[Any, dict, str]]) -> list[st
         raise ValueError(f"select one labels layer and at most one uncertainty image to save (got: {kinds})")
     labels_path, unc_path = result_paths(path)
     label_data = np.asarray(labels[0][0])
+    # a layer in physical units (scale + units, e.g. from a calibrated reader) keeps them in the files
+    calibration = tiff_write_kwargs(layer_pixel_size(labels[0][1]))
     written: list[Path] = []
     try:
-        written.append(write_tiff_atomic(labels_path, _label_dtype(label_data), compression="zlib"))
+        written.append(write_tiff_atomic(labels_path, _label_dtype(label_data), compression="zlib", **calibration))
         if images:
             unc = np.asarray(images[0][0], dtype=np.float32)
             if unc.shape != label_data.shape:
                 raise ValueError(
                     f"uncertainty map shape {unc.shape} does not match the labels shape {label_data.shape}"
                 )
-            written.append(write_tiff_atomic(unc_path, unc, compression="zlib"))
+            written.append(write_tiff_atomic(unc_path, unc, compression="zlib", **calibration))
     except BaseException:
         for p in written:
             p.unlink(missing_ok=True)
         raise
     return [str(p) for p in written]
+
+
+def layer_pixel_size(meta: dict) -> PixelSize | None:
+    """Pixel size of a layer whose ``units`` are lengths (napari's default unit is the pixel):
+    X and Y from the last two axes, Z from the third-last when it is a length too."""
+    scale, units = meta.get("scale"), meta.get("units")
+    if scale is None or units is None or len(scale) < 2:
+        return None
+    units = [units] * len(scale) if isinstance(units, str) or not hasattr(units, "__len__") else list(units)
+    if len(units) != len(scale):
+        return None
+    um = [to_micrometres(s, str(u)) for s, u in zip(scale, units)]
+    if um[-1] is None or um[-2] is None:
+        return None
+    return PixelSize(um[-1], um[-2], um[-3] if len(um) >= 3 else None)
 
 
 def _label_dtype(labels: np.ndarray) -> np.ndarray:

@@ -45,7 +45,7 @@ class PixelSize:
         return _make(d.get("x"), d.get("y"), d.get("z"), d.get("unit", "µm"))
 
 
-def _to_um(value, unit) -> float | None:
+def to_micrometres(value, unit) -> float | None:
     """``value`` in ``unit`` as micrometres; None for missing, non-positive or unknown units."""
     try:
         v = float(value)
@@ -60,10 +60,10 @@ def _to_um(value, unit) -> float | None:
 
 
 def _make(x, y, z=None, unit="µm", z_unit=None) -> PixelSize | None:
-    xu, yu = _to_um(x, unit), _to_um(y, unit)
+    xu, yu = to_micrometres(x, unit), to_micrometres(y, unit)
     if xu is None or yu is None:
         return None
-    return PixelSize(xu, yu, _to_um(z, z_unit or unit) if z is not None else None)
+    return PixelSize(xu, yu, to_micrometres(z, z_unit or unit) if z is not None else None)
 
 
 def tiff_pixel_size(tf) -> PixelSize | None:
@@ -127,11 +127,11 @@ def _ome_pixel_size(xml: str) -> PixelSize | None:
     if pixels is None:
         return None
     a = pixels.attrib
-    x = _to_um(a.get("PhysicalSizeX"), a.get("PhysicalSizeXUnit", "µm"))
-    y = _to_um(a.get("PhysicalSizeY"), a.get("PhysicalSizeYUnit", "µm"))
+    x = to_micrometres(a.get("PhysicalSizeX"), a.get("PhysicalSizeXUnit", "µm"))
+    y = to_micrometres(a.get("PhysicalSizeY"), a.get("PhysicalSizeYUnit", "µm"))
     if x is None or y is None:
         return None
-    return PixelSize(x, y, _to_um(a.get("PhysicalSizeZ"), a.get("PhysicalSizeZUnit", "µm")))
+    return PixelSize(x, y, to_micrometres(a.get("PhysicalSizeZ"), a.get("PhysicalSizeZUnit", "µm")))
 
 
 def ngff_pixel_size(multiscale: dict) -> PixelSize | None:
@@ -142,7 +142,7 @@ def ngff_pixel_size(multiscale: dict) -> PixelSize | None:
         units = [a.get("unit") if isinstance(a, dict) else None for a in axes]
         scale = next(t["scale"] for t in multiscale["datasets"][0].get("coordinateTransformations", [])
                      if t.get("type") == "scale")
-        size = {n: _to_um(s, u) for n, s, u in zip(names, scale, units)}
+        size = {n: to_micrometres(s, u) for n, s, u in zip(names, scale, units)}
     except Exception:
         return None
     if size.get("x") is None or size.get("y") is None:
@@ -163,4 +163,4 @@ def tiff_write_kwargs(size: PixelSize | None) -> dict:
     }
 
 
-__all__ = ["PixelSize", "file_pixel_size", "ngff_pixel_size", "tiff_pixel_size", "tiff_write_kwargs"]
+__all__ = ["PixelSize", "file_pixel_size", "to_micrometres", "ngff_pixel_size", "tiff_pixel_size", "tiff_write_kwargs"]
