@@ -305,6 +305,19 @@ def test_a_plane_that_fails_to_read_fails_only_its_file(tmp_path):
     assert leftovers(tmp_path / "out") == []
 
 
+def test_nan_pixels_name_their_plane_and_fail_only_their_file(tmp_path):
+    a = stack((2, 3, 32, 32)).astype(np.float32)
+    a[1, 2, :4] = np.nan  # registration padding in one plane of a TZYX stack
+    tifffile.imwrite(tmp_path / "padded.ome.tif", a, metadata={"axes": "TZYX"})
+    tifffile.imwrite(tmp_path / "fine.tif", stack((32, 32)))
+    summary = segment_files([tmp_path / "padded.ome.tif", tmp_path / "fine.tif"], tmp_path / "out", **FAST)
+    assert [f.status for f in summary.files] == ["failed", "done"]
+    reason = summary.files[0].reason
+    assert "plane 5 (T=1, Z=2) contains 128 NaN or infinite values of 1024" in reason
+    assert "replace them" in reason
+    assert leftovers(tmp_path / "out") == [] and not (tmp_path / "out" / "padded_labels.tif").exists()
+
+
 def test_output_folder_not_writable(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")

@@ -680,10 +680,15 @@ def model_loads() -> int:
     return _MODEL_LOADS
 
 
-def segment_plane(plane: np.ndarray, index: int, spec: ModelSpec) -> PlaneResult:
-    """Segment one plane with this process's cached segmenter (runs locally or on a worker)."""
+def segment_plane(plane: np.ndarray, index: int, spec: ModelSpec, where: str | None = None) -> PlaneResult:
+    """Segment one plane with this process's cached segmenter (runs locally or on a worker);
+    ``where`` names the plane in error messages (default ``plane <index>``)."""
     import torch
 
+    from .io.normalize import validate_plane
+
+    # checked here so that a bad plane is named: which of a stack's planes holds NaNs
+    validate_plane(plane, where or f"plane {index}")
     if spec.threads:
         torch.set_num_threads(int(spec.threads))
     result = get_segmenter(spec).segment(plane)
@@ -692,6 +697,14 @@ def segment_plane(plane: np.ndarray, index: int, spec: ModelSpec) -> PlaneResult
         for o in result.objects
     ]
     return PlaneResult(index, result.labels, result.uncertainty, objects, float(result.zoom))
+
+
+def plane_name(stack: Stack, i: int) -> str:
+    """``plane 7 (T=1, Z=2)`` for messages; ``the plane`` for a single plane."""
+    coords = stack.plane_coords(i)
+    if not coords:
+        return "the plane"
+    return f"plane {i} ({', '.join(f'{a}={v}' for a, v in coords.items())})"
 
 
 class _LocalExecutor:
@@ -704,7 +717,7 @@ class _LocalExecutor:
         for i in todo:
             if cancel is not None and cancel.is_set():
                 return
-            yield segment_plane(stack.read_plane(i), i, spec)
+            yield segment_plane(stack.read_plane(i), i, spec, plane_name(stack, i))
 
     def close(self) -> None:
         pass
@@ -759,7 +772,7 @@ class _DaskExecutor:
 
     def _submit(self, stack: Stack, i: int, spec: ModelSpec):
         plane = stack.read_plane(i)
-        return self.client.submit(segment_plane, plane, i, spec, pure=False)
+        return self.client.submit(segment_plane, plane, i, spec, plane_name(stack, i), pure=False)
 
     def close(self) -> None:
         self.client.close()

@@ -31,7 +31,10 @@ def validate_plane(image, name: str = "image") -> np.ndarray:
         raise ImageError(f"{name} is empty: shape {arr.shape} has a zero-size dimension")
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         n_bad = int((~np.isfinite(arr)).sum())
-        raise ImageError(f"{name} contains {n_bad} NaN or infinite values; fix or mask them first")
+        raise ImageError(
+            f"{name} contains {n_bad} NaN or infinite values of {arr.size} (e.g. padding left by "
+            "registration or deconvolution); replace them, e.g. with 0 or the background level, first"
+        )
     return arr
 
 
