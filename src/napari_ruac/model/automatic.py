@@ -1,8 +1,9 @@
 """Automatic instance segmentation with per-pixel uncertainty ("segment everything").
 
 A grid of single-point prompts is decoded in batches (one encoder pass per crop, one decoder
-pass per ``points_per_batch`` points), the candidate masks are filtered by predicted IoU,
-stability and mean uncertainty, de-duplicated by box NMS and resolved into one label image.
+pass per ``points_per_batch`` points, fewer on a CPU when that keeps a pass in the caches), the
+candidate masks are filtered by predicted IoU, stability and mean uncertainty, de-duplicated by
+box NMS and resolved into one label image.
 
 Two steps SAM2's generator does not take, on by default because they are what made a grid
 work with our small models (the tests' 5-disc image: 3 -> 5 found): a click's mask must hold the
@@ -392,6 +393,22 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------- segmenter
 # how candidates are ranked for NMS: the decoder's predicted IoU (SAM), or the mask's own
 # confidence, stability x (1 - mean uncertainty), for models whose IoU head says little
+# image tokens (bytes) one CPU decoder pass of a click grid carries: more clicks per pass fall
+# out of the caches. For micro at 256 px (64 kB of tokens per click) 64 clicks took 43-48 ms in
+# passes of 64, 42-43 in 32s, 39-40 in 16s and 44 in 8s (one AVX-512 core, three runs; with
+# malloc tuned to keep freed memory 39 / 37 / 38 / 44 ms). SAM2's generator passes all 64.
+AUTO_DECODER_BYTES = 2**20
+
+
+def _decoder_pass_size(embedding) -> int:
+    """Clicks per decoder pass: all on a GPU; on a CPU about :data:`AUTO_DECODER_BYTES` of image
+    tokens, but at least two (prompt sets in one pass share the image's first-layer work)."""
+    image = embedding.image_embed
+    if image.device.type != "cpu":
+        return 1 << 30
+    return max(2, AUTO_DECODER_BYTES // (image[0].numel() * image.element_size()))
+
+
 RANKINGS = ("iou", "confidence")
 # masks overlapping by this much of the smaller are pieces of one object (see merge_fragments)
 MERGE_OVERLAP = 0.5
@@ -638,8 +655,9 @@ class AutomaticSegmenter:
                        seed: int) -> list["_LowRes"]:
         """Single-click prompts ``xy`` (P, 2) in model coordinates -> filtered low-res masks."""
         found: list[_LowRes] = []
-        for start in range(0, len(xy), self.points_per_batch):
-            coords = xy[start : start + self.points_per_batch].unsqueeze(1).to(self.model.device)
+        step = min(self.points_per_batch, _decoder_pass_size(embedding))
+        for start in range(0, len(xy), step):
+            coords = xy[start : start + step].unsqueeze(1).to(self.model.device)
             labels = torch.full(coords.shape[:2], LABEL_POS, dtype=torch.long, device=coords.device)
             generator = torch.Generator(device=self.model.device).manual_seed(seed + start)
             out = self.model.decode(
