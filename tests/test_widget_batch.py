@@ -128,3 +128,21 @@ def test_bad_inputs_and_missing_output_are_notified(make_napari_viewer, qtbot, t
     assert any("broken.tif" in m for m in messages), messages
     assert [f.status for f in widget.summary.files] == ["failed", "done"]
     assert not (tmp_path / "out" / "broken_labels.tif").exists()
+
+
+def test_a_folder_lists_what_segment_would_take_and_a_zarr_store_is_one_input(make_napari_viewer, tmp_path):
+    import zarr
+
+    src = tmp_path / "in"
+    src.mkdir()
+    write_stacks(src, 1)
+    z = zarr.open_array(str(src / "cells.zarr"), mode="w", shape=(2, 32, 32), chunks=(1, 32, 32), dtype="u2")
+    z[:] = 7
+    (src / "notes.txt").write_text("not an image")
+    tifffile.imwrite(src / "big.btf", np.zeros((32, 32), np.uint16))
+    widget = dock(make_napari_viewer(), tmp_path / "out")
+    widget.add_inputs([src])
+    assert [p.split("/")[-1] for p in widget.inputs()] == ["big.btf", "cells.zarr", "stack0.tif"]
+    widget.file_list.clear()
+    widget.add_inputs([src / "cells.zarr"])  # a store picked as a folder is one image, not a folder of them
+    assert widget.inputs() == [str(src / "cells.zarr")]

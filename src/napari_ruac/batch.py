@@ -245,6 +245,18 @@ class _Job:
     n_planes: int
 
 
+def images_in_folder(folder: str | os.PathLike) -> list[Path]:
+    """The TIFF files and zarr stores directly inside ``folder``, sorted (what a folder given
+    to ``segment`` or to the batch widget stands for)."""
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.suffix.lower() in TIFF_SUFFIXES or (p.is_dir() and _is_zarr(p)))
+
+
+def is_image_folder(path: str | os.PathLike) -> bool:
+    """True for a folder that is itself one image (a zarr store), not a folder of images."""
+    return Path(path).is_dir() and _is_zarr(Path(path))
+
+
 def _expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     """Inputs as given; a folder that is not a zarr store stands for the images inside it."""
     if isinstance(inputs, (str, os.PathLike)):
@@ -253,11 +265,7 @@ def _expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir() and not _is_zarr(path):
-            inside = sorted(
-                p for p in path.iterdir()
-                if p.suffix.lower() in TIFF_SUFFIXES or (p.is_dir() and _is_zarr(p))
-            )
-            files.extend(inside)
+            files.extend(images_in_folder(path))
         else:
             files.append(path)
     return files

@@ -34,24 +34,18 @@ from qtpy.QtWidgets import (
 from .model_picker import ModelPicker, zoom_of, zoom_spin_box
 from .runner import describe_error, show_worker_warning
 
-TIFF_SUFFIXES = (".tif", ".tiff")
-
-
 class _ProgressRelay(QObject):
     """Carries progress reports from the batch's worker thread to the UI thread (queued)."""
 
     report = Signal(object)
 
 
-def tiffs_in(folder: str | Path) -> list[Path]:
-    """TIFF files directly inside ``folder``, sorted, skipping the results of earlier runs."""
-    from ..batch import earlier_run_output
+def inputs_in(folder: str | Path) -> list[Path]:
+    """The images a folder stands for, as for ``napari-ruac segment FOLDER`` (TIFFs and zarr
+    stores inside it, sorted), skipping the results of earlier runs."""
+    from ..batch import earlier_run_output, images_in_folder
 
-    folder = Path(folder)
-    return sorted(
-        p for p in folder.iterdir()
-        if p.suffix.lower() in TIFF_SUFFIXES and earlier_run_output(p) is None
-    )
+    return [p for p in images_in_folder(folder) if earlier_run_output(p) is None]
 
 
 class BatchWidget(QWidget):
@@ -137,11 +131,14 @@ class BatchWidget(QWidget):
 
     # ------------------------------------------------------------------ inputs
     def add_inputs(self, paths) -> None:
-        """Add files, or the TIFFs inside folders, to the input list (no duplicates)."""
+        """Add files or zarr stores, or the images inside folders, to the input list (no
+        duplicates)."""
+        from ..batch import is_image_folder
+
         present = set(self.inputs())
         for p in paths:
             p = Path(p)
-            for f in tiffs_in(p) if p.is_dir() else [p]:
+            for f in inputs_in(p) if p.is_dir() and not is_image_folder(p) else [p]:
                 if str(f) not in present:
                     self.file_list.addItem(str(f))
                     present.add(str(f))
@@ -150,11 +147,11 @@ class BatchWidget(QWidget):
         return [self.file_list.item(i).text() for i in range(self.file_list.count())]
 
     def _pick_files(self) -> None:
-        files, _ = QFileDialog.getOpenFileNames(self, "TIFF stacks", "", "TIFF (*.tif *.tiff)")
+        files, _ = QFileDialog.getOpenFileNames(self, "TIFF stacks", "", "TIFF (*.tif *.tiff *.btf)")
         self.add_inputs(files)
 
     def _pick_folder(self) -> None:
-        folder = QFileDialog.getExistingDirectory(self, "Folder of TIFF stacks")
+        folder = QFileDialog.getExistingDirectory(self, "Folder of TIFF stacks (or a zarr store)")
         if folder:
             self.add_inputs([folder])
 

@@ -97,9 +97,12 @@ def file_pixel_size(path) -> PixelSize | None:
     """:func:`tiff_pixel_size` of a TIFF file; None for other formats or unreadable files."""
     from pathlib import Path
 
-    if Path(path).suffix.lower() not in (".tif", ".tiff", ".btf"):
-        return None
     import tifffile
+
+    from .stacks import TIFF_SUFFIXES  # stacks imports this module: import at call time
+
+    if Path(path).suffix.lower() not in TIFF_SUFFIXES:
+        return None
 
     try:
         with tifffile.TiffFile(path) as tf:
