@@ -118,3 +118,18 @@ def test_console_script_entry_point(tmp_path):
     assert result.returncode == 0 and result.stdout.strip()
     result = subprocess.run([sys.executable, "-m", "napari_ruac.cli", "bogus"], capture_output=True, text=True)
     assert result.returncode == 2
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_an_unknown_model_name_is_a_message_not_a_traceback(tmp_path, capsys, command):
+    tifffile.imwrite(tmp_path / "a.tif", np.zeros((32, 32), np.uint8))
+    if command == "predict":
+        argv = ["predict", str(tmp_path / "a.tif"), "--point", "5,5", "-o", str(tmp_path / "o")]
+    else:
+        (tmp_path / "m").mkdir()
+        tifffile.imwrite(tmp_path / "m" / "a.tif", np.zeros((32, 32), np.uint8))
+        argv = ["evaluate", "--images", str(tmp_path), "--masks", str(tmp_path / "m")]
+    assert main(argv + ["--model", "nope"]) == 1
+    err = capsys.readouterr().err
+    assert f"napari-ruac {command}: error: unknown model 'nope': expected a checkpoint path or one of" in err
+    assert "micro-det" in err and "Traceback" not in err

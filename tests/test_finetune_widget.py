@@ -133,7 +133,7 @@ def test_a_failing_child_gives_a_notification_and_no_model(annotated_viewer, qtb
     errors = errors_since(seen)
     assert len(errors) == 1 and errors[0].startswith("fine-tune failed: the training process failed (exit code 1)")
     # the child's own message, from its stderr
-    assert f"napari-ruac train: error: checkpoint {bad} could not be loaded" in errors[0]
+    assert f"napari-ruac train: error: {bad} is not a PyTorch checkpoint" in errors[0]
     assert "failed:" in widget.status.text() and widget.run_button.isEnabled()
     assert not (tmp_path / "tuned.pt").exists() and widget.output_path is None
     annotated_viewer.add_points([[1, 1]])  # the viewer is alive and usable

@@ -100,6 +100,13 @@ def read_checkpoint(
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the file is truncated")
+    with path.open("rb") as f:
+        head = f.read(8)
+    # torch.save writes a zip archive (PK...); files from before torch 1.6 are a raw pickle (0x80)
+    if not (head.startswith(b"PK") or head.startswith(b"\x80")):
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle): it starts with {head!r}"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (zipfile.BadZipFile, EOFError, RuntimeError, OSError, ValueError) as exc:
@@ -108,7 +115,8 @@ def read_checkpoint(
         ) from exc
     except Exception as exc:  # pickle.UnpicklingError for disallowed objects, etc.
         raise CheckpointError(
-            f"checkpoint {path} could not be loaded safely with weights_only=True: {exc}"
+            f"checkpoint {path} could not be loaded safely with weights_only=True (it holds more "
+            f"than tensors and plain data, e.g. pickled code): {_unpickler_reason(exc)}"
         ) from exc
     if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
         raise CheckpointError(
@@ -143,6 +151,16 @@ def read_checkpoint(
         info = CheckpointInfo(config=config, variant="sam2.1", official=True)
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     return state, info
+
+
+def _unpickler_reason(exc: BaseException) -> str:
+    """The line of torch's long ``weights_only`` message that says what was refused."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if line.startswith("WeightsUnpickler error"):
+            rest = line.split(":", 1)[1].strip()
+            return rest or (lines[i + 1] if i + 1 < len(lines) else line)
+    return lines[0] if lines else type(exc).__name__
 
 
 def infer_official_config(state: dict[str, torch.Tensor], path: Path) -> ModelConfig:

@@ -220,6 +220,15 @@ MODEL_SPECS: dict[str, ModelSpec] = {
 }
 
 
+class UnknownModelError(KeyError, ValueError):
+    """A model name that is neither registered nor a file. A ``KeyError`` for callers who look
+    names up, and a ``ValueError`` (bad input) for the command line, which reports it as a
+    message rather than a traceback."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 def resolve_spec(name: str) -> ModelSpec:
     """The spec for a registered name or alias; a clear error listing the names otherwise."""
     if name in MODEL_SPECS:
@@ -227,6 +236,6 @@ def resolve_spec(name: str) -> ModelSpec:
     for spec in MODEL_SPECS.values():
         if name in spec.aliases:
             return spec
-    raise KeyError(
+    raise UnknownModelError(
         f"unknown model {name!r}: expected a checkpoint path or one of {', '.join(MODEL_SPECS)}"
     )
