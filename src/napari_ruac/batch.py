@@ -869,7 +869,7 @@ def add_arguments(parser) -> None:
     g = parser.add_argument_group("automatic segmentation")
     g.add_argument("--points-per-side", type=int, default=16,
                    help="grid of point prompts per tile/crop side (default: 16)")
-    g.add_argument("--points-per-batch", type=int, default=64, help="points decoded in one decoder pass")
+    g.add_argument("--points-per-batch", type=int, default=64, help="at most this many points per decoder pass (fewer on a CPU, where ~1 MB of image tokens per pass stays in the caches)")
     g.add_argument("--iou-thresh", dest="pred_iou_thresh", type=float, default=None,
                    help="drop masks whose predicted IoU is not above this (default: 0.7 for SAM2's weights; "
                         "off for ours, whose IoU head was not trained for it)")
