@@ -248,8 +248,7 @@ class _Job:
 def images_in_folder(folder: str | os.PathLike) -> list[Path]:
     """The TIFF files and zarr stores directly inside ``folder``, sorted (what a folder given
     to ``segment`` or to the batch widget stands for)."""
-    return sorted(p for p in Path(folder).iterdir()
-                  if p.suffix.lower() in TIFF_SUFFIXES or (p.is_dir() and _is_zarr(p)))
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in TIFF_SUFFIXES or is_image_folder(p))
 
 
 def is_image_folder(path: str | os.PathLike) -> bool:
@@ -264,7 +263,7 @@ def _expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
-        if path.is_dir() and not _is_zarr(path):
+        if path.is_dir() and not is_image_folder(path):
             files.extend(images_in_folder(path))
         else:
             files.append(path)
@@ -693,13 +692,10 @@ def segment_plane(plane: np.ndarray, index: int, spec: ModelSpec, where: str | N
     ``where`` names the plane in error messages (default ``plane <index>``)."""
     import torch
 
-    from .io.normalize import validate_plane
-
-    # checked here so that a bad plane is named: which of a stack's planes holds NaNs
-    validate_plane(plane, where or f"plane {index}")
     if spec.threads:
         torch.set_num_threads(int(spec.threads))
-    result = get_segmenter(spec).segment(plane)
+    # named, so that an error says which of a stack's planes is bad (e.g. holds NaNs)
+    result = get_segmenter(spec).segment(plane, name=where or f"plane {index}")
     objects = [
         {"label": o.label, "area": o.area, "mean_uncertainty": o.mean_uncertainty, "iou_score": o.iou_score}
         for o in result.objects

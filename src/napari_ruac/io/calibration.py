@@ -59,11 +59,11 @@ def to_micrometres(value, unit) -> float | None:
     return v * scale
 
 
-def _make(x, y, z=None, unit="µm", z_unit=None) -> PixelSize | None:
+def _make(x, y, z=None, unit="µm") -> PixelSize | None:
     xu, yu = to_micrometres(x, unit), to_micrometres(y, unit)
     if xu is None or yu is None:
         return None
-    return PixelSize(xu, yu, to_micrometres(z, z_unit or unit) if z is not None else None)
+    return PixelSize(xu, yu, to_micrometres(z, unit) if z is not None else None)
 
 
 def tiff_pixel_size(tf) -> PixelSize | None:
@@ -103,7 +103,6 @@ def file_pixel_size(path) -> PixelSize | None:
 
     if Path(path).suffix.lower() not in TIFF_SUFFIXES:
         return None
-
     try:
         with tifffile.TiffFile(path) as tf:
             return tiff_pixel_size(tf)

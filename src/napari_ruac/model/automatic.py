@@ -397,16 +397,9 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 # out of the caches. For micro at 256 px (64 kB of tokens per click) 64 clicks took 43-48 ms in
 # passes of 64, 42-43 in 32s, 39-40 in 16s and 44 in 8s (one AVX-512 core, three runs; with
 # malloc tuned to keep freed memory 39 / 37 / 38 / 44 ms). SAM2's generator passes all 64.
+# (see ImageEmbedding.prompt_sets_per_pass; the predictor's budget for a few objects on a large
+# plane is CPU_DECODER_BYTES)
 AUTO_DECODER_BYTES = 2**20
-
-
-def _decoder_pass_size(embedding) -> int:
-    """Clicks per decoder pass: all on a GPU; on a CPU about :data:`AUTO_DECODER_BYTES` of image
-    tokens, but at least two (prompt sets in one pass share the image's first-layer work)."""
-    image = embedding.image_embed
-    if image.device.type != "cpu":
-        return 1 << 30
-    return max(2, AUTO_DECODER_BYTES // (image[0].numel() * image.element_size()))
 
 
 RANKINGS = ("iou", "confidence")
@@ -554,9 +547,10 @@ class AutomaticSegmenter:
         return {k: getattr(self, k) for k in keys}
 
     # ------------------------------------------------------------------ public
-    def segment(self, plane) -> AutoResult:
-        """(H, W) or (H, W, C) plane, any dtype and size -> :class:`AutoResult`."""
-        arr = validate_plane(plane, "plane")
+    def segment(self, plane, name: str = "plane") -> AutoResult:
+        """(H, W) or (H, W, C) plane, any dtype and size -> :class:`AutoResult`; ``name`` is
+        what an error about the plane calls it (e.g. ``plane 5 (T=1, Z=2)`` of a stack)."""
+        arr = validate_plane(plane, name)
         rgb = to_rgb_float(arr)
         h, w = rgb.shape[:2]
         stats = AutoStats()
@@ -655,7 +649,7 @@ class AutomaticSegmenter:
                        seed: int) -> list["_LowRes"]:
         """Single-click prompts ``xy`` (P, 2) in model coordinates -> filtered low-res masks."""
         found: list[_LowRes] = []
-        step = min(self.points_per_batch, _decoder_pass_size(embedding))
+        step = min(self.points_per_batch, embedding.prompt_sets_per_pass(AUTO_DECODER_BYTES))
         for start in range(0, len(xy), step):
             coords = xy[start : start + step].unsqueeze(1).to(self.model.device)
             labels = torch.full(coords.shape[:2], LABEL_POS, dtype=torch.long, device=coords.device)

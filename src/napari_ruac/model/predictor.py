@@ -317,10 +317,9 @@ class Predictor:
         """
         if embedding is None and self._plane is not None and not self.windowed:
             embedding = self._window_embedding(self._whole_plane(), self._zoom)[0]
-        if self.device.type != "cpu" or embedding is None:
+        if embedding is None:
             return 1 << 30
-        per_set = embedding.image_embed[0].numel() * embedding.image_embed.element_size()
-        return max(2, CPU_DECODER_BYTES // per_set)
+        return embedding.prompt_sets_per_pass(CPU_DECODER_BYTES)
 
     def _check_prompt(self, i: int, p: Prompt) -> tuple[np.ndarray, list[int]]:
         """Object ``i``'s prompts as (N, 2) (row, col) image coordinates and SAM labels."""

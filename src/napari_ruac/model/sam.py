@@ -48,6 +48,17 @@ class ImageEmbedding:
             self.image_embed.to(device), [f.to(device) for f in self.high_res], self.input_size
         )
 
+    def prompt_sets_per_pass(self, token_bytes: int) -> int:
+        """How many prompt sets one decoder pass over this embedding should take: all of them
+        on a GPU; on a CPU about ``token_bytes`` of image tokens (each prompt set carries its
+        own copy through the two-way transformer and the upscaling, and a pass that outgrows
+        the caches slows down), but at least two, because prompt sets in one pass share the
+        image's side of the first transformer layer."""
+        image = self.image_embed
+        if image.device.type != "cpu":
+            return 1 << 30
+        return max(2, token_bytes // (image[0].numel() * image.element_size()))
+
     def select(self, index) -> "ImageEmbedding":
         return ImageEmbedding(self.image_embed[index], [f[index] for f in self.high_res], self.input_size)
 
