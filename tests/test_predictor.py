@@ -58,8 +58,9 @@ def test_mc_mode_splits_uncertainty(predictor):
     np.testing.assert_allclose(pred.epistemic + pred.aleatoric, pred.uncertainty, atol=1e-4)
 
 
-def test_embedding_is_cached_by_content(tiny_model):
-    predictor = Predictor(tiny_model, window=None)
+@pytest.mark.parametrize("views", [1, 4])
+def test_embedding_is_cached_by_content(tiny_model, views):
+    predictor = Predictor(tiny_model, window=None, views=views)
     img = _blobs()
     predictor.set_image(img)
     calls = []
@@ -69,8 +70,10 @@ def test_embedding_is_cached_by_content(tiny_model):
         assert predictor.set_image(img.copy())  # same content, new array: from the cache
         assert calls == []
         assert not predictor.set_image(img + 1)
-        assert calls == [1]
+        assert calls == [1] * views  # one encoder pass per view, all when the image is set
         assert predictor.is_cached(img)
+        predictor.predict(points=[(50, 60)])
+        assert calls == [1] * views
     finally:
         del predictor.model.encode
 
@@ -116,7 +119,7 @@ def test_batch_equals_one_by_one_and_keeps_order(predictor):
 def test_cpu_batches_are_decoded_in_cache_sized_chunks_with_the_same_results(tiny_model, monkeypatch):
     import napari_ruac.model.predictor as predictor_module
 
-    predictor = Predictor(tiny_model, window=None)
+    predictor = Predictor(tiny_model, window=None, views=1)
     predictor.set_image(_blobs())
     prompts = [dict(points=[(20 + 15 * i, 30 + 20 * i)]) for i in range(5)]
     whole = predictor.predict_batch(prompts)
@@ -256,13 +259,13 @@ def test_a_plane_larger_than_the_window_is_decoded_in_a_window_around_the_prompt
     """What a windowed prediction is: the crop around the prompt, normalised and decoded on its
     own, pasted back into the plane; nothing outside it."""
     img = _wide_plane()
-    p = Predictor(tiny_model)
+    p = Predictor(tiny_model, views=1)
     assert p.window == tiny_model.config.image_size == 128
     assert p.set_image(img) and p.windowed  # nothing to encode until a prompt arrives
     r0, c0, r1, c1 = p.window_of((60, 300, 60, 300))
     assert (r1 - r0, c1 - c0) == (128, 128) and r0 + 16 <= 60 < r1 - 16 and c0 + 16 <= 300 < c1 - 16
     pred = p.predict(points=[(60, 300)], mode="mc", samples=4)
-    crop = Predictor(tiny_model, window=None)
+    crop = Predictor(tiny_model, window=None, views=1)
     crop.set_image(img[r0:r1, c0:c1])
     ref = crop.predict(points=[(60 - r0, 300 - c0)], mode="mc", samples=4)
     np.testing.assert_allclose(pred.probability[r0:r1, c0:c1], ref.probability, atol=1e-5)
@@ -274,19 +277,20 @@ def test_a_plane_larger_than_the_window_is_decoded_in_a_window_around_the_prompt
     assert pred.mask.shape == img.shape
 
 
-def test_nearby_prompts_share_a_window_embedding(tiny_model, monkeypatch):
-    p = Predictor(tiny_model)
+@pytest.mark.parametrize("views", [1, 4])
+def test_nearby_prompts_share_a_window_embedding(tiny_model, monkeypatch, views):
+    p = Predictor(tiny_model, views=views)
     p.set_image(_wide_plane())
     calls = []
     encode = p.model.encode
     monkeypatch.setattr(p.model, "encode", lambda x: calls.append(tuple(x.shape[-2:])) or encode(x))
     p.predict(points=[(60, 300)])
     p.predict(points=[(62, 305), (40, 290)], labels=[1, 0])  # a refinement of the same object
-    assert calls == [(128, 128)]
+    assert calls == [(128, 128)] * views  # every view's window is as large as the window
     p.predict(points=[(70, 60)])  # another object far away: its own window
-    assert len(calls) == 2
+    assert len(calls) == 2 * views
     p.predict_batch([dict(points=[(60, 300)]), dict(points=[(70, 60)])])  # both cached
-    assert len(calls) == 2
+    assert len(calls) == 2 * views
 
 
 def test_a_box_larger_than_the_window_gets_a_window_that_holds_it(tiny_model):

@@ -344,3 +344,19 @@ def test_zoom_re_predicts_the_prompts_at_the_new_scale(make_napari_viewer, qtbot
     assert widget._predictor.zoom == 0.5 and widget._predictor._frame_for(plane.shape).scale == 0.5
     assert widget.current.data.shape == plane.shape  # masks stay at the image's size
     assert widget.uncertainty.data.shape == plane.shape
+
+
+def test_views_setting_re_predicts_with_the_same_model(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    plane = stack(n=1, shape=(96, 128))[0]
+    viewer.add_image(plane, name="cells")
+    widget = dock(viewer, qtbot)
+    widget.add_point((30, 36))
+    wait_predictions(qtbot, widget, 1)
+    assert len(widget._predictor.views) == 4  # auto, for a native-scale model
+    model, shown = widget._predictor.model, widget.uncertainty.data.copy()
+    before = widget.predictions_applied
+    widget.views_combo.setCurrentText("1")  # no new prompt: the change alone re-predicts
+    wait_predictions(qtbot, widget, before + 1)
+    assert len(widget._predictor.views) == 1 and widget._predictor.model is model  # not reloaded
+    assert widget.uncertainty.data.shape == plane.shape and not np.array_equal(widget.uncertainty.data, shown)

@@ -1,0 +1,149 @@
+"""Test-time views: moved and mirrored copies of a window, exactly undone and averaged."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from napari_ruac import Predictor
+from napari_ruac.model.sam import LABEL_BOX_BR, LABEL_BOX_TL
+from napari_ruac.model.views import VIEWS, View, reflect_crop, resolve_views
+from napari_ruac.model.weibull import binary_entropy
+
+SAMPLE = Path(__file__).resolve().parent.parent / "sample_data"
+
+
+@pytest.mark.parametrize("view", VIEWS)
+def test_a_view_moves_prompts_with_the_pixels_and_undo_restores_maps(view):
+    rng = np.random.default_rng(0)
+    crop = rng.random((30, 44, 3))
+    shape = crop.shape[:2]
+    seen = view.apply(crop)
+    assert seen.shape == ((44, 30, 3) if view.transpose else crop.shape)
+    # undo is the inverse of apply, for maps with leading dimensions
+    maps = torch.from_numpy(np.moveaxis(crop, -1, 0).copy())
+    back = view.undo(torch.from_numpy(np.moveaxis(seen, -1, 0).copy()))
+    assert torch.equal(back, maps)
+    # a point follows its pixel
+    marker = np.zeros(shape)
+    marker[7, 31] = 1
+    (r, c), = view.prompts(np.array([[7.0, 31.0]]), [1], shape)
+    assert view.apply(marker)[int(r), int(c)] == 1
+    # a box (pixel edges, bottom/right exclusive) becomes the tight box of the moved region
+    region = np.zeros(shape, bool)
+    region[5:12, 20:40] = True
+    tl, br = view.prompts(np.array([[5.0, 20.0], [12.0, 40.0]]), [LABEL_BOX_TL, LABEL_BOX_BR], shape)
+    rows, cols = np.nonzero(view.apply(region))
+    assert tuple(tl) == (rows.min(), cols.min()) and tuple(br) == (rows.max() + 1, cols.max() + 1)
+
+
+def test_reflect_crop_mirrors_the_plane_beyond_its_top_left_edge():
+    plane = np.arange(20 * 30, dtype=np.float32).reshape(20, 30)
+    crop = reflect_crop(plane, (-4, -3, 16, 27))
+    assert crop.shape == (20, 30)
+    np.testing.assert_array_equal(crop[4:, 3:], plane[:16, :27])
+    np.testing.assert_array_equal(crop[:4, 3:], plane[3::-1, :27])  # the rows above are the first ones mirrored
+    np.testing.assert_array_equal(reflect_crop(plane, (2, 3, 10, 12)), plane[2:10, 3:12])
+
+
+@pytest.mark.parametrize("bad", [0, 3, 16, "many", 2.5])
+def test_bad_view_counts_are_refused_clearly(tiny_model, bad):
+    with pytest.raises(ValueError, match="views"):
+        Predictor(tiny_model, views=bad)
+
+
+def test_view_defaults(tiny_model):
+    assert len(Predictor(tiny_model).views) == 4  # a native-scale model
+    assert len(Predictor(tiny_model, views="2").views) == 2
+
+    class Resizing:
+        input_scaling = "resize"
+
+    assert resolve_views(Resizing, "auto") == (View(),)
+
+
+def _plane():
+    rr, cc = np.mgrid[:100, :120]
+    img = 100 + 900 * (((rr - 40) ** 2 + (cc - 50) ** 2) < 16**2) + 600 * (((rr - 75) ** 2 + (cc - 95) ** 2) < 11**2)
+    return (img + np.random.default_rng(3).normal(0, 30, rr.shape)).astype(np.float32)
+
+
+@pytest.mark.parametrize("mode", ["analytic", "mc"])
+def test_views_average_the_probability_of_each_view_decoded_on_its_own(tiny_model, mode):
+    """Four views of a plane that fits the model input: the mean of what a one-view predictor
+    gives on each view's image (moved: the plane mirrored in at the top-left; mirrored), mapped
+    back; the uncertainty is the entropy of that mean."""
+    img = _plane()
+    prompt = dict(points=[(40, 50), (75, 95)], labels=[1, 0], box=(20, 30, 60, 72))
+    four = Predictor(tiny_model, views=4, box_size=None)  # the box sets no zoom: scale 1
+    four.set_image(img)
+    pred = four.predict(**prompt, mode=mode, samples=4)
+    probs, aleatoric = [], []
+    for view in VIEWS[:4]:
+        s = view.shift  # the plane is seen at scale 1, so the shift is in image pixels too
+        seen = view.apply(reflect_crop(img, (-s, -s, 100, 120)))
+        one = Predictor(tiny_model, views=1, window=None, box_size=None)
+        one.set_image(seen)
+        local = np.array(prompt["points"] + [prompt["box"][:2], prompt["box"][2:]], float) + s
+        labels = [1, 0, LABEL_BOX_TL, LABEL_BOX_BR]
+        moved = view.prompts(local, labels, seen.shape[:2])
+        got = one.predict(points=moved[:2], labels=[1, 0], box=(*moved[2], *moved[3]), mode=mode, samples=4)
+        probs.append(view.undo(torch.from_numpy(got.probability)).numpy()[s:, s:])
+        if mode == "mc":
+            aleatoric.append(view.undo(torch.from_numpy(got.aleatoric)).numpy()[s:, s:])
+    mean = np.mean(probs, axis=0)
+    np.testing.assert_allclose(pred.probability, mean, atol=1e-5)
+    entropy = binary_entropy(torch.from_numpy(pred.probability)).numpy()
+    np.testing.assert_allclose(pred.uncertainty, entropy, atol=1e-5)
+    assert np.array_equal(pred.mask, pred.probability > 0.5) or pred.object_score <= 0.5
+    if mode == "mc":
+        np.testing.assert_allclose(pred.aleatoric, np.minimum(np.mean(aleatoric, axis=0), pred.uncertainty), atol=1e-5)
+        np.testing.assert_allclose(pred.epistemic + pred.aleatoric, pred.uncertainty, atol=1e-5)
+
+
+def test_a_prompt_at_the_far_edge_of_a_full_window_uses_the_views_that_hold_it(tiny_model):
+    """On a plane exactly the model's input size, a moved view keeps the window's size and loses
+    its bottom-right rows: a click there is decoded in the unmoved views only."""
+    img = np.pad(_plane(), ((0, 28), (0, 8)), mode="reflect")  # 128 x 128, tiny's input
+    four = Predictor(tiny_model, views=4)
+    four.set_image(img)
+    pred = four.predict(points=[(125, 126)])
+    unmoved = []
+    for view in (VIEWS[0], VIEWS[2]):
+        one = Predictor(tiny_model, views=1, window=None)
+        seen = view.apply(img)
+        one.set_image(seen)
+        (pt,) = view.prompts(np.array([[125.0, 126.0]]), [1], img.shape)
+        unmoved.append(view.undo(torch.from_numpy(one.predict(points=[pt]).probability)).numpy())
+    np.testing.assert_allclose(pred.probability, np.mean(unmoved, axis=0), atol=1e-5)
+
+
+def test_every_pixel_uncertainty_is_the_entropy_of_its_probability_in_a_window(tiny_model):
+    rr, cc = np.mgrid[:150, :400]
+    img = (100 + 900 * (((rr - 60) ** 2 + (cc - 300) ** 2) < 18**2)).astype(np.float32)
+    p = Predictor(tiny_model, views=2)
+    p.set_image(img)
+    pred = p.predict(points=[(60, 300)])
+    entropy = binary_entropy(torch.from_numpy(pred.probability)).numpy()
+    np.testing.assert_allclose(pred.uncertainty, entropy, atol=1e-5)
+    assert pred.probability[:, :150].max() == 0  # outside every view's window: nothing
+
+
+def test_four_views_segment_real_nuclei_better_than_one(micro):
+    """The bundled DSB2018 image with its labels: box prompts on 24 nuclei, mean IoU."""
+    img = tifffile.imread(SAMPLE / "nuclei2d.tif")
+    labels = tifffile.imread(SAMPLE / "nuclei2d_labels.tif")
+    ids = [i for i in np.unique(labels) if i][:24]
+    scores = {}
+    for views in (1, 4):
+        p = Predictor(micro, views=views)
+        p.set_image(img)
+        ious = []
+        for i in ids:
+            rows, cols = np.nonzero(labels == i)
+            mask = p.predict(box=(rows.min(), cols.min(), rows.max() + 1, cols.max() + 1)).mask
+            ious.append((mask & (labels == i)).sum() / (mask | (labels == i)).sum())
+        scores[views] = float(np.mean(ious))
+    assert scores[4] > scores[1] + 0.02, scores
