@@ -40,6 +40,7 @@ from .weibull import (
     kl_weibull_gamma,
     log_exponential,
     probit_logit,
+    sigmoid_and_entropy,
     weibull_moments,
     weibull_sample,
     weibull_shape_factors,
@@ -578,7 +579,7 @@ class BayesianMaskDecoder(MaskDecoder):
             d_s = d[start : start + chunk]
             mean = torch.matmul(d_s, ez).add_(offset[i][:, None])  # (s, K, n)
             scaled_var = torch.matmul(d_s.square(), vz)  # pi/8 * Var(logit | d_s)
-            p_s, h_s = _sigmoid_and_entropy(mean.mul_(scaled_var.add_(1.0).rsqrt_()))  # probit_logit
+            p_s, h_s = sigmoid_and_entropy(mean.mul_(scaled_var.add_(1.0).rsqrt_()))  # probit_logit
             p_sum += p_s.sum(0)
             h_sum += h_s.sum(0)
         return p_sum / samples, h_sum / samples
@@ -743,18 +744,6 @@ def _softplus_inference(x: torch.Tensor, out: torch.Tensor | None = None) -> tor
     """
     y = torch.clamp_max(x, 20.0, out=out).exp_().add_(1.0).log_()
     return torch.maximum(y, x, out=y)
-
-
-def _sigmoid_and_entropy(logit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sigmoid(logit)`` and its binary entropy in bits without a softplus (see above).
-
-    ``H`` in nats is ``|l| q - log(1 - q)`` with ``q = sigmoid(-|l|)`` in (0, 1/2], so
-    ``1 - q`` never cancels; absolute error ~1e-7 bits.
-    """
-    a = logit.abs()
-    q = torch.sigmoid(-a)
-    nats = a.mul_(q).sub_(torch.log(q.neg_().add_(1.0)))
-    return torch.sigmoid(logit), nats.div_(math.log(2.0))
 
 
 def _uniform_like(t: torch.Tensor, generator: torch.Generator | None, samples: int | None = None):

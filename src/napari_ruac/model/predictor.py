@@ -20,7 +20,7 @@ from ..io.normalize import to_rgb_float, validate_plane
 from .frame import Frame, check_zoom, frame_for, to_model_input
 from .sam import LABEL_BOX_BR, LABEL_BOX_TL, ImageEmbedding, RuacSam
 from .views import View, reflect_crop, resolve_views
-from .weibull import binary_entropy
+from .weibull import binary_entropy, sigmoid_and_entropy
 
 
 class PromptError(ValueError):
@@ -296,6 +296,10 @@ class Predictor:
                 # a moved window can lose the prompts at its bottom/right edge: that view is skipped
                 if view.identity or _holds(window, extent):
                     by_view.setdefault((zoom, window, view), []).append(i)
+        views_of = [0] * len(prompts)
+        for members in by_view.values():
+            for i in members:
+                views_of[i] += 1
         parts: list[list[_ViewResult]] = [[] for _ in prompts]
         for (zoom, window, view), members in by_view.items():
             embedding, frame = self._window_embedding(window, zoom, view)
@@ -324,7 +328,7 @@ class Predictor:
                             samples=samples, generator=generator,
                         )
                         for b, i in enumerate(idx):
-                            parts[i].append(self._view_result(out, b, frame, window, view))
+                            parts[i].append(self._view_result(out, b, frame, window, view, views_of[i] == 1))
         with torch.inference_mode():
             return [self._combine(p, used_mode, multimask) for p in parts]
 
@@ -374,20 +378,22 @@ class Predictor:
         return embedding.prompt_sets_per_pass(CPU_DECODER_BYTES)
 
     # ------------------------------------------------------------------ outputs
-    def _view_result(self, out, b: int, frame: Frame, window: tuple[int, int, int, int], view: View) -> "_ViewResult":
+    def _view_result(self, out, b: int, frame: Frame, window: tuple[int, int, int, int], view: View,
+                     only: bool) -> "_ViewResult":
         """Prompt set ``b`` of a decoder pass in one view -> its maps at image resolution, in the
-        plane's orientation, on the part of its window inside the plane."""
-        prob = torch.sigmoid(_to_image(out.logits[b : b + 1], frame)[0])
-        aleatoric = None if out.aleatoric is None else _to_image(out.aleatoric[b : b + 1], frame)[0]
-        prob = view.undo(prob)
-        aleatoric = None if aleatoric is None else view.undo(aleatoric)
+        plane's orientation, on the part of its window inside the plane. ``only``: the prompt
+        set's only view (its entropy map is final)."""
+        logits = _to_image(out.logits[b : b + 1], frame)[0]
+        if only:  # the probability and its entropy from the logit, in one pass, as one view
+            prob, entropy = sigmoid_and_entropy(logits)
+        else:
+            prob, entropy = torch.sigmoid(logits), None
+        maps = [prob, entropy, None if out.aleatoric is None else _to_image(out.aleatoric[b : b + 1], frame)[0]]
         r0, c0, r1, c1 = window
         dr, dc = max(-r0, 0), max(-c0, 0)  # rows/columns mirrored in from beyond the plane
-        if dr or dc:
-            prob = prob[:, dr:, dc:]
-            aleatoric = None if aleatoric is None else aleatoric[:, dr:, dc:]
+        maps = [None if m is None else view.undo(m)[:, dr:, dc:] for m in maps]
         return _ViewResult(
-            (r0 + dr, c0 + dc, r1, c1), prob, aleatoric,
+            (r0 + dr, c0 + dc, r1, c1), *maps,
             out.iou_pred[b].float().cpu(), float(torch.sigmoid(out.object_score_logits[b, 0].float())),
         )
 
@@ -395,8 +401,9 @@ class Predictor:
         """One prompt set's views -> its Prediction: the mean probability over the views that
         see each pixel, the entropy of it, the mask where it exceeds 0.5 (empty when the views'
         mean object score says no object)."""
+        unc = None
         if len(parts) == 1:
-            rect, prob, aleatoric = parts[0].rect, parts[0].probability, parts[0].aleatoric
+            rect, prob, unc, aleatoric = parts[0].rect, parts[0].probability, parts[0].entropy, parts[0].aleatoric
         else:
             rect = (min(p.rect[0] for p in parts), min(p.rect[1] for p in parts),
                     max(p.rect[2] for p in parts), max(p.rect[3] for p in parts))
@@ -415,7 +422,9 @@ class Predictor:
             prob /= count
             if aleatoric is not None:
                 aleatoric /= count
-        unc = binary_entropy(prob).clamp_(0.0, 1.0)
+        if unc is None:
+            unc = binary_entropy(prob)
+        unc = unc.clamp_(0.0, 1.0)
         epistemic = None
         if aleatoric is not None:
             aleatoric = torch.minimum(aleatoric, unc)
@@ -508,6 +517,7 @@ class _ViewResult:
 
     rect: tuple[int, int, int, int]
     probability: torch.Tensor
+    entropy: torch.Tensor | None  # only when this is the prompt set's only view
     aleatoric: torch.Tensor | None
     iou: torch.Tensor
     object_score: float
