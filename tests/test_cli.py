@@ -88,6 +88,7 @@ def test_predict_on_a_stack_asks_for_a_plane_and_a_colour_image_has_none(tmp_pat
         (["--point", "5,5", "--window", "wide"], "window must be"),
         (["--point", "5,5", "--window", "16"], "window must be"),
         (["--box", "1,1,9,9", "--box-size", "huge"], "box_size must be"),
+        (["--point", "5,5", "--views", "3"], "views must be"),
     ],
 )
 def test_predict_errors_are_clear_and_write_nothing(image_file, tmp_path, capsys, args, message):

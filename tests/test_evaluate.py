@@ -112,7 +112,11 @@ def test_evaluate_cli_writes_json_and_csv(tmp_path):
                  "--model", "test-tiny", "--prompts", "box", "--window", "0", "--box-size", "0",
                  "--json", str(whole)]) == 0
     assert json.loads(whole.read_text())["window"] is None and json.loads(whole.read_text())["box_size"] is None
-    assert data["box_size"] == 32.0
+    assert data["box_size"] == 32.0 and data["views"] == 4  # test-time views: 'auto' for a native model
+    one = tmp_path / "res" / "one.json"
+    assert main(["evaluate", "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "msk"),
+                 "--model", "test-tiny", "--prompts", "box", "--views", "1", "--json", str(one)]) == 0
+    assert json.loads(one.read_text())["views"] == 1
 
 
 def test_evaluate_cli_errors(tmp_path, capsys):
