@@ -10,7 +10,7 @@ import tifffile
 from napari_ruac.batch import ModelSpec, local_cluster, model_loads, segment_files
 
 FAST = dict(model="test-tiny", points_per_side=4, pred_iou_thresh=-1.0, stability_score_thresh=0.0,
-            max_mean_uncertainty=1.0, threads=1)
+            max_mean_uncertainty=1.0, threads=1, reclick=True)  # every stage, the re-click included
 
 
 @pytest.fixture(scope="module")

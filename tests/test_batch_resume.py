@@ -19,7 +19,7 @@ N_PLANES = 40
 def _cmd(src: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "napari_ruac.cli", "segment", str(src), "-o", str(out),
             "--model", "test-tiny", "--points-per-side", "6", "--iou-thresh", "-1",
-            "--stability-thresh", "0", "--max-uncertainty", "1", "--threads", "1"]
+            "--stability-thresh", "0", "--max-uncertainty", "1", "--threads", "1", "--reclick"]
 
 
 def _done_planes(out: Path, stem: str) -> int:

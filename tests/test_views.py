@@ -147,3 +147,42 @@ def test_four_views_segment_real_nuclei_better_than_one(micro):
             ious.append((mask & (labels == i)).sum() / (mask | (labels == i)).sum())
         scores[views] = float(np.mean(ious))
     assert scores[4] > scores[1] + 0.02, scores
+
+
+def test_predict_regions_are_the_batch_maps_cropped_to_each_region(tiny_model):
+    rr, cc = np.mgrid[:150, :400]
+    img = (100 + 900 * (((rr - 60) ** 2 + (cc - 300) ** 2) < 18**2)).astype(np.float32)
+    prompts = [dict(points=[(60, 300)]), dict(box=(20, 20, 70, 90)), dict(points=[(140, 200)], labels=[1])]
+    p = Predictor(tiny_model, views=2)
+    p.set_image(img)
+    full = p.predict_batch(prompts)
+    seen = set()
+    for i, region_pred in p.predict_regions(prompts):
+        seen.add(i)
+        r0, c0, r1, c1 = region_pred.region
+        assert region_pred.probability.shape == (r1 - r0, c1 - c0)
+        np.testing.assert_array_equal(full[i].probability[r0:r1, c0:c1], region_pred.probability)
+        np.testing.assert_array_equal(full[i].uncertainty[r0:r1, c0:c1], region_pred.uncertainty)
+        outside = np.ones(img.shape, bool)
+        outside[r0:r1, c0:c1] = False
+        assert not full[i].probability[outside].any() and full[i].region is None
+    assert seen == {0, 1, 2}
+
+
+def test_a_coarse_window_step_needs_fewer_windows_and_keeps_context(tiny_model):
+    img = np.random.default_rng(0).random((600, 600)).astype(np.float32)
+    points = [(r, c) for r in range(20, 600, 45) for c in range(20, 600, 45)]
+    windows = {}
+    for step in (1 / 8, 1 / 2):
+        p = Predictor(tiny_model, views=1, window_step=step)
+        p.set_image(img)
+        wins = [p.window_of((r, c, r, c)) for r, c in points]
+        windows[step] = set(wins)
+        for (r, c), (r0, c0, r1, c1) in zip(points, wins):
+            side = p.window
+            assert (r - r0 >= side / 4 or r0 == 0) and (r1 - r >= side / 4 or r1 == 600)
+            assert (c - c0 >= side / 4 or c0 == 0) and (c1 - c >= side / 4 or c1 == 600)
+    # starts on a grid of half a window (64 px for test-tiny's 128), plus the last one at each edge
+    assert len(windows[1 / 2]) < len(windows[1 / 8]) and len(windows[1 / 2]) <= ((600 - 128) // 64 + 2) ** 2
+    with pytest.raises(ValueError, match="window_step"):
+        Predictor(tiny_model, window_step=0.9)

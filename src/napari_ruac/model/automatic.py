@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from ..io.normalize import to_rgb_float, validate_plane
 from .frame import Frame, check_zoom, frame_for, to_model_input
 from .sam import LABEL_POS, RuacSam
+from .views import resolve_views
 from .weibull import binary_entropy
 
 Box = tuple[int, int, int, int]  # (row0, col0, row1, col1), end-exclusive, plane pixels
@@ -364,6 +365,54 @@ def resolve_labels(
     return labels, uncertainty, objects
 
 
+def interior_points(labels: np.ndarray, ids: Sequence[int]) -> list[tuple[int, int]]:
+    """For each label in ``ids``, its pixel farthest from the label's border (its own border:
+    touching labels count as background), where a click is least ambiguous."""
+    from scipy import ndimage as ndi
+
+    inner = labels.copy()
+    # a pixel next to another label, or to the background, is a border pixel
+    for axis in (0, 1):
+        for shift in (1, -1):
+            moved = np.roll(labels, shift, axis=axis)
+            edge = [slice(None)] * 2
+            edge[axis] = 0 if shift == 1 else -1
+            moved[tuple(edge)] = 0
+            inner[moved != labels] = 0
+    dist = ndi.distance_transform_edt(inner > 0)
+    dist[labels > 0] += 0.5  # a label too thin for an interior keeps its own pixels
+    positions = ndi.maximum_position(dist, labels, index=list(ids))
+    return [(int(r), int(c)) for r, c in positions]
+
+
+def _region_candidate(pred, obj: "ObjectInfo", rank_by: str) -> MaskCandidate | None:
+    """A re-clicked object's prediction (maps of ``pred.region``) -> a candidate whose window
+    is the part of the region where the logit reaches above ``-SUPPORT_LOGIT``."""
+    mask = pred.mask
+    if not mask.any():
+        return None
+    eps = 1e-6
+    prob = np.clip(pred.probability, eps, 1 - eps)
+    support = prob > _sigmoid(np.float32(-SUPPORT_LOGIT))
+    rr, cc = np.flatnonzero(support.any(1)), np.flatnonzero(support.any(0))
+    mr, mc = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    r0, c0 = pred.region[:2]
+    sub = (slice(rr[0], rr[-1] + 1), slice(cc[0], cc[-1] + 1))
+    p = prob[sub]
+    confidence = obj.stability * (1.0 - pred.mean_uncertainty)
+    return MaskCandidate(
+        window=(r0 + int(rr[0]), c0 + int(cc[0]), r0 + int(rr[-1]) + 1, c0 + int(cc[-1]) + 1),
+        logits=np.log(p / (1 - p)).astype(np.float32),
+        box=(r0 + int(mr[0]), c0 + int(mc[0]), r0 + int(mr[-1]) + 1, c0 + int(mc[-1]) + 1),
+        area=int(mask.sum()),
+        iou_score=pred.iou_score,
+        stability=obj.stability,
+        mean_uncertainty=pred.mean_uncertainty,
+        source=pred.region,
+        quality=confidence if rank_by == "confidence" else None,
+    )
+
+
 def canonical_relabel(ids: np.ndarray) -> tuple[np.ndarray, list[int]]:
     """Renumber the non-zero ids of ``ids`` 1..N in raster order of first appearance.
 
@@ -469,6 +518,8 @@ class AutomaticSegmenter:
         zoom: float | str = 1.0,
         point_in_mask: bool = True,
         refine_rounds: int = 1,
+        reclick: bool | str = "auto",
+        views: int | str = "auto",
     ) -> None:
         if points_per_batch < 1:
             raise ValueError(f"points_per_batch must be at least 1, got {points_per_batch}")
@@ -524,6 +575,14 @@ class AutomaticSegmenter:
         self.zoom = "auto" if isinstance(zoom, str) and zoom.strip().lower() == "auto" else check_zoom(zoom)
         self.point_in_mask = point_in_mask
         self.refine_rounds = refine_rounds
+        # clicking every object again as a user would (see _reclick): for ours, whose grid masks
+        # are coarse; SAM2's weights keep SAM's algorithm
+        if reclick == "auto":
+            reclick = not heads
+        if not isinstance(reclick, bool):
+            raise ValueError(f"reclick must be 'auto', True or False, got {reclick!r}")
+        self.reclick = reclick
+        self.views = len(resolve_views(model.config, views))
 
     # ------------------------------------------------------------------ options
     @property
@@ -542,7 +601,7 @@ class AutomaticSegmenter:
             "crop_overlap_ratio", "crop_n_points_downscale_factor", "crop_nms_thresh", "min_area", "min_kept",
             "merge_overlap",
             "multimask", "object_score_thresh", "mode", "samples", "tile_size", "tile_overlap",
-            "window_margin", "seed", "zoom", "point_in_mask", "refine_rounds", "rank_by",
+            "window_margin", "seed", "zoom", "point_in_mask", "refine_rounds", "rank_by", "reclick", "views",
         )
         return {k: getattr(self, k) for k in keys}
 
@@ -569,8 +628,38 @@ class AutomaticSegmenter:
             )
         cands = merge_fragments(cands, self.merge_overlap)
         labels, unc, objects = resolve_labels(cands, (h, w), self.min_area, self.min_kept)
+        if self.reclick and objects:
+            cands = self._reclick(arr, labels, objects, zoom)
+            cands = merge_fragments(box_nms(cands, self.box_nms_thresh), self.merge_overlap)
+            labels, unc, objects = resolve_labels(cands, (h, w), self.min_area, self.min_kept)
         stats.n_objects = len(objects)
         return AutoResult(labels, unc, objects, stats, zoom)
+
+    def _reclick(self, plane: np.ndarray, labels: np.ndarray, objects: list["ObjectInfo"],
+                 zoom: float) -> list[MaskCandidate]:
+        """Each object clicked again at its innermost pixel, as a user would click it: decoded
+        by the interactive :class:`~napari_ruac.model.Predictor` in a context window around the
+        click (normalised on its own), in its test-time views, at the plane's zoom.
+
+        The grid's masks come from tiles seen once, on the decoder's 16 px token grid, and are
+        merged from fragments; a click at an object's centre decoded in several views gives a
+        mask that follows the object (DSB2018 F1 at IoU 0.5 with ``micro`` 0.32 -> 0.56).
+        Returns the new candidates, ranked as the grid's were; an object whose click gives an
+        empty mask is dropped.
+        """
+        from .predictor import Predictor
+
+        predictor = Predictor(self.model, zoom=zoom, views=self.views, box_size=None, window_step=0.5)
+        predictor.set_image(plane)
+        points = interior_points(labels, [o.label for o in objects])
+        cands = []
+        for i, pred in predictor.predict_regions([{"points": [pt]} for pt in points], mode=self.mode,
+                                                 samples=self.samples, seed=self.seed):
+            cand = _region_candidate(pred, objects[i], self.rank_by)
+            if cand is not None:
+                cands.append(cand)
+        cands.sort(key=lambda c: -c.rank())
+        return cands
 
     def plane_zoom(self, plane: np.ndarray) -> float:
         """The zoom a plane is seen at: ``zoom``, or with ``zoom="auto"`` the one that shows the

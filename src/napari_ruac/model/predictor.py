@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -53,6 +53,9 @@ class Prediction:
     aleatoric: np.ndarray | None = None
     mode: str = "analytic"
     alternatives: list["Prediction"] = field(default_factory=list)
+    # the maps cover this (row0, col0, row1, col1) part of the image (Predictor.predict_regions);
+    # None: the whole image
+    region: tuple[int, int, int, int] | None = None
 
     @property
     def mean_uncertainty(self) -> float:
@@ -116,17 +119,24 @@ class Predictor:
     image: the uncertainty of the decision (``mask``) made there. In MC mode ``aleatoric`` is
     the mean of the samples' entropies and ``epistemic`` the rest, which with several views
     includes their disagreement.
+
+    ``window_step``: windows start on a grid of this fraction of the window (1/8: clicks near
+    each other share a window). Many prompts spread over a large plane need fewer windows with
+    1/2, and each prompt still lies a quarter of a window from the window's edges.
     """
 
     def __init__(self, model: RuacSam, cache_size: int = 16, zoom: float = 1.0,
                  window: int | str | None = "auto", box_size: float | str | None = "auto",
-                 views: int | str = "auto") -> None:
+                 views: int | str = "auto", window_step: float = 1 / 8) -> None:
         self.model = model.eval()
         self.cache_size = cache_size
         self._zoom = check_zoom(zoom)
         self.window = resolve_window(model.config, window)
         self.box_size = resolve_box_size(model.config, box_size)
         self.views = resolve_views(model.config, views)
+        if not 0 < window_step <= 0.5:
+            raise ValueError(f"window_step must be a fraction of the window in (0, 0.5], got {window_step!r}")
+        self.window_step = float(window_step)
         self._cache: OrderedDict[str, tuple[ImageEmbedding, Frame]] = OrderedDict()
         self._plane: np.ndarray | None = None
         self._content: str | None = None
@@ -248,8 +258,9 @@ class Predictor:
             return self._whole_plane()
         side = self.window / zoom  # image pixels
         margin = side / 4  # context on every side of the prompts
-        r0, r1 = _window_1d(extent[0], extent[2], h, side, margin)
-        c0, c1 = _window_1d(extent[1], extent[3], w, side, margin)
+        step = max(1, int(side * self.window_step))
+        r0, r1 = _window_1d(extent[0], extent[2], h, side, margin, step)
+        c0, c1 = _window_1d(extent[1], extent[3], w, side, margin, step)
         return (r0, c0, r1, c1)
 
     # ------------------------------------------------------------------ prompts
@@ -278,59 +289,76 @@ class Predictor:
         seed: int | None = None,
     ) -> list[Prediction]:
         """Segment several objects in one decoder pass per window (one prompt set per object)."""
+        results: list[Prediction | None] = [None] * len(prompts)
+        for i, pred in self.predict_regions(prompts, mode, samples, multimask, seed):
+            results[i] = self._pasted(pred)
+        return results
+
+    def predict_regions(
+        self,
+        prompts: Sequence[Prompt | dict],
+        mode: str | None = None,
+        samples: int = 20,
+        multimask: bool = False,
+        seed: int | None = None,
+    ) -> Iterator[tuple[int, Prediction]]:
+        """Like :meth:`predict_batch`, for many objects on a large plane: yields ``(index,
+        prediction)`` as the objects of each context window are done, with maps that cover only
+        ``prediction.region`` (row0, col0, row1, col1) of the plane (outside it the probability
+        is 0). Memory then holds one window's objects at a time, not a plane per object."""
         if self._plane is None:
             raise RuntimeError("no image set: call set_image() before predict()")
-        if not prompts:
-            return []
         prompts = [p if isinstance(p, Prompt) else Prompt(**p) for p in prompts]
         checked = [self._check_prompt(i, p) for i, p in enumerate(prompts)]
         mode = mode or self.model.default_mode
         used_mode = "deterministic" if self.model.config.head == "deterministic" else mode
-        by_view: dict[tuple[float, tuple[int, int, int, int], View], list[int]] = {}
+        by_base: dict[tuple[float, tuple[int, int, int, int]], list[int]] = {}
+        extents = []
         for i, (pts, labs) in enumerate(checked):
             zoom = self.zoom_for(pts, labs)
-            extent = (pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max(), pts[:, 1].max())
-            base = self.window_of(extent, zoom)
+            extents.append((pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max(), pts[:, 1].max()))
+            by_base.setdefault((zoom, self.window_of(extents[i], zoom)), []).append(i)
+        for (zoom, base), members in by_base.items():
+            by_view = []
             for view in self.views:
                 window = self._view_window(base, zoom, view)
                 # a moved window can lose the prompts at its bottom/right edge: that view is skipped
-                if view.identity or _holds(window, extent):
-                    by_view.setdefault((zoom, window, view), []).append(i)
-        views_of = [0] * len(prompts)
-        for members in by_view.values():
-            for i in members:
-                views_of[i] += 1
-        parts: list[list[_ViewResult]] = [[] for _ in prompts]
-        for (zoom, window, view), members in by_view.items():
-            embedding, frame = self._window_embedding(window, zoom, view)
-            shape = (window[2] - window[0], window[3] - window[1])
-            encoded = {}
-            for i in members:
-                local = checked[i][0] - np.array(window[:2], dtype=np.float64)
-                encoded[i] = (model_coords(view.prompts(local, checked[i][1], shape), (0, 0), frame), checked[i][1])
-            # SAM's padding tokens take part in attention, so prompt sets are decoded in groups
-            # of equal length: batched results then equal one-at-a-time results exactly
-            groups: dict[int, list[int]] = {}
-            for i in members:
-                groups.setdefault(len(encoded[i][0]), []).append(i)
-            chunk = self.decoder_chunk(embedding)
-            for group in groups.values():
-                generator = None
-                if seed is not None:
-                    generator = torch.Generator(device=self.device).manual_seed(seed)
-                for start in range(0, len(group), chunk):
-                    idx = group[start : start + chunk]
-                    coords = torch.tensor([encoded[i][0] for i in idx], dtype=torch.float32, device=self.device)
-                    labels = torch.tensor([encoded[i][1] for i in idx], dtype=torch.long, device=self.device)
-                    with torch.inference_mode():
-                        out = self.model.decode(
-                            embedding, coords, labels, multimask_output=multimask, mode=mode,
-                            samples=samples, generator=generator,
-                        )
-                        for b, i in enumerate(idx):
-                            parts[i].append(self._view_result(out, b, frame, window, view, views_of[i] == 1))
-        with torch.inference_mode():
-            return [self._combine(p, used_mode, multimask) for p in parts]
+                holders = [i for i in members if view.identity or _holds(window, extents[i])]
+                if holders:
+                    by_view.append((window, view, holders))
+            views_of = {i: sum(i in holders for _, _, holders in by_view) for i in members}
+            parts: dict[int, list[_ViewResult]] = {i: [] for i in members}
+            for window, view, holders in by_view:
+                embedding, frame = self._window_embedding(window, zoom, view)
+                shape = (window[2] - window[0], window[3] - window[1])
+                encoded = {}
+                for i in holders:
+                    local = checked[i][0] - np.array(window[:2], dtype=np.float64)
+                    encoded[i] = (model_coords(view.prompts(local, checked[i][1], shape), (0, 0), frame), checked[i][1])
+                # SAM's padding tokens take part in attention, so prompt sets are decoded in
+                # groups of equal length: batched results then equal one-at-a-time results exactly
+                groups: dict[int, list[int]] = {}
+                for i in holders:
+                    groups.setdefault(len(encoded[i][0]), []).append(i)
+                chunk = self.decoder_chunk(embedding)
+                for group in groups.values():
+                    generator = None
+                    if seed is not None:
+                        generator = torch.Generator(device=self.device).manual_seed(seed)
+                    for start in range(0, len(group), chunk):
+                        idx = group[start : start + chunk]
+                        coords = torch.tensor([encoded[i][0] for i in idx], dtype=torch.float32, device=self.device)
+                        labels = torch.tensor([encoded[i][1] for i in idx], dtype=torch.long, device=self.device)
+                        with torch.inference_mode():
+                            out = self.model.decode(
+                                embedding, coords, labels, multimask_output=multimask, mode=mode,
+                                samples=samples, generator=generator,
+                            )
+                            for b, i in enumerate(idx):
+                                parts[i].append(self._view_result(out, b, frame, window, view, views_of[i] == 1))
+            with torch.inference_mode():
+                for i in members:
+                    yield i, self._combine(parts.pop(i), used_mode, multimask)
 
     def _whole_plane(self) -> tuple[int, int, int, int]:
         return (0, 0, *self._plane.shape[:2])
@@ -434,8 +462,8 @@ class Predictor:
         if object_score <= 0.5:
             mask.zero_()
         iou = torch.stack([p.iou for p in parts]).mean(0).numpy()
-        maps = self._paste({"mask": mask, "probability": prob, "uncertainty": unc,
-                            "aleatoric": aleatoric, "epistemic": epistemic}, rect)
+        maps = {"mask": mask, "probability": prob, "uncertainty": unc, "aleatoric": aleatoric, "epistemic": epistemic}
+        maps = {k: None if v is None else v.numpy() for k, v in maps.items()}
         candidates = [
             Prediction(
                 mask=maps["mask"][k],
@@ -446,6 +474,7 @@ class Predictor:
                 epistemic=None if maps["epistemic"] is None else maps["epistemic"][k],
                 aleatoric=None if maps["aleatoric"] is None else maps["aleatoric"][k],
                 mode=mode,
+                region=rect,
             )
             for k in range(len(iou))
         ]
@@ -493,22 +522,21 @@ class Predictor:
                 f"object {i}: {what} at (row={r:g}, col={c:g}) lies outside the image of shape {h}x{w}"
             )
 
-    def _paste(self, maps: dict, rect: tuple[int, int, int, int]) -> dict:
-        """(M, h, w) torch maps of ``rect`` -> (M, H, W) numpy maps of the plane, zero outside."""
+    def _pasted(self, pred: Prediction) -> Prediction:
+        """``pred`` (and its alternatives) with maps of the whole plane: zero outside its region."""
         h, w = self._plane.shape[:2]
-        r0, c0, r1, c1 = rect
-        full = {}
-        for name, m in maps.items():
-            if m is None:
-                full[name] = None
-                continue
-            m = m.numpy()
-            if rect != (0, 0, h, w):
-                canvas = np.zeros((m.shape[0], h, w), dtype=m.dtype)
-                canvas[:, r0:r1, c0:c1] = m
+        if pred.region is None or pred.region == (0, 0, h, w):
+            return replace(pred, region=None, alternatives=[self._pasted(a) for a in pred.alternatives])
+        r0, c0, r1, c1 = pred.region
+        maps = {}
+        for name in ("mask", "probability", "uncertainty", "epistemic", "aleatoric"):
+            m = getattr(pred, name)
+            if m is not None:
+                canvas = np.zeros((h, w), dtype=m.dtype)
+                canvas[r0:r1, c0:c1] = m
                 m = canvas
-            full[name] = m
-        return full
+            maps[name] = m
+        return replace(pred, **maps, region=None, alternatives=[self._pasted(a) for a in pred.alternatives])
 
 
 @dataclass
@@ -593,15 +621,14 @@ def _auto_or_off(value):
     return None if value is None or value == 0 else value
 
 
-def _window_1d(lo: float, hi: float, n: int, side: float, margin: float) -> tuple[int, int]:
+def _window_1d(lo: float, hi: float, n: int, side: float, margin: float, step: int) -> tuple[int, int]:
     """[start, stop) of one axis of a window of ``side`` pixels (more if the prompts span
     more than ``side - 2 * margin``) holding [lo, hi] with ``margin`` on both sides, inside
-    [0, n). Starts snap to a grid of side/8 so that nearby prompts share a window."""
+    [0, n). Starts snap to a grid of ``step`` pixels so that nearby prompts share a window."""
     size = min(n, int(math.ceil(max(side, hi - lo + 2 * margin))))
     if size >= n:
         return 0, n
     centre = (lo + hi) / 2
-    step = max(1, int(side) // 8)
     start = min(max(int(round((centre - size / 2) / step)) * step, 0), n - size)
     if lo < start + margin / 2 or hi > start + size - margin / 2:  # snapping must keep context
         start = min(max(int(math.floor(centre - size / 2)), 0), n - size)
