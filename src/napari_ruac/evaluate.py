@@ -327,7 +327,7 @@ def evaluate_model(
     if automatic:
         from .model.automatic import AutomaticSegmenter
 
-        segmenter = AutomaticSegmenter(model, zoom=zoom, mode=mode, samples=mc_samples, seed=seed)
+        segmenter = AutomaticSegmenter(model, zoom=zoom, mode=mode, samples=mc_samples, seed=seed, views=views)
     auto = _AutomaticTally()
     rows: list[ObjectRow] = []
     pooled = {p: _Pooled() for p in prompt_modes}
