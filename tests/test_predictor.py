@@ -82,7 +82,7 @@ def test_point_coordinates_are_row_col(tiny_model):
     """A point at (row, col) reaches the model as x=col, y=row (scaled), for native and resized frames."""
     from napari_ruac.model.predictor import model_coords
 
-    p = Predictor(tiny_model, window=None)
+    p = Predictor(tiny_model, window=None, recentre=False)  # the click itself reaches the model
     p.set_image(np.zeros((100, 300), np.uint8))
     rc, labs = p._check_prompt(0, p_prompt(points=[(10, 250)], box=(20, 30, 80, 290)))
     pts = model_coords(rc, (0, 0, 100, 300), p._frame_for((100, 300)))
@@ -119,7 +119,7 @@ def test_batch_equals_one_by_one_and_keeps_order(predictor):
 def test_cpu_batches_are_decoded_in_cache_sized_chunks_with_the_same_results(tiny_model, monkeypatch):
     import napari_ruac.model.predictor as predictor_module
 
-    predictor = Predictor(tiny_model, window=None, views=1)
+    predictor = Predictor(tiny_model, window=None, views=1, recentre=False)  # one pass per click
     predictor.set_image(_blobs())
     prompts = [dict(points=[(20 + 15 * i, 30 + 20 * i)]) for i in range(5)]
     whole = predictor.predict_batch(prompts)
@@ -279,7 +279,7 @@ def test_a_plane_larger_than_the_window_is_decoded_in_a_window_around_the_prompt
 
 @pytest.mark.parametrize("views", [1, 4])
 def test_nearby_prompts_share_a_window_embedding(tiny_model, monkeypatch, views):
-    p = Predictor(tiny_model, views=views)
+    p = Predictor(tiny_model, views=views, recentre=False)  # a recentred click may need its own window
     p.set_image(_wide_plane())
     calls = []
     encode = p.model.encode

@@ -1,5 +1,7 @@
-"""Test-time views: moved and mirrored copies of a window, exactly undone and averaged."""
+"""Test-time views: moved and mirrored copies of a window, exactly undone and averaged; a
+click decoded again from its mask's centre; predictions cropped to regions."""
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -107,12 +109,12 @@ def test_a_prompt_at_the_far_edge_of_a_full_window_uses_the_views_that_hold_it(t
     """On a plane exactly the model's input size, a moved view keeps the window's size and loses
     its bottom-right rows: a click there is decoded in the unmoved views only."""
     img = np.pad(_plane(), ((0, 28), (0, 8)), mode="reflect")  # 128 x 128, tiny's input
-    four = Predictor(tiny_model, views=4)
+    four = Predictor(tiny_model, views=4, recentre=False)
     four.set_image(img)
     pred = four.predict(points=[(125, 126)])
     unmoved = []
     for view in (VIEWS[0], VIEWS[2]):
-        one = Predictor(tiny_model, views=1, window=None)
+        one = Predictor(tiny_model, views=1, window=None, recentre=False)
         seen = view.apply(img)
         one.set_image(seen)
         (pt,) = view.prompts(np.array([[125.0, 126.0]]), [1], img.shape)
@@ -186,3 +188,53 @@ def test_a_coarse_window_step_needs_fewer_windows_and_keeps_context(tiny_model):
     assert len(windows[1 / 2]) < len(windows[1 / 8]) and len(windows[1 / 2]) <= ((600 - 128) // 64 + 2) ** 2
     with pytest.raises(ValueError, match="window_step"):
         Predictor(tiny_model, window_step=0.9)
+
+
+def test_one_click_is_decoded_again_from_the_centre_of_its_mask(tiny_model, monkeypatch):
+    """A one-click prompt set: a second pass at the innermost pixel of the first mask's part that
+    holds the click, kept when it still holds the click; not for several points or a box."""
+    from napari_ruac.model import predictor as predictor_module
+
+    img = _plane()
+    p = Predictor(tiny_model, views=1, window=None)
+    assert p.recentre  # the default for a native-scale model
+    p.set_image(img)
+    plain = Predictor(tiny_model, views=1, window=None, recentre=False)
+    plain.set_image(img)
+    click = (40, 50)
+    first = plain.predict(points=[click])
+    assert first.mask[click]
+    whole = dataclasses.replace(first, region=(0, 0, *img.shape))  # maps of the whole plane
+    centre = predictor_module._recentred_click(predictor_module.Prompt(points=[click]), whole)
+    assert centre != click and first.mask[centre]
+    second = plain.predict(points=[centre])
+    got = p.predict(points=[click])
+    expected = second if second.mask[click] else first
+    np.testing.assert_array_equal(got.probability, expected.probability)
+    # several points, a negative click or a box: one pass
+    for prompt in (dict(points=[click, (75, 95)], labels=[1, 0]), dict(points=[click], labels=[0]),
+                   dict(box=(20, 30, 60, 72))):
+        np.testing.assert_array_equal(p.predict(**prompt).probability, plain.predict(**prompt).probability)
+    with pytest.raises(ValueError, match="recentre"):
+        Predictor(tiny_model, recentre="yes")
+
+
+def test_recentring_improves_one_click_on_real_nuclei(micro):
+    img = tifffile.imread(SAMPLE / "nuclei2d.tif")
+    labels = tifffile.imread(SAMPLE / "nuclei2d_labels.tif")
+    rng = np.random.default_rng(0)
+    ids = [i for i in np.unique(labels) if i]
+    clicks = []
+    for i in ids:
+        rows, cols = np.nonzero(labels == i)
+        k = rng.integers(len(rows))
+        clicks.append((rows[k], cols[k]))
+    scores = {}
+    for recentre in (False, True):
+        p = Predictor(micro, recentre=recentre)
+        p.set_image(img)
+        preds = p.predict_batch([dict(points=[c]) for c in clicks])
+        scores[recentre] = float(np.mean([(m.mask & (labels == i)).sum() / (m.mask | (labels == i)).sum()
+                                          for m, i in zip(preds, ids)]))
+        assert all(m.mask[c] for m, c in zip(preds, clicks) if m.mask.any())  # the click stays in its mask
+    assert scores[True] > scores[False] + 0.02, scores

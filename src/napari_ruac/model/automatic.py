@@ -653,7 +653,8 @@ class AutomaticSegmenter:
         """
         from .predictor import Predictor
 
-        predictor = Predictor(self.model, zoom=zoom, views=self.views, box_size=None, window_step=0.5)
+        predictor = Predictor(self.model, zoom=zoom, views=self.views, box_size=None, window_step=0.5,
+                              recentre=False)  # the click is at the centre already
         predictor.set_image(plane)
         points = interior_points(labels, [o.label for o in objects])
         cands = []

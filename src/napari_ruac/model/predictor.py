@@ -120,6 +120,13 @@ class Predictor:
     the mean of the samples' entropies and ``epistemic`` the rest, which with several views
     includes their disagreement.
 
+    ``recentre``: a prompt set of one positive click is decoded a second time from the innermost
+    pixel of its first mask (the part that holds the click), and that mask is kept when it
+    still holds the click. A small model's mask for a click off an object's centre is the part
+    of the object around the click; from the centre it is the whole object (DSB2018 one click,
+    ``micro``: mIoU 0.48 -> 0.54). ``"auto"`` (default): on for native-scale models (ours), off
+    for models that resize every image.
+
     ``window_step``: windows start on a grid of this fraction of the window (1/8: clicks near
     each other share a window). Many prompts spread over a large plane need fewer windows with
     1/2, and each prompt still lies a quarter of a window from the window's edges.
@@ -127,7 +134,7 @@ class Predictor:
 
     def __init__(self, model: RuacSam, cache_size: int = 16, zoom: float = 1.0,
                  window: int | str | None = "auto", box_size: float | str | None = "auto",
-                 views: int | str = "auto", window_step: float = 1 / 8) -> None:
+                 views: int | str = "auto", window_step: float = 1 / 8, recentre: bool | str = "auto") -> None:
         self.model = model.eval()
         self.cache_size = cache_size
         self._zoom = check_zoom(zoom)
@@ -137,6 +144,11 @@ class Predictor:
         if not 0 < window_step <= 0.5:
             raise ValueError(f"window_step must be a fraction of the window in (0, 0.5], got {window_step!r}")
         self.window_step = float(window_step)
+        if recentre == "auto":
+            recentre = model.config.input_scaling == "native"
+        if not isinstance(recentre, bool):
+            raise ValueError(f"recentre must be 'auto', True or False, got {recentre!r}")
+        self.recentre = recentre
         self._cache: OrderedDict[str, tuple[ImageEmbedding, Frame]] = OrderedDict()
         self._plane: np.ndarray | None = None
         self._content: str | None = None
@@ -306,9 +318,36 @@ class Predictor:
         prediction)`` as the objects of each context window are done, with maps that cover only
         ``prediction.region`` (row0, col0, row1, col1) of the plane (outside it the probability
         is 0). Memory then holds one window's objects at a time, not a plane per object."""
+        prompts = [p if isinstance(p, Prompt) else Prompt(**p) for p in prompts]
+        if not self.recentre:
+            yield from self._regions(prompts, mode, samples, multimask, seed)
+            return
+        pending: list[tuple[int, Prediction, tuple[int, int]]] = []
+        for i, pred in self._regions(prompts, mode, samples, multimask, seed):
+            centre = _recentred_click(prompts[i], pred)
+            if centre is None:
+                yield i, pred
+                continue
+            pending.append((i, pred, centre))
+            if len(pending) >= RECENTRE_BATCH:
+                yield from self._recentre(pending, prompts, mode, samples, multimask, seed)
+                pending = []
+        yield from self._recentre(pending, prompts, mode, samples, multimask, seed)
+
+    def _recentre(self, pending, prompts, mode, samples, multimask, seed) -> Iterator[tuple[int, Prediction]]:
+        """Decode ``pending`` (index, first prediction, centre) again from their centres; keep
+        a second mask that still holds the user's click, else the first."""
+        again = [Prompt(points=[centre]) for _, _, centre in pending]
+        second = dict(self._regions(again, mode, samples, multimask, seed))
+        for k, (i, first, _) in enumerate(pending):
+            (r, c), pred = np.asarray(prompts[i].points[0], dtype=np.float64), second[k]
+            rr, cc = int(r) - pred.region[0], int(c) - pred.region[1]
+            inside = 0 <= rr < pred.mask.shape[0] and 0 <= cc < pred.mask.shape[1] and pred.mask[rr, cc]
+            yield i, (pred if inside else first)
+
+    def _regions(self, prompts: list[Prompt], mode, samples, multimask, seed) -> Iterator[tuple[int, Prediction]]:
         if self._plane is None:
             raise RuntimeError("no image set: call set_image() before predict()")
-        prompts = [p if isinstance(p, Prompt) else Prompt(**p) for p in prompts]
         checked = [self._check_prompt(i, p) for i, p in enumerate(prompts)]
         mode = mode or self.model.default_mode
         used_mode = "deterministic" if self.model.config.head == "deterministic" else mode
@@ -537,6 +576,30 @@ class Predictor:
                 m = canvas
             maps[name] = m
         return replace(pred, **maps, region=None, alternatives=[self._pasted(a) for a in pred.alternatives])
+
+
+# how many recentred clicks are decoded together (they share windows)
+RECENTRE_BATCH = 64
+
+
+def _recentred_click(prompt: Prompt, pred: Prediction) -> tuple[int, int] | None:
+    """Where a one-click prompt set is decoded again: the innermost pixel of the part of its
+    mask that holds the click (None: not one positive click, or the mask misses the click)."""
+    if prompt.box is not None or prompt.points is None or len(prompt.points) != 1:
+        return None
+    if prompt.labels is not None and int(np.asarray(prompt.labels).ravel()[0]) != 1:
+        return None
+    from scipy import ndimage as ndi
+
+    r0, c0 = pred.region[:2]
+    r, c = (int(v) for v in np.asarray(prompt.points[0], dtype=np.float64))
+    rr, cc = r - r0, c - c0
+    if not (0 <= rr < pred.mask.shape[0] and 0 <= cc < pred.mask.shape[1] and pred.mask[rr, cc]):
+        return None
+    parts, _ = ndi.label(pred.mask)
+    dist = ndi.distance_transform_edt(parts == parts[rr, cc])
+    i, j = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    return (r0 + int(i), c0 + int(j))
 
 
 @dataclass
