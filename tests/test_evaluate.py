@@ -116,7 +116,11 @@ def test_evaluate_cli_writes_json_and_csv(tmp_path):
     one = tmp_path / "res" / "one.json"
     assert main(["evaluate", "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "msk"),
                  "--model", "test-tiny", "--prompts", "box", "--views", "1", "--json", str(one)]) == 0
-    assert json.loads(one.read_text())["views"] == 1
+    assert json.loads(one.read_text())["views"] == 1 and data["recentre"] is True
+    plain = tmp_path / "res" / "plain.json"
+    assert main(["evaluate", "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "msk"),
+                 "--model", "test-tiny", "--prompts", "point1", "--no-recentre", "--json", str(plain)]) == 0
+    assert json.loads(plain.read_text())["recentre"] is False
 
 
 def test_evaluate_cli_errors(tmp_path, capsys):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._cli_options import BOX_SIZE_HELP, VIEWS_HELP, WINDOW_HELP
+from ._cli_options import BOX_SIZE_HELP, RECENTRE_HELP, VIEWS_HELP, WINDOW_HELP
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -32,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--window", default="auto", help=WINDOW_HELP)
     parser.add_argument("--box-size", default="auto", help=BOX_SIZE_HELP)
     parser.add_argument("--views", default="auto", help=VIEWS_HELP)
+    parser.add_argument("--recentre", action=argparse.BooleanOptionalAction, default=None, help=RECENTRE_HELP)
     parser.add_argument("-o", "--output", required=True, help="output folder")
 
 
@@ -120,7 +121,8 @@ def _predict(args) -> int:
                          f"choose one with --plane 0..{n_planes - 1}")
     model = load_model(args.model, device=args.device, checkpoint=args.checkpoint)
     predictor = Predictor(model, zoom=args.zoom, window=args.window,
-                          box_size=args.box_size, views=args.views)
+                          box_size=args.box_size, views=args.views,
+                          recentre="auto" if args.recentre is None else args.recentre)
     predictor.set_image(image)
     pts = points + negatives
     labels = [1] * len(points) + [0] * len(negatives)

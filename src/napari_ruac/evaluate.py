@@ -35,7 +35,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.stats import rankdata
 
-from ._cli_options import BOX_SIZE_HELP, VIEWS_HELP, WINDOW_HELP, zoom_value
+from ._cli_options import BOX_SIZE_HELP, RECENTRE_HELP, VIEWS_HELP, WINDOW_HELP, zoom_value
 from .io.stacks import stack_stem
 
 PROMPT_MODES = ("point1", "point3", "box")
@@ -258,10 +258,12 @@ class EvaluationReport:
     window: int | None = None
     box_size: float | None = None
     views: int = 1
+    recentre: bool = False
 
     def to_json(self) -> dict:
         return {"model": self.model, "n_images": self.n_images, "results": self.results, "baselines": self.baselines,
-                "zoom": self.zoom, "window": self.window, "box_size": self.box_size, "views": self.views}
+                "zoom": self.zoom, "window": self.window, "box_size": self.box_size, "views": self.views,
+                "recentre": self.recentre}
 
 
 def pair_problem(image: np.ndarray, mask: np.ndarray) -> str | None:
@@ -310,10 +312,11 @@ def evaluate_model(
     window: int | str | None = "auto",
     box_size: float | str | None = "auto",
     views: int | str = "auto",
+    recentre: bool | str = "auto",
 ) -> EvaluationReport:
     """Evaluate ``model`` on ``(name, image, instance_labels)`` samples (2D or 3D); ``zoom`` and
     ``window`` as in :class:`~napari_ruac.model.Predictor` (prompts and metrics stay at the
-    images' scale), as are ``box_size`` and ``views``."""
+    images' scale), as are ``box_size``, ``views`` and ``recentre``."""
     from .model import Predictor
 
     for p in prompt_modes:
@@ -322,7 +325,7 @@ def evaluate_model(
     automatic = AUTOMATIC in prompt_modes
     prompt_modes = [p for p in prompt_modes if p != AUTOMATIC]
     predictor = Predictor(model, zoom=1.0 if zoom == "auto" else zoom, window=window, box_size=box_size,
-                          views=views)
+                          views=views, recentre=recentre)
     segmenter = None
     if automatic:
         from .model.automatic import AutomaticSegmenter
@@ -402,7 +405,7 @@ def evaluate_model(
                             "miou": _nanmean(r.iou for r in theirs), "jf": _nanmean(r.jf for r in theirs)}
     return EvaluationReport(model_name, len(samples), results, base, rows,
                             "auto" if zoom == "auto" else predictor.zoom, predictor.window,
-                            predictor.box_size, len(predictor.views))
+                            predictor.box_size, len(predictor.views), predictor.recentre)
 
 
 class _AutomaticTally:
@@ -534,6 +537,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", default="auto", help=WINDOW_HELP)
     parser.add_argument("--box-size", default="auto", help=BOX_SIZE_HELP)
     parser.add_argument("--views", default="auto", help=VIEWS_HELP)
+    parser.add_argument("--recentre", action=argparse.BooleanOptionalAction, default=None, help=RECENTRE_HELP)
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--json", default=None, help="write results JSON here (per-object CSV beside it)")
 
@@ -560,7 +564,8 @@ def run(args: argparse.Namespace) -> int:
     prompts = [p.strip() for p in args.prompts.split(",") if p.strip()]
     report = evaluate_model(model, samples, prompts, mode=args.mode, mc_samples=args.samples, seed=args.seed,
                             baselines=not args.no_baselines, model_name=str(args.model), zoom=args.zoom,
-                            window=args.window, box_size=args.box_size, views=args.views)
+                            window=args.window, box_size=args.box_size, views=args.views,
+                            recentre="auto" if args.recentre is None else args.recentre)
     print_report(report)
     if args.json:
         write_report(report, Path(args.json))
