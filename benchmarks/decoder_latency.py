@@ -4,8 +4,8 @@ Random weights are fine for timing (the work done does not depend on the values)
 repetition runs the three modes back to back, so machine noise hits them alike; the table
 shows medians and the ratios to the deterministic decoder measured in this same run.
 
-The decoder comparison embeds the whole plane (``window=None``) in one view (``views=1``), so
-every click decodes a 1024^2 plane once. The last columns are what a user of a native-scale
+The decoder comparison embeds the whole plane (``window=None``) in one view (``views=1``) and
+does not re-centre clicks (``recentre=False``), so every click decodes a 1024^2 plane once. The last columns are what a user of a native-scale
 model (``micro``) gets by default: clicks are decoded in a context window of the model's input
 size around the prompt, in four test-time views (see ``Predictor``), so a click in a new part
 of the plane pays one window encoding per view and a click in a window already seen pays the
@@ -55,7 +55,7 @@ def bench(name: str, size: int, reps: int) -> dict:
         model = load_model(name.split(":")[0])
     else:
         model = build_model(resolve_spec(name).config).eval()
-    predictor = Predictor(model, window=None, views=1)
+    predictor = Predictor(model, window=None, views=1, recentre=False)  # one decoder pass a click
     img = _sample_image(size)
     t0 = time.perf_counter()
     predictor.set_image(img)

@@ -320,32 +320,38 @@ class Predictor:
         is 0). Memory then holds one window's objects at a time, not a plane per object."""
         prompts = [p if isinstance(p, Prompt) else Prompt(**p) for p in prompts]
         if not self.recentre:
-            yield from self._regions(prompts, mode, samples, multimask, seed)
+            for i, pred, _ in self._regions(prompts, mode, samples, multimask, seed):
+                yield i, pred
             return
-        pending: list[tuple[int, Prediction, tuple[int, int]]] = []
-        for i, pred in self._regions(prompts, mode, samples, multimask, seed):
+        pending: list[tuple[int, Prediction, tuple[int, int], tuple]] = []
+        for i, pred, base in self._regions(prompts, mode, samples, multimask, seed):
             centre = _recentred_click(prompts[i], pred)
             if centre is None:
                 yield i, pred
                 continue
-            pending.append((i, pred, centre))
+            pending.append((i, pred, centre, base))
             if len(pending) >= RECENTRE_BATCH:
                 yield from self._recentre(pending, prompts, mode, samples, multimask, seed)
                 pending = []
         yield from self._recentre(pending, prompts, mode, samples, multimask, seed)
 
     def _recentre(self, pending, prompts, mode, samples, multimask, seed) -> Iterator[tuple[int, Prediction]]:
-        """Decode ``pending`` (index, first prediction, centre) again from their centres; keep
-        a second mask that still holds the user's click, else the first."""
-        again = [Prompt(points=[centre]) for _, _, centre in pending]
-        second = dict(self._regions(again, mode, samples, multimask, seed))
-        for k, (i, first, _) in enumerate(pending):
+        """Decode ``pending`` (index, first prediction, centre, window) again from their centres,
+        in the window of the first pass (already encoded); keep a second mask that still holds
+        the user's click, else the first."""
+        again = [Prompt(points=[centre]) for _, _, centre, _ in pending]
+        bases = [base for _, _, _, base in pending]
+        second = {k: pred for k, pred, _ in self._regions(again, mode, samples, multimask, seed, bases)}
+        for k, (i, first, _, _) in enumerate(pending):
             (r, c), pred = np.asarray(prompts[i].points[0], dtype=np.float64), second[k]
             rr, cc = int(r) - pred.region[0], int(c) - pred.region[1]
             inside = 0 <= rr < pred.mask.shape[0] and 0 <= cc < pred.mask.shape[1] and pred.mask[rr, cc]
             yield i, (pred if inside else first)
 
-    def _regions(self, prompts: list[Prompt], mode, samples, multimask, seed) -> Iterator[tuple[int, Prediction]]:
+    def _regions(self, prompts: list[Prompt], mode, samples, multimask, seed,
+                 bases: list | None = None) -> Iterator[tuple[int, Prediction, tuple]]:
+        """(index, prediction, (zoom, window)) per prompt set; ``bases``: a (zoom, window) per
+        prompt set to decode it in when the window holds its prompts."""
         if self._plane is None:
             raise RuntimeError("no image set: call set_image() before predict()")
         checked = [self._check_prompt(i, p) for i, p in enumerate(prompts)]
@@ -356,7 +362,10 @@ class Predictor:
         for i, (pts, labs) in enumerate(checked):
             zoom = self.zoom_for(pts, labs)
             extents.append((pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max(), pts[:, 1].max()))
-            by_base.setdefault((zoom, self.window_of(extents[i], zoom)), []).append(i)
+            key = (zoom, self.window_of(extents[i], zoom))
+            if bases is not None and bases[i][0] == zoom and _holds(bases[i][1], extents[i]):
+                key = bases[i]
+            by_base.setdefault(key, []).append(i)
         for (zoom, base), members in by_base.items():
             by_view = []
             for view in self.views:
@@ -397,7 +406,7 @@ class Predictor:
                                 parts[i].append(self._view_result(out, b, frame, window, view, views_of[i] == 1))
             with torch.inference_mode():
                 for i in members:
-                    yield i, self._combine(parts.pop(i), used_mode, multimask)
+                    yield i, self._combine(parts.pop(i), used_mode, multimask), (zoom, base)
 
     def _whole_plane(self) -> tuple[int, int, int, int]:
         return (0, 0, *self._plane.shape[:2])
@@ -593,13 +602,18 @@ def _recentred_click(prompt: Prompt, pred: Prediction) -> tuple[int, int] | None
 
     r0, c0 = pred.region[:2]
     r, c = (int(v) for v in np.asarray(prompt.points[0], dtype=np.float64))
+    mask = pred.mask
     rr, cc = r - r0, c - c0
-    if not (0 <= rr < pred.mask.shape[0] and 0 <= cc < pred.mask.shape[1] and pred.mask[rr, cc]):
+    if not (0 <= rr < mask.shape[0] and 0 <= cc < mask.shape[1] and mask[rr, cc]):
         return None
-    parts, _ = ndi.label(pred.mask)
-    dist = ndi.distance_transform_edt(parts == parts[rr, cc])
+    # on the mask's bounding box (plus a background border), not the whole region
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    a0, b0 = int(rows[0]), int(cols[0])
+    crop = np.pad(mask[a0 : rows[-1] + 1, b0 : cols[-1] + 1], 1)
+    parts, _ = ndi.label(crop)
+    dist = ndi.distance_transform_edt(parts == parts[rr - a0 + 1, cc - b0 + 1])
     i, j = np.unravel_index(int(np.argmax(dist)), dist.shape)
-    return (r0 + int(i), c0 + int(j))
+    return (r0 + a0 + int(i) - 1, c0 + b0 + int(j) - 1)
 
 
 @dataclass
