@@ -606,14 +606,19 @@ def _recentred_click(prompt: Prompt, pred: Prediction) -> tuple[int, int] | None
     rr, cc = r - r0, c - c0
     if not (0 <= rr < mask.shape[0] and 0 <= cc < mask.shape[1] and mask[rr, cc]):
         return None
-    # on the mask's bounding box (plus a background border), not the whole region
+    # distances to the nearest background pixel of the region, computed on the mask's bounding
+    # box plus a background border where the region continues (the region's own edges are not
+    # background: a mask cut by the region's edge keeps its centre towards that edge, which
+    # found small nuclei better: StarDist one click 0.19 vs 0.11 with the edges as background)
+    h, w = mask.shape
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    a0, b0 = int(rows[0]), int(cols[0])
-    crop = np.pad(mask[a0 : rows[-1] + 1, b0 : cols[-1] + 1], 1)
+    a0, a1, b0, b1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    pads = ((int(a0 > 0), int(a1 < h)), (int(b0 > 0), int(b1 < w)))
+    crop = np.pad(mask[a0:a1, b0:b1], pads)
     parts, _ = ndi.label(crop)
-    dist = ndi.distance_transform_edt(parts == parts[rr - a0 + 1, cc - b0 + 1])
+    dist = ndi.distance_transform_edt(parts == parts[rr - a0 + pads[0][0], cc - b0 + pads[1][0]])
     i, j = np.unravel_index(int(np.argmax(dist)), dist.shape)
-    return (r0 + a0 + int(i) - 1, c0 + b0 + int(j) - 1)
+    return (r0 + a0 + int(i) - pads[0][0], c0 + b0 + int(j) - pads[1][0])
 
 
 @dataclass
