@@ -330,13 +330,19 @@ def test_a_torch_error_in_a_generator_job_is_a_notification_not_silence(qtbot):
     assert any(m.startswith("precompute failed: out of memory") for m in messages), messages
 
 
-def test_zoom_re_predicts_the_prompts_at_the_new_scale(make_napari_viewer, qtbot):
+def one_clicked_plane(make_napari_viewer, qtbot):
+    """A docked annotator on a 96x128 plane with one click predicted."""
     viewer = make_napari_viewer()
     plane = stack(n=1, shape=(96, 128))[0]
     viewer.add_image(plane, name="cells")
     widget = dock(viewer, qtbot)
     widget.add_point((30, 36))
     wait_predictions(qtbot, widget, 1)
+    return widget, plane
+
+
+def test_zoom_re_predicts_the_prompts_at_the_new_scale(make_napari_viewer, qtbot):
+    widget, plane = one_clicked_plane(make_napari_viewer, qtbot)
     assert widget._predictor._frame_for(plane.shape).scale == 1.0
     before = widget.predictions_applied
     widget.zoom_spin.setValue(0.5)  # no new prompt: the change alone re-predicts
@@ -347,12 +353,7 @@ def test_zoom_re_predicts_the_prompts_at_the_new_scale(make_napari_viewer, qtbot
 
 
 def test_views_setting_re_predicts_with_the_same_model(make_napari_viewer, qtbot):
-    viewer = make_napari_viewer()
-    plane = stack(n=1, shape=(96, 128))[0]
-    viewer.add_image(plane, name="cells")
-    widget = dock(viewer, qtbot)
-    widget.add_point((30, 36))
-    wait_predictions(qtbot, widget, 1)
+    widget, plane = one_clicked_plane(make_napari_viewer, qtbot)
     assert len(widget._predictor.views) == 4  # auto, for a native-scale model
     model, shown = widget._predictor.model, widget.uncertainty.data.copy()
     before = widget.predictions_applied

@@ -192,20 +192,19 @@ class Predictor:
     def _plane_keys(self, content: str, shape: tuple[int, int] | None = None) -> list[str]:
         """Cache keys of a whole plane's embeddings in every view (at the predictor's zoom)."""
         whole = (0, 0, *(shape or self._plane.shape[:2]))
-        keys = []
-        for view in self.views:
-            window = self._view_window(whole, self._zoom, view)
-            keys.append(self._cache_key(self._zoom, content, None if window == whole else window) + view.tag)
-        return keys
+        return [self._cache_key(self._zoom, content, self._view_window(whole, self._zoom, view), view, whole)
+                for view in self.views]
 
-    def _cache_key(self, zoom: float, content: str | None = None, window=None) -> str:
-        # an embedding is of one plane (or window of it) at one zoom
+    def _cache_key(self, zoom: float, content: str | None = None, window=None, view: View = View(),
+                   whole=None) -> str:
+        # an embedding is of one plane (or window of it, ``whole`` being the plane's own) at one
+        # zoom, in one view
         key = content or self._content
         if zoom != 1.0:
             key += f"@{zoom:g}"
-        if window is not None:
+        if window is not None and window != whole:
             key += "[{}:{},{}:{}]".format(window[0], window[2], window[1], window[3])
-        return key
+        return key + view.tag
 
     def _needs_windows(self, shape: tuple[int, ...], zoom: float) -> bool:
         return self.window is not None and max(shape[0], shape[1]) * zoom > self.window
@@ -343,10 +342,7 @@ class Predictor:
         bases = [base for _, _, _, base in pending]
         second = {k: pred for k, pred, _ in self._regions(again, mode, samples, multimask, seed, bases)}
         for k, (i, first, _, _) in enumerate(pending):
-            (r, c), pred = np.asarray(prompts[i].points[0], dtype=np.float64), second[k]
-            rr, cc = int(r) - pred.region[0], int(c) - pred.region[1]
-            inside = 0 <= rr < pred.mask.shape[0] and 0 <= cc < pred.mask.shape[1] and pred.mask[rr, cc]
-            yield i, (pred if inside else first)
+            yield i, (second[k] if _mask_holds(second[k], prompts[i].points[0]) else first)
 
     def _regions(self, prompts: list[Prompt], mode, samples, multimask, seed,
                  bases: list | None = None) -> Iterator[tuple[int, Prediction, tuple]]:
@@ -428,9 +424,7 @@ class Predictor:
 
     def _window_embedding(self, window: tuple[int, int, int, int], zoom: float,
                           view: View = View()) -> tuple[ImageEmbedding, Frame]:
-        if window == self._whole_plane() and view.identity:
-            return self._embedding_for(self._cache_key(zoom), self._plane, zoom)
-        key = self._cache_key(zoom, window=None if window == self._whole_plane() else window) + view.tag
+        key = self._cache_key(zoom, window=window, view=view, whole=self._whole_plane())
         return self._embedding_for(key, view.apply(reflect_crop(self._plane, window)), zoom)
 
     def decoder_chunk(self, embedding: ImageEmbedding | None = None) -> int:
@@ -591,6 +585,13 @@ class Predictor:
 RECENTRE_BATCH = 64
 
 
+def _mask_holds(pred: Prediction, point) -> bool:
+    """Whether the mask of ``pred`` (maps of ``pred.region``) holds the (row, col) ``point``."""
+    r, c = (int(v) for v in np.asarray(point, dtype=np.float64))
+    rr, cc = r - pred.region[0], c - pred.region[1]
+    return 0 <= rr < pred.mask.shape[0] and 0 <= cc < pred.mask.shape[1] and bool(pred.mask[rr, cc])
+
+
 def _recentred_click(prompt: Prompt, pred: Prediction) -> tuple[int, int] | None:
     """Where a one-click prompt set is decoded again: the innermost pixel of the part of its
     mask that holds the click (None: not one positive click, or the mask misses the click)."""
@@ -600,12 +601,12 @@ def _recentred_click(prompt: Prompt, pred: Prediction) -> tuple[int, int] | None
         return None
     from scipy import ndimage as ndi
 
+    if not _mask_holds(pred, prompt.points[0]):
+        return None
     r0, c0 = pred.region[:2]
     r, c = (int(v) for v in np.asarray(prompt.points[0], dtype=np.float64))
     mask = pred.mask
     rr, cc = r - r0, c - c0
-    if not (0 <= rr < mask.shape[0] and 0 <= cc < mask.shape[1] and mask[rr, cc]):
-        return None
     # distances to the nearest background pixel of the region, computed on the mask's bounding
     # box plus a background border where the region continues (the region's own edges are not
     # background: a mask cut by the region's edge keeps its centre towards that edge, which
