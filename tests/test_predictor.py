@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from napari_ruac import Prediction, Predictor
 from napari_ruac.io import ImageError
@@ -65,15 +66,15 @@ def test_embedding_is_cached_by_content(tiny_model, views):
     predictor.set_image(img)
     calls = []
     original = predictor.model.encode
-    predictor.model.encode = lambda x: calls.append(1) or original(x)
+    predictor.model.encode = lambda x: calls.append(len(x)) or original(x)
     try:
         assert predictor.set_image(img.copy())  # same content, new array: from the cache
         assert calls == []
         assert not predictor.set_image(img + 1)
-        assert calls == [1] * views  # one encoder pass per view, all when the image is set
+        assert calls == [views]  # every view encoded, in one pass, when the image is set
         assert predictor.is_cached(img)
         predictor.predict(points=[(50, 60)])
-        assert calls == [1] * views
+        assert calls == [views]
     finally:
         del predictor.model.encode
 
@@ -123,7 +124,7 @@ def test_cpu_batches_are_decoded_in_cache_sized_chunks_with_the_same_results(tin
     predictor.set_image(_blobs())
     prompts = [dict(points=[(20 + 15 * i, 30 + 20 * i)]) for i in range(5)]
     whole = predictor.predict_batch(prompts)
-    per_set = predictor._embedding_for(predictor.image_key, predictor._plane, 1.0)[0].image_embed[0].numel() * 4
+    per_set = predictor._cache[predictor.image_key][0].image_embed[0].numel() * 4
     monkeypatch.setattr(predictor_module, "CPU_DECODER_BYTES", 2 * per_set)
     assert predictor.decoder_chunk() == 2
     calls = []
@@ -283,7 +284,7 @@ def test_nearby_prompts_share_a_window_embedding(tiny_model, monkeypatch, views)
     p.set_image(_wide_plane())
     calls = []
     encode = p.model.encode
-    monkeypatch.setattr(p.model, "encode", lambda x: calls.append(tuple(x.shape[-2:])) or encode(x))
+    monkeypatch.setattr(p.model, "encode", lambda x: calls.extend([tuple(x.shape[-2:])] * len(x)) or encode(x))
     p.predict(points=[(60, 300)])
     p.predict(points=[(62, 305), (40, 290)], labels=[1, 0])  # a refinement of the same object
     assert calls == [(128, 128)] * views  # every view's window is as large as the window
@@ -356,3 +357,29 @@ def test_box_size_is_off_for_resize_models_and_checked(tiny_model):
     for bad in ("big", -3, 1, float("nan"), 10_000):
         with pytest.raises(ValueError, match="box_size"):
             Predictor(tiny_model, box_size=bad)
+
+
+def test_the_trunk_positional_embedding_is_kept_at_inference_and_follows_the_weights(tiny_model):
+    """The Hiera trunk's resized positional table is cached per grid at inference only, and a
+    change of the weights (a load, an optimiser step) is seen at once."""
+    import copy
+
+    model = copy.deepcopy(tiny_model)
+    trunk = model.image_encoder.trunk
+    trunk._pos_cache.clear()  # the shared model has been used by other tests
+    x = torch.rand(1, 3, 64, 96)
+    with torch.inference_mode():
+        first = model.encode(x).image_embed
+        assert len(trunk._pos_cache) == 1
+        again = model.encode(x).image_embed
+    assert torch.equal(first, again)
+    with torch.no_grad():
+        trunk.pos_embed.add_(0.5)  # in place, as an optimiser or load_state_dict writes it
+    with torch.inference_mode():
+        moved = model.encode(x).image_embed
+    with torch.enable_grad():
+        fresh = model.encode(x).image_embed  # autograd on: computed, never cached
+    assert not torch.allclose(moved, first)
+    torch.testing.assert_close(moved, fresh.detach())
+    with torch.enable_grad():
+        assert model.encode(x).image_embed.requires_grad
