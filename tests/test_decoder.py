@@ -5,6 +5,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from napari_ruac.model.mask_decoder import BayesianMaskDecoder
 
@@ -292,23 +293,38 @@ def test_kappa_init_must_lie_inside_range():
 
 
 @pytest.mark.parametrize("heads", [1, 4])
-def test_shared_image_transformer_equals_sam2_on_copies(heads):
-    """The first layer's image side computed once equals SAM2's TwoWayTransformer run on B
-    copies of the image (one and several attention heads, SAM2's own module)."""
+@pytest.mark.parametrize("image_batch", [1, 3])
+def test_reassociated_transformer_equals_sam2s(heads, image_batch):
+    """SAM2's TwoWayTransformer with the first layer's image side computed once (one image for
+    all prompt sets) and the attentions folded on per-set image tokens equals SAM2's own
+    module run on B copies (one and several attention heads), values and gradients."""
     from sam2.modeling.sam.transformer import TwoWayTransformer
 
     from napari_ruac.model.mask_decoder import two_way_shared_image
 
     torch.manual_seed(0)
     transformer = TwoWayTransformer(depth=2, embedding_dim=32, num_heads=heads, mlp_dim=64).eval()
-    image, pe = torch.randn(1, 32, 6, 5), torch.randn(1, 32, 6, 5)
-    tokens = torch.randn(3, 7, 32)
-    with torch.no_grad():
-        want_q, want_k = transformer(image.expand(3, -1, -1, -1), pe.expand(3, -1, -1, -1), tokens)
-        got_q, got_k = two_way_shared_image(transformer, image, pe, tokens)
+    image, pe = torch.randn(image_batch, 32, 6, 5), torch.randn(1, 32, 6, 5)
+    tokens = torch.randn(3, 7, 32, requires_grad=True)
+    want_q, want_k = transformer(image.expand(3, -1, -1, -1), pe.expand(3, -1, -1, -1), tokens)
+    got_q, got_k = two_way_shared_image(transformer, image, pe, tokens)
     torch.testing.assert_close(got_q, want_q, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_k, want_k, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(got_k[0], got_k[1])  # the image tokens do depend on the prompts
+    with torch.no_grad():  # inference takes its own softmax
+        fast_q, fast_k = two_way_shared_image(transformer, image, pe, tokens)
+    torch.testing.assert_close(fast_q, want_q.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast_k, want_k.detach(), atol=1e-5, rtol=1e-5)
+    w_q, w_k = torch.randn(want_q.shape), torch.randn(want_k.shape)
+    params = [tokens, *transformer.parameters()]
+    want = torch.autograd.grad((want_q * w_q).sum() + (want_k * w_k).sum(), params, allow_unused=True)
+    got = torch.autograd.grad((got_q * w_q).sum() + (got_k * w_k).sum(), params, allow_unused=True)
+    for a, b in zip(got, want):
+        if b is None or a is None:  # a key bias cancels in the softmax: no gradient either way
+            assert a is None or float(a.abs().max()) < 1e-6
+            assert b is None or float(b.abs().max()) < 1e-5
+            continue
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_maps_derived_on_demand_equal_the_full_maps(tiny_model, embedded):
@@ -327,22 +343,39 @@ def test_maps_derived_on_demand_equal_the_full_maps(tiny_model, embedded):
             torch.testing.assert_close(out.uncertainty, binary_entropy_from_logit(out.logits))
 
 
-def test_fused_channel_layer_norm_equals_sam2s_layernorm2d_with_gradients():
+@pytest.mark.parametrize("feature_batch", [1, 3])
+def test_channels_last_upscaling_equals_sam2s_modules_with_gradients(feature_batch):
+    """The matmul-and-reshuffle upscaling gives SAM2's ConvTranspose2d / LayerNorm2d / GELU
+    result and gradients, with high-resolution features shared (batch 1) or per prompt set."""
     from sam2.modeling.sam2_utils import LayerNorm2d
 
-    from napari_ruac.model.mask_decoder import _channel_layer_norm
+    from napari_ruac.model.mask_decoder import _upscale_channels_last
 
     g = torch.Generator().manual_seed(3)
-    norm = LayerNorm2d(16)
+    d = 32
+    up = nn.Sequential(nn.ConvTranspose2d(d, d // 4, 2, 2), LayerNorm2d(d // 4), nn.GELU(),
+                       nn.ConvTranspose2d(d // 4, d // 8, 2, 2), nn.GELU())
     with torch.no_grad():
-        norm.weight.copy_(torch.rand(16, generator=g) + 0.5)
-        norm.bias.copy_(torch.randn(16, generator=g))
-    x = (torch.randn(3, 16, 9, 7, generator=g) * 4 + 2).requires_grad_()
-    ref = norm(x)
-    got = _channel_layer_norm(norm, x)
+        for prm in up.parameters():
+            prm.copy_(torch.randn(prm.shape, generator=g) * 0.5)
+    src = torch.randn(3, d, 5, 7, generator=g).requires_grad_()
+    s1 = torch.randn(feature_batch, d // 4, 10, 14, generator=g).requires_grad_()
+    s0 = torch.randn(feature_batch, d // 8, 20, 28, generator=g).requires_grad_()
+    dc1, ln1, act1, dc2, act2 = up
+    ref = act2(dc2(act1(ln1(dc1(src) + s1))) + s0)
+    got = _upscale_channels_last(up, src, s0, s1)
+    assert got.shape == (3, d // 8, 20, 28)
     torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
-    w = torch.randn(ref.shape, generator=g)
-    ref_grads = torch.autograd.grad((ref * w).sum(), (x, norm.weight, norm.bias))
-    got_grads = torch.autograd.grad((got * w).sum(), (x, norm.weight, norm.bias))
+    wts = torch.randn(ref.shape, generator=g)
+    inputs = (src, s0, s1, *up.parameters())
+    ref_grads = torch.autograd.grad((ref * wts).sum(), inputs)
+    got_grads = torch.autograd.grad((got * wts).sum(), inputs)
     for a, b in zip(got_grads, ref_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():  # the in-place inference path, and its view for the pointwise head
+        fast = _upscale_channels_last(up, src, s0, s1)
+    torch.testing.assert_close(fast, ref.detach(), atol=2e-6, rtol=1e-5)
+    assert fast.reshape(3, d // 8, -1).data_ptr() == fast.data_ptr()
+    up[0] = nn.ConvTranspose2d(d, d // 4, 3, 2)
+    with pytest.raises(ValueError, match="2x2 stride-2"):
+        _upscale_channels_last(up, src, s0, s1)
