@@ -757,17 +757,23 @@ def _upscale_channels_last(upscaling: nn.Sequential, src: torch.Tensor,
     """SAM2's high-resolution output upscaling, ``act2(dc2(act1(ln1(dc1(src) + feat_s1))) +
     feat_s0)``, computed channels-last: (B, D, h, w) ``src`` -> (B, C, 4h, 4w).
 
-    Each 2x2-stride-2 transposed convolution is one matrix product of every pixel's channels
-    with the kernel (``(B h w, C_in) @ (C_in, 4 C_out)``) and a reshuffle of the four outputs
-    per pixel into place; SAM2's ``LayerNorm2d`` is one ``F.layer_norm`` over the last axis.
-    Everything stays in one (channels-last) layout, so no pass reads memory across strides.
-    CPU convolution kernels handle these thin layers badly (16 -> 8 channels for micro), and
-    with NCHW outputs the additions of the high-resolution features and the layer norm mixed
-    layouts. For the 16 prompt sets of an automatic-segmentation chunk of micro, one core:
-    5.6 -> 3.1 ms (AMD AVX2). Results agree to float rounding (~1e-6) and gradients flow
-    (tested against SAM2's modules). ``feat_s*`` have batch B or 1 (one image shared by all
-    prompt sets). The output is a channels-last strided NCHW tensor: its ``reshape(B, C, h*w)``
-    is a view, which the pointwise head and the mask product take as is.
+    A 2x2-stride-2 transposed convolution maps each input pixel to a 2x2 block of output
+    pixels. Channels-last, output row ``2i + di`` of image ``b`` is one contiguous run of
+    ``2w C_out`` values, ``x[b, i] @ kernel[di]`` with the kernel's ``(dj, C_out)`` as
+    columns, so each convolution is two matrix products (``(B h w, C_in) @ (C_in, 2 C_out)``,
+    one per ``di``) whose results land, plus the high-resolution features, in their rows of the
+    output without a reshuffle; SAM2's ``LayerNorm2d`` is one ``F.layer_norm`` over the last
+    axis. Everything stays in one layout, so no pass reads memory across strides: CPU
+    convolution kernels handle these thin layers badly (16 -> 8 channels for micro), and with
+    NCHW outputs the feature additions and the layer norm mixed layouts. At inference the
+    sums are written straight into the output and the GELUs run in place, so the upscaling
+    allocates its output and two intermediates only (fresh memory costs page faults under
+    glibc's default allocator). For the 16 prompt sets of an automatic-segmentation chunk of
+    micro, one AMD AVX2 core: 5.6 (SAM2's modules) -> 2.3 ms. Results agree to float rounding
+    (~1e-6) and gradients flow (tested against SAM2's modules). ``feat_s*`` have batch B or 1
+    (one image shared by all prompt sets). The output is a channels-last strided NCHW tensor:
+    its ``reshape(B, C, h*w)`` is a view, which the pointwise head and the mask product take
+    as is.
     """
     dc1, ln1, act1, dc2, act2 = upscaling
     inference = not torch.is_grad_enabled()
@@ -777,15 +783,28 @@ def _upscale_channels_last(upscaling: nn.Sequential, src: torch.Tensor,
             raise ValueError(f"output upscaling expects 2x2 stride-2 transposed convolutions, got {conv}")
         b, h, w, c = x.shape
         o = conv.weight.shape[1]
-        kernel = conv.weight.permute(0, 2, 3, 1).reshape(c, 4 * o)  # (C_in, di, dj, C_out)
-        y = torch.matmul(x.reshape(-1, c), kernel).view(b, h, w, 2, 2, o)
-        x = y.permute(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, o)
-        # bias folded into the (usually shared, batch-1) features: one add over the big map
-        addend = (feat.permute(0, 2, 3, 1) + conv.bias).contiguous()
-        x = x.add_(addend) if inference else x + addend
+        # bias folded into the (usually shared, batch-1) features; (Bf, h, di, w, (dj, C_out))
+        addend = (feat.permute(0, 2, 3, 1) + conv.bias).reshape(-1, h, 2, w, 2 * o)
+        out = x.new_empty(b, h, 2, w, 2 * o) if inference else None
+        rows = []
+        for di in range(2):
+            kernel = conv.weight[:, :, di].transpose(1, 2).reshape(c, 2 * o)  # (C_in, (dj, C_out))
+            y = torch.matmul(x.reshape(-1, c), kernel).view(b, h, w, 2 * o)
+            if inference:
+                torch.add(y, addend[:, :, di], out=out[:, :, di])
+            else:
+                rows.append(y + addend[:, :, di])
+        x = (out if inference else torch.stack(rows, dim=2)).view(b, 2 * h, 2 * w, o)
         if conv is dc1:
-            x = act1(F.layer_norm(x, (o,), ln1.weight, ln1.bias, ln1.eps))
-    return act2(x).permute(0, 3, 1, 2)
+            x = _activation(act1, F.layer_norm(x, (o,), ln1.weight, ln1.bias, ln1.eps), inference)
+    return _activation(act2, x, inference).permute(0, 3, 1, 2)
+
+
+def _activation(act: nn.Module, x: torch.Tensor, inference: bool) -> torch.Tensor:
+    """``act(x)``, in place on ``x`` when that is a GELU at inference (a fresh map saved)."""
+    if inference and type(act) is nn.GELU:
+        return torch.ops.aten.gelu_(x, approximate=act.approximate)
+    return act(x)
 
 
 def _is_2x2_upsampler(conv: nn.Module) -> bool:
