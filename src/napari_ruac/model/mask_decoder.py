@@ -295,7 +295,9 @@ class BayesianMaskDecoder(MaskDecoder):
         mask_tokens_out = hs[:, s + 1 : s + 1 + self.num_mask_tokens, :]
         obj_token_out = hs[:, 0, :] if self.pred_obj_scores else None
 
-        src = src.transpose(1, 2).reshape(b, c, h, w)
+        # (B, hw, D) -> a channels-last strided (B, D, h, w) view: no copy, and the upscaling
+        # below works channels-last anyway
+        src = src.transpose(1, 2).unflatten(2, (h, w))
         if not self.use_high_res_features:
             upscaled = self.output_upscaling(src)
         else:
