@@ -317,7 +317,7 @@ def test_every_recipe_loads_and_names_its_variant(path):
 def test_shipped_variants_see_the_same_data_for_the_same_budget():
     from napari_ruac.training.trainer import load_config
 
-    for stage in ("", "-cont", "-heads"):
+    for stage in ("", "-cont", "-long", "-heads"):
         cfgs = {v: load_config(RECIPES / f"micro-{v}{stage}.yaml") for v in ("ruac", "bayes", "det")}
         for section in ("data", "optim", "loss", "train", "val", "seed"):
             assert cfgs["ruac"][section] == cfgs["bayes"][section] == cfgs["det"][section], (stage, section)
