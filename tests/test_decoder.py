@@ -376,6 +376,11 @@ def test_channels_last_upscaling_equals_sam2s_modules_with_gradients(feature_bat
         fast = _upscale_channels_last(up, src, s0, s1)
     torch.testing.assert_close(fast, ref.detach(), atol=2e-6, rtol=1e-5)
     assert fast.reshape(3, d // 8, -1).data_ptr() == fast.data_ptr()
+    # GELUs run in place at inference; any other activation is called as a module
+    up[4] = nn.Tanh()
+    with torch.no_grad():
+        torch.testing.assert_close(_upscale_channels_last(up, src, s0, s1),
+                                   torch.tanh(dc2(act1(ln1(dc1(src) + s1))) + s0), atol=2e-6, rtol=1e-5)
     up[0] = nn.ConvTranspose2d(d, d // 4, 3, 2)
     with pytest.raises(ValueError, match="2x2 stride-2"):
         _upscale_channels_last(up, src, s0, s1)
