@@ -221,6 +221,39 @@ def test_export_writes_an_fp16_package_checkpoint_that_loads(tmp_path):
     assert model.info["trained"]
 
 
+def test_exports_record_whether_the_heads_were_ever_trained_over_the_models_lineage(tmp_path):
+    """Automatic segmentation trusts the multimask outputs and IoU head only where they were
+    trained: a model fine-tuned from one of ours that never trained them must not pass for
+    SAM2's weights (it did: its recipe's init was not 'scratch', and every grid mask was then
+    filtered by an IoU head that predicts the mean)."""
+    from napari_ruac.model import build_model, save_checkpoint
+    from napari_ruac.model.automatic import AutomaticSegmenter, trained_heads
+
+    torch.set_num_threads(1)
+
+    def stage(name, model, **train):
+        trainer = Trainer(tiny_recipe("bayes", steps=1, model=model, train=train), tmp_path / name, quiet=True)
+        trainer.fit()
+        return load_model(trainer.export(tmp_path / f"{name}.pt"))
+
+    plain = stage("scratch", {})
+    assert plain.info["metadata"]["trained_heads"] is False and not trained_heads(plain)
+    later = stage("later", {"init": "pretrained", "checkpoint": str(tmp_path / "scratch.pt")})
+    assert not trained_heads(later)
+    assert AutomaticSegmenter(later).rank_by == "confidence"
+    heads = stage("heads", {"init": "pretrained", "checkpoint": str(tmp_path / "later.pt")}, multimask=True)
+    assert trained_heads(heads)
+    assert trained_heads(stage("after-heads", {"init": "pretrained", "checkpoint": str(tmp_path / "heads.pt")}))
+    # weights that come without our recipe (SAM2's) keep SAM2's heads through fine-tuning
+    foreign = build_model(MODEL_SPECS["test-tiny"].config, seed=5)
+    save_checkpoint(foreign, tmp_path / "foreign.pt")
+    loaded = load_model("test-tiny", checkpoint=tmp_path / "foreign.pt")  # its weights, not the spec's seed-0 ones
+    assert loaded.info["source"] == str(tmp_path / "foreign.pt")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), foreign.state_dict().values()))
+    assert trained_heads(loaded)
+    assert trained_heads(stage("tuned", {"init": "pretrained", "checkpoint": str(tmp_path / "foreign.pt")}))
+
+
 def test_export_without_a_run_is_a_clear_error(tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe("bayes", steps=2)))

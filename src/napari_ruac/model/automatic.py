@@ -468,8 +468,18 @@ def trained_heads(model: RuacSam) -> bool:
     scratch without SAM2's multimask loss (``train.multimask`` in its recipe, off in stage 1)
     has only its first mask token trained, its other three masks are noise, and its IoU head
     predicts about the mean IoU whatever the mask.
+
+    A model trained further from one of ours (a later stage, or a user's fine-tuning of
+    ``micro``) inherits its source's heads: the trainer records the answer for the whole
+    lineage in the exported file's metadata (``trained_heads``), read first. Files without it
+    fall back on their own recipe: from scratch, trained iff it used the multimask loss;
+    otherwise (official weights, a file without our recipe) SAM2's.
     """
-    recipe = (getattr(model, "info", None) or {}).get("recipe") or {}
+    info = getattr(model, "info", None) or {}
+    recorded = (info.get("metadata") or {}).get("trained_heads")
+    if recorded is not None:
+        return bool(recorded)
+    recipe = info.get("recipe") or {}
     if recipe.get("model", {}).get("init") != "scratch":
         return True
     return bool(recipe.get("train", {}).get("multimask", False))

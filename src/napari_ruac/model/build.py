@@ -101,7 +101,7 @@ def load_model(
     * ``micro`` / ``micro-bayes`` / ``micro-det``: our models shipped in the package;
     * ``sam2.1_hiera_tiny|small|base_plus|large``: official weights from ``checkpoint``, from
       the cache folder, or downloaded (``download=True``) from Meta's URL;
-    * ``test-tiny``: random weights (seed 0), for tests.
+    * ``test-tiny``: random weights (seed 0), or ``checkpoint``'s, for tests.
 
     The returned model is in eval mode on ``device``; ``model.info`` says where it came from.
     """
@@ -140,6 +140,10 @@ def _from_file(path: Path, expected: ModelConfig | None) -> RuacSam:
 
 def _from_spec(spec: ModelSpec, checkpoint, download: bool) -> RuacSam:
     if spec.random_init:
+        if checkpoint is not None:  # weights trained on this (test) architecture
+            model = _from_file(Path(checkpoint), spec.config)
+            model.info["variant"] = spec.name
+            return model
         model = build_model(spec.config)
         model.info = {"source": "random (seed 0)", "variant": spec.name, "trained": False}
         return model

@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..model.automatic import trained_heads
 from ..model.build import build_model, load_model
 from ..model.checkpoint import atomic_torch_save, save_checkpoint
 from ..model.config import MODEL_SPECS, ModelConfig
@@ -424,6 +425,11 @@ class Trainer:
         self.annotated = annotated
 
         model = build_training_model(self.cfg).to(self.device)
+        # whether the multimask tokens and IoU head are trained SAM2's way, over the model's
+        # whole lineage (recorded on export for automatic segmentation's defaults): from
+        # existing weights, what the source had; and this recipe's multimask loss trains them
+        source_heads = self.cfg["model"]["init"] == "pretrained" and trained_heads(model)
+        self.trained_heads = bool(source_heads or self.cfg["train"]["multimask"])
         freeze_unused(model, self.variant)
         adversaries = None
         if self.variant == "ruac":
@@ -685,6 +691,7 @@ class Trainer:
             "variant": self.variant,
             "validation": self.last_val,
             "torch": str(torch.__version__),
+            "trained_heads": self.trained_heads,
         }
         save_checkpoint(self.model, path, variant=self.cfg["name"], recipe=self.cfg, metadata=metadata, half=half)
         return Path(path)
