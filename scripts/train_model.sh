@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Re-create one shipped model from its recipe, resumably (re-run the same command after a crash):
+# Re-create one shipped model from its recipes, resumably (re-run the same command after a crash):
 #   bash scripts/train_model.sh ruac|bayes|det [THREADS]
-# Trains training/micro-<v>.yaml (its whole 4000-step schedule) in runs/micro-<v>
-# (gitignored) and exports it in fp16 into the package. Add --heads to also run the stage-2
-# recipe training/micro-<v>-heads.yaml (not what ships: see training/README.md) and export that.
+# Stage 1 (training/micro-<v>.yaml, 4000 steps) in runs/micro-<v>, its fp32 export
+# runs/micro-<v>-stage1.pt, then stage 1c (training/micro-<v>-long.yaml, 3000 more steps) in
+# runs/micro-<v>-long (all gitignored), exported in fp16 into the package: what ships. With a
+# third argument --heads it runs the stage-2 recipe training/micro-<v>-heads.yaml on top of
+# stage 1 instead (an experiment, not what ships: see training/README.md) and exports that.
 set -euo pipefail
 v=${1:-}
 threads=${2:-1}
@@ -17,10 +19,8 @@ esac
 cd "$(dirname "$0")/.."
 train() { .venv/bin/napari-ruac train "$@"; }
 train "training/micro-$v.yaml" --run-dir "runs/micro-$v" --threads "$threads" --resume
-if [ "$heads" != "--heads" ]; then
-  train "training/micro-$v.yaml" --run-dir "runs/micro-$v" --export "src/napari_ruac/weights/$out.pt"
-  exit 0
-fi
 train "training/micro-$v.yaml" --run-dir "runs/micro-$v" --export "runs/micro-$v-stage1.pt" --full-precision
-train "training/micro-$v-heads.yaml" --run-dir "runs/micro-$v-heads" --threads "$threads" --resume
-train "training/micro-$v-heads.yaml" --run-dir "runs/micro-$v-heads" --export "src/napari_ruac/weights/$out.pt"
+next=long
+[ "$heads" = "--heads" ] && next=heads
+train "training/micro-$v-$next.yaml" --run-dir "runs/micro-$v-$next" --threads "$threads" --resume
+train "training/micro-$v-$next.yaml" --run-dir "runs/micro-$v-$next" --export "src/napari_ruac/weights/$out.pt"

@@ -367,9 +367,12 @@ def test_refining_clicks_at_mask_centres_finds_whole_objects(micro):
     # the second round is one more decoder pass per batch of surviving masks
     assert refined.stats.n_decoder_calls > once.stats.n_decoder_calls
     assert refined.stats.n_points == once.stats.n_points == 256
-    # fragments of one disc (clicks near its edge) converge on the whole disc
+    # fragments of one disc (clicks near its edge) converge on the whole disc: fewer distinct
+    # masks survive NMS (a weaker model also left more labels without the refinement; the
+    # shipped one's fragments are merged either way, so the labels must not get worse)
+    assert refined.stats.n_after_nms < once.stats.n_after_nms
     assert recall(refined.labels, masks) >= recall(once.labels, masks)
-    assert refined.labels.max() < once.labels.max()
+    assert refined.labels.max() <= once.labels.max()
     again = AutomaticSegmenter(micro, points_per_side=16, refine_rounds=1).segment(img)
     assert np.array_equal(again.labels, refined.labels)
 
