@@ -243,3 +243,50 @@ def test_synthetic_overlap_bounds_how_close_objects_are_placed():
     s = SyntheticMicroscopy(bounded, seed=2).sample(0, 192, mode="fluorescence")
     ids = np.unique(s.labels)
     assert np.array_equal(ids, np.arange(len(ids))) and len(ids) > 3
+
+
+def test_synthetic_edge_level_puts_label_edges_where_the_nucleus_fades_to_that_level():
+    # edge_level=None labels a dome-shaped nucleus out to where its intensity meets the
+    # background; a level labels it only where its own profile reaches that fraction of its
+    # peak (the visible edge annotators draw), so labels shrink and the pixels just outside a
+    # label are brighter relative to the nucleus
+    from scipy import ndimage
+
+    from napari_ruac.training.synthetic import SynthConfig
+
+    def edge_levels(cfg):
+        gen = SyntheticMicroscopy(cfg, seed=4)
+        areas, outside = [], []
+        for i in range(6):
+            s = gen.sample(i, 128, mode="fluorescence")
+            areas.append((s.labels > 0).sum())
+            fg = s.labels > 0
+            ring = ndimage.binary_dilation(fg) & ~fg
+            far = ~ndimage.binary_dilation(fg, iterations=6)
+            bg, peak = np.median(s.image[far]), np.percentile(s.image[fg], 90)
+            outside.append((np.median(s.image[ring]) - bg) / (peak - bg))
+        return np.sum(areas), np.median(outside)
+
+    area_full, out_full = edge_levels(SynthConfig())
+    area_half, out_half = edge_levels(SynthConfig(edge_level=(0.5, 0.5)))
+    assert area_half < 0.9 * area_full
+    assert out_half > out_full + 0.05
+
+
+@pytest.mark.parametrize("inward", [1.0, 0.0])
+def test_box_jitter_moves_corners_both_ways_or_only_outwards(inward):
+    from napari_ruac.training.prompts import object_prompt
+
+    mask = np.zeros((80, 80), bool)
+    mask[20:50, 30:60] = True  # tight box: rows 20..50, cols 30..60 (pixel edges)
+    cfg = PromptConfig(p_point=0, p_points=0, p_box=1, box_jitter_inward=inward)
+    rng = np.random.default_rng(0)
+    corners = np.array([object_prompt(rng, mask, cfg)[0] for _ in range(200)])  # (n, 2, (x, y))
+    (x0, y0), (x1, y1) = corners[:, 0].T, corners[:, 1].T
+    inside = (y0 > 20) | (x0 > 30) | (y1 < 50) | (x1 < 60)  # some corner moved into the object
+    if inward == 0.0:
+        assert not inside.any()
+        assert (y0 < 20).mean() > 0.9 and (x1 > 60).mean() > 0.9  # the box still varies
+    else:
+        assert inside.mean() > 0.5
+    assert np.abs(y0 - 20).max() <= 3.0 + 1e-4  # 10 % of the 30-px side

@@ -31,6 +31,10 @@ class PromptConfig:
     max_negative: int = 2
     box_jitter: float = 0.1  # of the box side, per corner, at most
     box_jitter_px: float = 5.0
+    # how far a corner may move into the object, as a fraction of the outward range: 1 jitters
+    # both ways (SAM2's noise), 0 only grows the box (a box drawn around an object contains it,
+    # so the mask learns to end at the box's edge rather than spill over it)
+    box_jitter_inward: float = 1.0
     min_area: int = 12  # pixels; smaller objects are not prompted
     # extra single clicks on background per image (object id 0, empty target): without them the
     # object-score head only ever sees "yes" and cannot reject the background points of an
@@ -130,8 +134,9 @@ def _box(rng, rr, cc, shape, cfg):
     r0, r1, c0, c1 = rr.min(), rr.max() + 1, cc.min(), cc.max() + 1
     jh = min(cfg.box_jitter * (r1 - r0), cfg.box_jitter_px)
     jw = min(cfg.box_jitter * (c1 - c0), cfg.box_jitter_px)
-    r0, r1 = r0 + rng.uniform(-jh, jh), r1 + rng.uniform(-jh, jh)
-    c0, c1 = c0 + rng.uniform(-jw, jw), c1 + rng.uniform(-jw, jw)
+    k = cfg.box_jitter_inward
+    r0, r1 = r0 + rng.uniform(-jh, k * jh), r1 + rng.uniform(-k * jh, jh)
+    c0, c1 = c0 + rng.uniform(-jw, k * jw), c1 + rng.uniform(-k * jw, jw)
     r0, r1 = np.clip(sorted((r0, r1)), 0, h)
     c0, c1 = np.clip(sorted((c0, c1)), 0, w)
     # box corners: pixel edges, so the far corner is one past the last pixel's index
