@@ -3,7 +3,9 @@
 #   bash scripts/train_model.sh ruac|bayes|det [THREADS]
 # Stage 1 (training/micro-<v>.yaml, 4000 steps) in runs/micro-<v>, its fp32 export
 # runs/micro-<v>-stage1.pt, then stage 1c (training/micro-<v>-long.yaml, 3000 more steps) in
-# runs/micro-<v>-long (all gitignored), exported in fp16 into the package: what ships. With a
+# runs/micro-<v>-long and its fp32 export runs/micro-<v>-stage1c.pt, then stage 1d
+# (training/micro-<v>-edge.yaml, 2000 more steps with the annotation-like synthetic labels) in
+# runs/micro-<v>-edge (all gitignored), exported in fp16 into the package: what ships. With a
 # third argument --heads it runs the stage-2 recipe training/micro-<v>-heads.yaml on top of
 # stage 1 instead (an experiment, not what ships: see training/README.md) and exports that.
 set -euo pipefail
@@ -20,7 +22,12 @@ cd "$(dirname "$0")/.."
 train() { .venv/bin/napari-ruac train "$@"; }
 train "training/micro-$v.yaml" --run-dir "runs/micro-$v" --threads "$threads" --resume
 train "training/micro-$v.yaml" --run-dir "runs/micro-$v" --export "runs/micro-$v-stage1.pt" --full-precision
-next=long
-[ "$heads" = "--heads" ] && next=heads
-train "training/micro-$v-$next.yaml" --run-dir "runs/micro-$v-$next" --threads "$threads" --resume
-train "training/micro-$v-$next.yaml" --run-dir "runs/micro-$v-$next" --export "src/napari_ruac/weights/$out.pt"
+if [ "$heads" = "--heads" ]; then
+  train "training/micro-$v-heads.yaml" --run-dir "runs/micro-$v-heads" --threads "$threads" --resume
+  train "training/micro-$v-heads.yaml" --run-dir "runs/micro-$v-heads" --export "src/napari_ruac/weights/$out.pt"
+  exit 0
+fi
+train "training/micro-$v-long.yaml" --run-dir "runs/micro-$v-long" --threads "$threads" --resume
+train "training/micro-$v-long.yaml" --run-dir "runs/micro-$v-long" --export "runs/micro-$v-stage1c.pt" --full-precision
+train "training/micro-$v-edge.yaml" --run-dir "runs/micro-$v-edge" --threads "$threads" --resume
+train "training/micro-$v-edge.yaml" --run-dir "runs/micro-$v-edge" --export "src/napari_ruac/weights/$out.pt"
