@@ -383,3 +383,42 @@ def test_the_trunk_positional_embedding_is_kept_at_inference_and_follows_the_wei
     torch.testing.assert_close(moved, fresh.detach())
     with torch.enable_grad():
         assert model.encode(x).image_embed.requires_grad
+
+
+# ---------------------------------------------------------------------------- box bounds
+
+
+def test_a_box_bounds_its_mask_and_maps_unless_turned_off(tiny_model):
+    rr, cc = np.mgrid[:60, :60]
+    img = (100 + 800 * (((rr - 30) ** 2 + (cc - 28) ** 2) < 7**2)).astype(np.uint16)
+    box = (22, 20, 38, 36)  # pixel edges: rows 22..37, cols 20..35 are inside
+    inside = np.zeros((60, 60), bool)
+    inside[22:38, 20:36] = True
+    free, bounded, loose = (Predictor(tiny_model, box_margin=m) for m in (None, "auto", 2))
+    assert (free.box_margin, bounded.box_margin, loose.box_margin) == (None, 0.0, 2.0)
+    for p in (free, bounded, loose):
+        p.set_image(img)
+    ref = free.predict(box=box)
+    assert ref.probability[~inside].max() > 0.01  # the random model predicts outside the box
+    for mode in ("analytic", "mc"):
+        ref, got = free.predict(box=box, mode=mode), bounded.predict(box=box, mode=mode)
+        for name in ("mask", "probability", "uncertainty") + (("epistemic", "aleatoric") if mode == "mc" else ()):
+            a, b = getattr(ref, name), getattr(got, name)
+            np.testing.assert_array_equal(b[inside], a[inside])  # the model's own values inside
+            assert not b[~inside].any(), name  # background, certain, outside
+    ring = np.zeros((60, 60), bool)
+    ring[20:40, 18:38] = True
+    wide = loose.predict(box=box)
+    np.testing.assert_array_equal(wide.probability[ring], free.predict(box=box).probability[ring])
+    assert not wide.probability[~ring].any()
+    # a box with points is bounded too; points alone are not
+    both = bounded.predict(points=[(30, 28)], box=box)
+    assert not both.probability[~inside].any()
+    np.testing.assert_array_equal(bounded.predict(points=[(30, 28)]).probability,
+                                  free.predict(points=[(30, 28)]).probability)
+
+
+@pytest.mark.parametrize("bad", [-1, "wide", float("nan")])
+def test_bad_box_margins_are_rejected_clearly(tiny_model, bad):
+    with pytest.raises(ValueError, match="box_margin"):
+        Predictor(tiny_model, box_margin=bad)

@@ -14,6 +14,9 @@ RECENTRE_HELP = ("decode a single positive click again from the centre of its fi
 BOX_SIZE_HELP = ("size in model pixels a box prompt's object is shown at (the box sets its own zoom): 'auto' "
                  "(32 for our models), 0 to use --zoom for boxes too, or a size")
 
+BOX_MARGIN_HELP = ("a box bounds its object: mask pixels more than this many pixels outside the box are background "
+                   "('auto' = 0); 'off' keeps what the model predicts outside the box")
+
 
 def zoom_value(text: str) -> float | str:
     """``--zoom`` of the automatic-segmentation commands: a number, or 'auto' (each plane's own

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._cli_options import BOX_SIZE_HELP, RECENTRE_HELP, VIEWS_HELP, WINDOW_HELP
+from ._cli_options import BOX_MARGIN_HELP, BOX_SIZE_HELP, RECENTRE_HELP, VIEWS_HELP, WINDOW_HELP
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -31,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
                              "size the model was trained on); outputs keep the image's size")
     parser.add_argument("--window", default="auto", help=WINDOW_HELP)
     parser.add_argument("--box-size", default="auto", help=BOX_SIZE_HELP)
+    parser.add_argument("--box-margin", default="auto", help=BOX_MARGIN_HELP)
     parser.add_argument("--views", default="auto", help=VIEWS_HELP)
     parser.add_argument("--recentre", action=argparse.BooleanOptionalAction, default=None, help=RECENTRE_HELP)
     parser.add_argument("-o", "--output", required=True, help="output folder")
@@ -121,7 +122,7 @@ def _predict(args) -> int:
                          f"choose one with --plane 0..{n_planes - 1}")
     model = load_model(args.model, device=args.device, checkpoint=args.checkpoint)
     predictor = Predictor(model, zoom=args.zoom, window=args.window,
-                          box_size=args.box_size, views=args.views,
+                          box_size=args.box_size, views=args.views, box_margin=args.box_margin,
                           recentre="auto" if args.recentre is None else args.recentre)
     predictor.set_image(image)
     pts = points + negatives

@@ -35,7 +35,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.stats import rankdata
 
-from ._cli_options import BOX_SIZE_HELP, RECENTRE_HELP, VIEWS_HELP, WINDOW_HELP, zoom_value
+from ._cli_options import BOX_MARGIN_HELP, BOX_SIZE_HELP, RECENTRE_HELP, VIEWS_HELP, WINDOW_HELP, zoom_value
 from .io.stacks import stack_stem
 
 PROMPT_MODES = ("point1", "point3", "box")
@@ -259,11 +259,12 @@ class EvaluationReport:
     box_size: float | None = None
     views: int = 1
     recentre: bool = False
+    box_margin: float | None = None
 
     def to_json(self) -> dict:
         return {"model": self.model, "n_images": self.n_images, "results": self.results, "baselines": self.baselines,
                 "zoom": self.zoom, "window": self.window, "box_size": self.box_size, "views": self.views,
-                "recentre": self.recentre}
+                "recentre": self.recentre, "box_margin": self.box_margin}
 
 
 def pair_problem(image: np.ndarray, mask: np.ndarray) -> str | None:
@@ -313,10 +314,11 @@ def evaluate_model(
     box_size: float | str | None = "auto",
     views: int | str = "auto",
     recentre: bool | str = "auto",
+    box_margin: float | str | None = "auto",
 ) -> EvaluationReport:
     """Evaluate ``model`` on ``(name, image, instance_labels)`` samples (2D or 3D); ``zoom`` and
     ``window`` as in :class:`~napari_ruac.model.Predictor` (prompts and metrics stay at the
-    images' scale), as are ``box_size``, ``views`` and ``recentre``."""
+    images' scale), as are ``box_size``, ``views``, ``recentre`` and ``box_margin``."""
     from .model import Predictor
 
     for p in prompt_modes:
@@ -325,7 +327,7 @@ def evaluate_model(
     automatic = AUTOMATIC in prompt_modes
     prompt_modes = [p for p in prompt_modes if p != AUTOMATIC]
     predictor = Predictor(model, zoom=1.0 if zoom == "auto" else zoom, window=window, box_size=box_size,
-                          views=views, recentre=recentre)
+                          views=views, recentre=recentre, box_margin=box_margin)
     segmenter = None
     if automatic:
         from .model.automatic import AutomaticSegmenter
@@ -405,7 +407,7 @@ def evaluate_model(
                             "miou": _nanmean(r.iou for r in theirs), "jf": _nanmean(r.jf for r in theirs)}
     return EvaluationReport(model_name, len(samples), results, base, rows,
                             "auto" if zoom == "auto" else predictor.zoom, predictor.window,
-                            predictor.box_size, len(predictor.views), predictor.recentre)
+                            predictor.box_size, len(predictor.views), predictor.recentre, predictor.box_margin)
 
 
 class _AutomaticTally:
@@ -536,6 +538,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "objects); prompts then use 1")
     parser.add_argument("--window", default="auto", help=WINDOW_HELP)
     parser.add_argument("--box-size", default="auto", help=BOX_SIZE_HELP)
+    parser.add_argument("--box-margin", default="auto", help=BOX_MARGIN_HELP)
     parser.add_argument("--views", default="auto", help=VIEWS_HELP)
     parser.add_argument("--recentre", action=argparse.BooleanOptionalAction, default=None, help=RECENTRE_HELP)
     parser.add_argument("--no-baselines", action="store_true")
@@ -565,7 +568,7 @@ def run(args: argparse.Namespace) -> int:
     report = evaluate_model(model, samples, prompts, mode=args.mode, mc_samples=args.samples, seed=args.seed,
                             baselines=not args.no_baselines, model_name=str(args.model), zoom=args.zoom,
                             window=args.window, box_size=args.box_size, views=args.views,
-                            recentre="auto" if args.recentre is None else args.recentre)
+                            recentre="auto" if args.recentre is None else args.recentre, box_margin=args.box_margin)
     print_report(report)
     if args.json:
         write_report(report, Path(args.json))
