@@ -140,7 +140,7 @@ def test_four_views_segment_real_nuclei_better_than_one(micro):
     ids = [i for i in np.unique(labels) if i][:24]
     scores = {}
     for views in (1, 4):
-        p = Predictor(micro, views=views)
+        p = Predictor(micro, views=views, box_margin=None)  # the views alone, masks not cut at the box
         p.set_image(img)
         ious = []
         for i in ids:
@@ -208,15 +208,32 @@ def test_one_click_is_decoded_again_from_the_centre_of_its_mask(tiny_model, monk
     centre = predictor_module._recentred_click(predictor_module.Prompt(points=[click]), whole)
     assert centre != click and first.mask[centre]
     second = plain.predict(points=[centre])
-    got = p.predict(points=[click])
+    one_round = Predictor(tiny_model, views=1, window=None, recentre_rounds=1)
+    one_round.set_image(img)
     expected = second if second.mask[click] else first
-    np.testing.assert_array_equal(got.probability, expected.probability)
+    np.testing.assert_array_equal(one_round.predict(points=[click]).probability, expected.probability)
+    # a second round starts from the centre of the second mask, unless that mask lost the click
+    # or its centre did not move
+    two_rounds = Predictor(tiny_model, views=1, window=None, recentre_rounds=2)
+    two_rounds.set_image(img)
+    if second.mask[click]:
+        again = predictor_module._recentred_click(predictor_module.Prompt(points=[click]),
+                                                  dataclasses.replace(second, region=(0, 0, *img.shape)))
+        if again is not None and again != centre:
+            third = plain.predict(points=[again])
+            expected = third if third.mask[click] else second
+    np.testing.assert_array_equal(two_rounds.predict(points=[click]).probability, expected.probability)
+    got = p.predict(points=[click])
+    assert got.mask[click] or not got.mask.any()
     # several points, a negative click or a box: one pass
     for prompt in (dict(points=[click, (75, 95)], labels=[1, 0]), dict(points=[click], labels=[0]),
                    dict(box=(20, 30, 60, 72))):
         np.testing.assert_array_equal(p.predict(**prompt).probability, plain.predict(**prompt).probability)
     with pytest.raises(ValueError, match="recentre"):
         Predictor(tiny_model, recentre="yes")
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="recentre_rounds"):
+            Predictor(tiny_model, recentre_rounds=bad)
 
 
 def test_recentring_improves_one_click_on_real_nuclei(micro):

@@ -122,12 +122,14 @@ class Predictor:
     the mean of the samples' entropies and ``epistemic`` the rest, which with several views
     includes their disagreement.
 
-    ``recentre``: a prompt set of one positive click is decoded a second time from the innermost
-    pixel of its first mask (the part that holds the click), and that mask is kept when it
-    still holds the click. A small model's mask for a click off an object's centre is the part
-    of the object around the click; from the centre it is the whole object (DSB2018 one click,
-    ``micro``: mIoU 0.48 -> 0.54). ``"auto"`` (default): on for native-scale models (ours), off
-    for models that resize every image.
+    ``recentre``: a prompt set of one positive click is decoded again from the innermost pixel
+    of its mask (the part that holds the click), and the new mask is kept when it still holds
+    the click; this repeats up to ``recentre_rounds`` times (default 3), and stops early when
+    the centre no longer moves. A small model's mask for a click off an object's centre is the
+    part of the object around the click; from the centre it is the whole object, and each round
+    moves the click closer to it (DSB2018 one click, stage-1c ``micro``: mIoU 0.524 without,
+    0.575 / 0.591 / 0.596 / 0.595 after 1 / 2 / 3 / 4 rounds). ``"auto"`` (default): on for
+    native-scale models (ours), off for models that resize every image.
 
     ``window_step``: windows start on a grid of this fraction of the window (1/8: clicks near
     each other share a window). Many prompts spread over a large plane need fewer windows with
@@ -144,7 +146,7 @@ class Predictor:
     def __init__(self, model: RuacSam, cache_size: int = 16, zoom: float = 1.0,
                  window: int | str | None = "auto", box_size: float | str | None = "auto",
                  views: int | str = "auto", window_step: float = 1 / 8, recentre: bool | str = "auto",
-                 box_margin: float | str | None = "auto") -> None:
+                 box_margin: float | str | None = "auto", recentre_rounds: int = 3) -> None:
         self.model = model.eval()
         self.box_margin = resolve_box_margin(box_margin)
         self.cache_size = cache_size
@@ -160,6 +162,9 @@ class Predictor:
         if not isinstance(recentre, bool):
             raise ValueError(f"recentre must be 'auto', True or False, got {recentre!r}")
         self.recentre = recentre
+        if isinstance(recentre_rounds, bool) or not isinstance(recentre_rounds, int) or recentre_rounds < 1:
+            raise ValueError(f"recentre_rounds must be a whole number >= 1, got {recentre_rounds!r}")
+        self.recentre_rounds = recentre_rounds
         self._cache: OrderedDict[str, tuple[ImageEmbedding, Frame]] = OrderedDict()
         self._plane: np.ndarray | None = None
         self._content: str | None = None
@@ -366,14 +371,29 @@ class Predictor:
         yield from self._recentre(pending, prompts, mode, samples, multimask, seed)
 
     def _recentre(self, pending, prompts, mode, samples, multimask, seed) -> Iterator[tuple[int, Prediction]]:
-        """Decode ``pending`` (index, first prediction, centre, window) again from their centres,
-        in the window of the first pass (already encoded); keep a second mask that still holds
-        the user's click, else the first."""
-        again = [Prompt(points=[centre]) for _, _, centre, _ in pending]
-        bases = [base for _, _, _, base in pending]
-        second = {k: pred for k, pred, _ in self._regions(again, mode, samples, multimask, seed, bases)}
-        for k, (i, first, _, _) in enumerate(pending):
-            yield i, (second[k] if _mask_holds(second[k], prompts[i].points[0]) else first)
+        """Decode ``pending`` (index, prediction, centre, window) again from their centres, in the
+        window of the first pass (already encoded), for up to ``recentre_rounds`` rounds: a new
+        mask that still holds the user's click replaces the last one and gives the next centre;
+        a prompt set leaves the rounds with its last kept mask when the new mask loses the click
+        or the centre stops moving."""
+        for round_ in range(self.recentre_rounds):
+            if not pending:
+                return
+            again = [Prompt(points=[centre]) for _, _, centre, _ in pending]
+            bases = [base for _, _, _, base in pending]
+            new = {k: pred for k, pred, _ in self._regions(again, mode, samples, multimask, seed, bases)}
+            still = []
+            for k, (i, last, centre, base) in enumerate(pending):
+                click = prompts[i].points[0]
+                if not _mask_holds(new[k], click):
+                    yield i, last
+                    continue
+                nxt = None if round_ + 1 == self.recentre_rounds else _recentred_click(prompts[i], new[k])
+                if nxt is None or nxt == centre:
+                    yield i, new[k]
+                    continue
+                still.append((i, new[k], nxt, base))
+            pending = still
 
     def _regions(self, prompts: list[Prompt], mode, samples, multimask, seed,
                  bases: list | None = None) -> Iterator[tuple[int, Prediction, tuple]]:
