@@ -294,6 +294,25 @@ def test_nearby_prompts_share_a_window_embedding(tiny_model, monkeypatch, views)
     assert len(calls) == 2 * views
 
 
+def test_a_full_embedding_cache_never_drops_what_the_current_request_uses(tiny_model):
+    # cache_size=1 holds one window in both views. Clicks in the plane's bottom corners are lost
+    # by the moved view, so each caches only its window's plain view; a click in the first
+    # corner's window that both views hold then needs one cached embedding (the oldest) and one
+    # new one: the eviction must not drop the cached one it is about to use (it raised KeyError)
+    p = Predictor(tiny_model, cache_size=1, views=2, recentre=False)
+    p.set_image(_wide_plane())
+    corner = p.window_of((149, 399, 149, 399))
+    assert p.window_of((100, 330, 100, 330)) == corner
+    p.predict(points=[(149, 399)])
+    p.predict(points=[(149, 0)])
+    assert len(p._cache) == 2
+    got = p.predict(points=[(100, 330)])
+    assert len(p._cache) <= 2
+    fresh = Predictor(tiny_model, views=2, recentre=False)
+    fresh.set_image(_wide_plane())
+    np.testing.assert_array_equal(got.probability, fresh.predict(points=[(100, 330)]).probability)
+
+
 def test_a_box_larger_than_the_window_gets_a_window_that_holds_it(tiny_model):
     p = Predictor(tiny_model)
     p.set_image(_wide_plane())

@@ -248,13 +248,13 @@ class Predictor:
             encoded = self._encode([crops[k]() for k in missing], zoom)
             for k, hit in zip(missing, encoded):
                 self._cache[keys[k]] = hit
-            # cache_size counts planes (or windows) in all their views
-            while len(self._cache) > self.cache_size * len(self.views):
-                self._cache.popitem(last=False)
-        out = []
-        for key in keys:
+        for key in keys:  # this request's embeddings are the most recently used
             self._cache.move_to_end(key)
-            out.append(self._cache[key])
+        out = [self._cache[key] for key in keys]
+        # cache_size counts planes (or windows) in all their views; what this request uses is
+        # taken out before evicting, so a request larger than the cache still gets all of it
+        while len(self._cache) > self.cache_size * len(self.views):
+            self._cache.popitem(last=False)
         return out
 
     def _encode(self, images: list[np.ndarray], zoom: float) -> list[tuple[ImageEmbedding, Frame]]:
