@@ -382,3 +382,28 @@ def test_a_recipe_changes_fields_of_its_specs_architecture_and_the_export_keeps_
     assert load_model(tmp_path / "m.pt").config.fpn_top_down_levels == (0, 1, 2, 3)
     with pytest.raises(ValueError, match="unknown model config fields"):
         build_training_model(load_config(tiny_recipe("bayes", model={"config": {"fpn_levels": [0]}})))
+
+
+def test_a_run_keeps_what_it_knew_of_its_source_after_the_source_file_is_gone(tmp_path):
+    """Resuming or exporting a run must not need the weights it started from, nor change what it
+    recorded about them: exported from a state whose start file was missing, a fine-tune of a
+    scratch model passed for SAM2's trained heads (automatic segmentation then found nothing)."""
+    from napari_ruac.model.automatic import trained_heads
+
+    torch.set_num_threads(1)
+    first = Trainer(tiny_recipe("bayes", steps=1), tmp_path / "scratch", quiet=True)
+    first.fit()
+    first.export(tmp_path / "scratch.pt")
+    later_cfg = tiny_recipe("bayes", steps=2, model={"init": "pretrained", "checkpoint": str(tmp_path / "scratch.pt")})
+    later = Trainer(later_cfg, tmp_path / "later", quiet=True)
+    later.fit()
+    assert later.trained_heads is False
+    (tmp_path / "scratch.pt").unlink()
+    resumed = Trainer(later_cfg, tmp_path / "later", resume=True, quiet=True)
+    assert resumed.step == 2 and resumed.trained_heads is False
+    for a, b in zip(resumed.model.state_dict().values(), later.model.state_dict().values()):
+        assert torch.equal(a, b)  # the weights came from the run's own state
+    assert not trained_heads(load_model(resumed.export(tmp_path / "later.pt")))
+    # a new run cannot start from weights that are not there
+    with pytest.raises(FileNotFoundError, match="scratch.pt"):
+        Trainer(later_cfg, tmp_path / "fresh", quiet=True)

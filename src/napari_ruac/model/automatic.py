@@ -476,6 +476,8 @@ def trained_heads(model: RuacSam) -> bool:
     otherwise (official weights, a file without our recipe) SAM2's.
     """
     info = getattr(model, "info", None) or {}
+    if info.get("weights_missing"):  # random weights in place of a missing file: nothing trained
+        return False
     recorded = (info.get("metadata") or {}).get("trained_heads")
     if recorded is not None:
         return bool(recorded)

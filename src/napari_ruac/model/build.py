@@ -159,7 +159,8 @@ def _from_spec(spec: ModelSpec, checkpoint, download: bool) -> RuacSam:
                 stacklevel=3,
             )
             model = build_model(spec.config)
-            model.info = {"source": "random (weights missing)", "variant": spec.name, "trained": False}
+            model.info = {"source": "random (weights missing)", "variant": spec.name, "trained": False,
+                          "weights_missing": True}
             return model
         model = _from_file(file, spec.config)
         model.info["variant"] = spec.name

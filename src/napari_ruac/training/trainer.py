@@ -125,20 +125,25 @@ def load_config(path_or_dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------- model
-def build_training_model(cfg: dict) -> RuacSam:
+def build_training_model(cfg: dict, require_weights: bool = True) -> RuacSam:
     """From scratch (``init: scratch``: a registered spec's architecture, with the fields given
-    in ``config`` changed) or from existing weights (``init: pretrained``, via ``load_model``)."""
+    in ``config`` changed) or from existing weights (``init: pretrained``, via ``load_model``).
+
+    ``require_weights``: a ``checkpoint`` the recipe names must exist (a fine-tuning recipe must
+    not quietly start from random weights). A resumed run, whose weights come from its own
+    state, passes False: without the file it gets the registered spec's architecture with
+    random weights (``info["weights_missing"]``), which its state then overwrites."""
     mcfg = cfg["model"]
+    named = mcfg.get("checkpoint")
+    if mcfg["init"] == "pretrained" and named and not Path(named).is_file():
+        if require_weights or mcfg["spec"] not in MODEL_SPECS:
+            raise FileNotFoundError(f"the recipe starts from {named}, which does not exist (model.checkpoint)")
+        model = build_model(_recipe_architecture(cfg), seed=cfg["seed"])
+        model.info = {"source": f"random ({named} missing)", "variant": mcfg["spec"], "trained": False,
+                      "weights_missing": True}
+        return model
     if mcfg["init"] == "scratch":
-        if mcfg["spec"] not in MODEL_SPECS:
-            raise ValueError(f"unknown model spec {mcfg['spec']!r}; expected one of {list(MODEL_SPECS)}")
-        config = MODEL_SPECS[mcfg["spec"]].config
-        if mcfg.get("config"):
-            config = ModelConfig.from_dict({**config.to_dict(), **mcfg["config"]})
-        want = "deterministic" if cfg["variant"] == "det" else "bayesian"
-        if config.head != want:
-            config = ModelConfig(**{**config.to_dict(), "head": want})
-        model = build_model(config, seed=cfg["seed"])
+        model = build_model(_recipe_architecture(cfg), seed=cfg["seed"])
         if mcfg.get("align_image_to_token", True):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg["seed"] + 2)
@@ -159,6 +164,21 @@ def build_training_model(cfg: dict) -> RuacSam:
             )
         return model
     raise ValueError(f"model.init must be 'scratch' or 'pretrained', got {mcfg['init']!r}")
+
+
+def _recipe_architecture(cfg: dict) -> ModelConfig:
+    """The registered spec's architecture with the recipe's ``model.config`` fields changed and
+    the decoder its variant needs."""
+    mcfg = cfg["model"]
+    if mcfg["spec"] not in MODEL_SPECS:
+        raise ValueError(f"unknown model spec {mcfg['spec']!r}; expected one of {list(MODEL_SPECS)}")
+    config = MODEL_SPECS[mcfg["spec"]].config
+    if mcfg.get("config"):
+        config = ModelConfig.from_dict({**config.to_dict(), **mcfg["config"]})
+    want = "deterministic" if cfg["variant"] == "det" else "bayesian"
+    if config.head != want:
+        config = ModelConfig(**{**config.to_dict(), "head": want})
+    return config
 
 
 def warm_start(model: RuacSam, path: str | os.PathLike) -> list[str]:
@@ -424,7 +444,7 @@ class Trainer:
         self.workers = self.data_cfg.workers if workers is None else workers
         self.annotated = annotated
 
-        model = build_training_model(self.cfg).to(self.device)
+        model = build_training_model(self.cfg, require_weights=not (resume and checkpoint.is_file())).to(self.device)
         # whether the multimask tokens and IoU head are trained SAM2's way, over the model's
         # whole lineage (recorded on export for automatic segmentation's defaults): from
         # existing weights, what the source had; and this recipe's multimask loss trains them
@@ -511,6 +531,9 @@ class Trainer:
             "elapsed": self.elapsed,
             "last_val": self.last_val,
             "model_config": self.model.config.to_dict(),
+            # decided when the run started, from the weights it started from: a resumed or
+            # exported run may no longer have that file at hand
+            "trained_heads": self.trained_heads,
         }
 
     def save(self) -> None:
@@ -528,6 +551,8 @@ class Trainer:
         self.step = int(ckpt["step"])
         self.elapsed = float(ckpt.get("elapsed", 0.0))
         self.last_val = dict(ckpt.get("last_val", {}))
+        if "trained_heads" in ckpt:
+            self.trained_heads = bool(ckpt["trained_heads"])
         if not self.quiet and self.rank == 0:
             print(f"resumed {path} at step {self.step}")
 
