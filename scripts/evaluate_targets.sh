@@ -5,6 +5,8 @@
 # Fetches the targets first (scripts/fetch_targets.py, cache outside git); results go to
 # results/eval/<target>[_zoomZ]-<model>.json (+ per-object CSV). One torch thread by default, so
 # it can run beside a training run on a 2-core machine; EVAL_THREADS=2 on a quiet one.
+# EVAL_REUSE=1 keeps the results already in results/eval that are newer than their model (to go
+# on after an interruption).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 models=("$@")
@@ -12,10 +14,17 @@ models=("$@")
 cache=$(.venv/bin/python scripts/fetch_targets.py | tail -1 | sed -E 's#^[^:]+: (.*)/[^/]+$#\1#')
 out=results/eval
 mkdir -p "$out"
+fresh() {  # json, model: EVAL_REUSE=1 and the json is newer than the model's weights file
+  [ "${EVAL_REUSE:-0}" = 1 ] && [ -f "$1" ] || return 1
+  local w=$2
+  [ -f "$w" ] || w=src/napari_ruac/weights/$2.pt
+  [ ! -f "$w" ] || [ "$1" -nt "$w" ]
+}
 run() {  # target, tag, extra args...
   local target=$1 tag=$2; shift 2
   for m in "${models[@]}"; do
     name=$(basename "$m" .pt)
+    fresh "$out/$tag-$name.json" "$m" && continue
     OMP_NUM_THREADS=${EVAL_THREADS:-1} .venv/bin/napari-ruac evaluate --images "$cache/$target/images" --masks "$cache/$target/masks" \
       --model "$m" --json "$out/$tag-$name.json" "$@" > /dev/null
   done
@@ -26,6 +35,8 @@ run() {  # target, tag, extra args...
 }
 all=point1,point3,box,automatic  # automatic: automatic segmentation, matched to the truth
 run dsb2018 dsb2018 --prompts $all
+# the model's own values beyond a tight box (not cut at it: --box-margin off)
+run dsb2018 dsb2018_boxoff --prompts box --box-margin off --no-baselines
 run nuclei3d nuclei3d --prompts $all
 run nuclei3d nuclei3d_zoom0.5 --zoom 0.5 --prompts $all
 run stardist3d stardist3d --prompts $all
@@ -35,6 +46,7 @@ autorun() {  # target
   local target=$1
   for m in "${models[@]}"; do
     name=$(basename "$m" .pt)
+    fresh "$out/${target}_zoomauto-$name.json" "$m" && continue
     OMP_NUM_THREADS=${EVAL_THREADS:-1} .venv/bin/napari-ruac evaluate --images "$cache/$target/images" --masks "$cache/$target/masks" \
       --model "$m" --zoom auto --prompts automatic --no-baselines --json "$out/${target}_zoomauto-$name.json" > /dev/null
   done

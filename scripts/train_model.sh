@@ -7,7 +7,9 @@
 # (training/micro-<v>-edge.yaml, 2000 more steps with the annotation-like synthetic labels) in
 # runs/micro-<v>-edge (all gitignored), exported in fp16 into the package: what ships. With a
 # third argument --heads it runs the stage-2 recipe training/micro-<v>-heads.yaml on top of
-# stage 1 instead (an experiment, not what ships: see training/README.md) and exports that.
+# stage 1 instead (an experiment, not what ships: see training/README.md) and exports that; with
+# --more it goes on after stage 1d with stage 1e (training/micro-<v>-more.yaml, 2000 more steps, in
+# progress) in runs/micro-<v>-more and exports that to runs/micro-<v>-stage1e.pt (not the package).
 set -euo pipefail
 v=${1:-}
 threads=${2:-1}
@@ -16,7 +18,7 @@ case "$v" in
   ruac) out=micro ;;
   bayes) out=micro-bayes ;;
   det) out=micro-det ;;
-  *) echo "usage: $0 ruac|bayes|det [threads] [--heads]" >&2; exit 2 ;;
+  *) echo "usage: $0 ruac|bayes|det [threads] [--heads|--more]" >&2; exit 2 ;;
 esac
 cd "$(dirname "$0")/.."
 train() { .venv/bin/napari-ruac train "$@"; }
@@ -30,4 +32,10 @@ fi
 train "training/micro-$v-long.yaml" --run-dir "runs/micro-$v-long" --threads "$threads" --resume
 train "training/micro-$v-long.yaml" --run-dir "runs/micro-$v-long" --export "runs/micro-$v-stage1c.pt" --full-precision
 train "training/micro-$v-edge.yaml" --run-dir "runs/micro-$v-edge" --threads "$threads" --resume
+if [ "$heads" = "--more" ]; then
+  train "training/micro-$v-edge.yaml" --run-dir "runs/micro-$v-edge" --export "runs/micro-$v-stage1d.pt" --full-precision
+  train "training/micro-$v-more.yaml" --run-dir "runs/micro-$v-more" --threads "$threads" --resume
+  train "training/micro-$v-more.yaml" --run-dir "runs/micro-$v-more" --export "runs/micro-$v-stage1e.pt"
+  exit 0
+fi
 train "training/micro-$v-edge.yaml" --run-dir "runs/micro-$v-edge" --export "src/napari_ruac/weights/$out.pt"

@@ -344,15 +344,16 @@ def test_every_recipe_loads_and_names_its_variant(path):
     variant = path.stem.split("-")[1]  # micro-<variant>[-stage].yaml
     assert cfg["variant"] == variant
     if cfg["model"]["init"] == "pretrained":
-        # later stages start from the same variant's stage 1; stage 1d (-edge) from stage 1c
-        start = "stage1c" if path.stem.endswith("-edge") else "stage1"
+        # later stages start from the same variant's stage 1; stage 1d (-edge) from stage 1c,
+        # stage 1e (-more) from stage 1d
+        start = {"edge": "stage1c", "more": "stage1d"}.get(path.stem.split("-")[-1], "stage1")
         assert cfg["model"]["checkpoint"] == f"runs/micro-{variant}-{start}.pt"
 
 
 def test_shipped_variants_see_the_same_data_for_the_same_budget():
     from napari_ruac.training.trainer import load_config
 
-    for stage in ("", "-cont", "-long", "-edge", "-heads"):
+    for stage in ("", "-cont", "-long", "-edge", "-more", "-heads"):
         cfgs = {v: load_config(RECIPES / f"micro-{v}{stage}.yaml") for v in ("ruac", "bayes", "det")}
         for section in ("data", "optim", "loss", "train", "val", "seed"):
             assert cfgs["ruac"][section] == cfgs["bayes"][section] == cfgs["det"][section], (stage, section)
