@@ -203,6 +203,36 @@ def test_a_signalled_run_checkpoints_the_step_it_reached(tmp_path, sig):
         assert load_model(tmp_path / "m.pt").info["trained"]
 
 
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_whole_job_stops_it_as_cleanly_as_one_to_the_trainer(tmp_path, sig):
+    # A job scheduler's time limit, `pkill -f` and Ctrl-C in a terminal signal every process of
+    # the job, the data-loading workers too. A worker killed under the trainer made the stop a
+    # crash ("DataLoader worker ... is killed by signal") after the checkpoint; the workers now
+    # leave stopping to the trainer.
+    recipe = tmp_path / "recipe.yaml"
+    cfg = tiny_recipe("bayes", steps=500, train={"checkpoint_every": 1000})
+    cfg["data"]["workers"] = 1
+    recipe.write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+    proc = _cli([str(recipe), "--run-dir", str(run), "--threads", "1"], start_new_session=True)
+    _wait_for_logged_steps(proc, run / "log.csv", 3)
+    os.killpg(proc.pid, getattr(signal, sig))
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == (0 if sig == "SIGTERM" else 130), out
+    assert "killed by signal" not in out and "Traceback" not in out, out
+    ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    assert 3 <= ckpt["step"] < 500
+    deadline = time.time() + 30  # and no worker is left behind
+    while time.time() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("a data-loading worker outlived its trainer")
+
+
 def test_export_writes_an_fp16_package_checkpoint_that_loads(tmp_path):
     from napari_ruac.model import read_checkpoint
 

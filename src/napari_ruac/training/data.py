@@ -16,6 +16,7 @@ Batch dict (tensors):
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -268,3 +269,8 @@ def make_loader(maker: BatchMaker, start: int, stop: int, workers: int) -> torch
 def _worker_init(_):
     # one thread per worker: the trainer's threads need the cores
     torch.set_num_threads(1)
+    # A signal to the whole job (a scheduler's time limit, `pkill -f`, Ctrl-C in a terminal)
+    # reaches the workers too; killed under the trainer, they turned its checkpointed stop into
+    # a crash. The trainer stops them when it stops (and a worker whose trainer is gone exits).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
