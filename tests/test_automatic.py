@@ -24,6 +24,7 @@ from napari_ruac.model.automatic import (
     drop_cut_candidates,
     merge_fragments,
     point_grid,
+    reported_iou,
     resolve_labels,
     trained_heads,
 )
@@ -338,6 +339,8 @@ def test_our_models_defaults_skip_the_heads_stage_1_never_trained(micro, tiny_mo
     assert sam.multimask is True and sam.pred_iou_thresh == 0.7 and sam.rank_by == "iou"
     assert sam.stability_score_thresh == 0.8
     assert AutomaticSegmenter(micro, stability_score_thresh=0.9).stability_score_thresh == 0.9
+    # what users are shown of the IoU head: nothing where it is untrained
+    assert np.isnan(reported_iou(micro, 0.93)) and reported_iou(tiny_model, 0.93) == pytest.approx(0.93)
     assert AutomaticSegmenter(micro, multimask=True, pred_iou_thresh=0.5, rank_by="iou").options()["pred_iou_thresh"] == 0.5
     with pytest.raises(ValueError, match="rank_by"):
         AutomaticSegmenter(micro, rank_by="area")

@@ -83,6 +83,23 @@ def test_axes_override_and_channel_choice(tmp_path):
 
 
 # ---------------------------------------------------------------------------- outputs
+def test_a_model_with_an_untrained_iou_head_writes_no_predicted_iou(tmp_path):
+    # micro's IoU head was never trained: its number sits near the training data's mean IoU
+    # whatever the mask, so the objects table leaves it out (nan) rather than mislead
+    yy, xx = np.mgrid[:96, :96]
+    img = np.zeros((96, 96), np.float32)
+    for cy, cx in ((30, 30), (60, 66)):
+        img += ((yy - cy) ** 2 + (xx - cx) ** 2 < 100) * 800.0
+    img += np.random.default_rng(0).normal(100, 10, img.shape)
+    src = tmp_path / "nuclei.tif"
+    tifffile.imwrite(src, img.astype(np.uint16))
+    summary = segment_files([src], tmp_path / "out", model="micro", points_per_side=4, threads=1)
+    assert summary.ok
+    rows = list(csv.DictReader(outputs(tmp_path / "out", "nuclei")["objects"].open()))
+    assert rows and all(np.isnan(float(r["iou_score"])) for r in rows)
+    assert all(int(r["area"]) > 0 for r in rows)
+
+
 def test_outputs_of_a_time_and_z_stack(tmp_path):
     a = stack((2, 3, 40, 48))
     src = tmp_path / "cells.ome.tif"
@@ -102,6 +119,7 @@ def test_outputs_of_a_time_and_z_stack(tmp_path):
     rows = list(csv.DictReader(files["objects"].open()))
     assert files["objects"].read_text().splitlines()[0] == "label,plane,area,mean_uncertainty,iou_score"
     assert rows
+    assert all(0 <= float(r["iou_score"]) <= 1.5 for r in rows)  # SAM2-style heads: the decoder's IoU
     for r in rows:  # every row describes a label that exists in its plane
         plane = labels.reshape(6, 40, 48)[int(r["plane"])]
         assert (plane == int(r["label"])).sum() == int(r["area"])

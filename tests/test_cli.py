@@ -41,6 +41,14 @@ def test_predict_writes_mask_and_uncertainty(image_file, tmp_path, capsys):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
+def test_predict_reports_the_predicted_iou_only_where_the_iou_head_was_trained(image_file, tmp_path, capsys):
+    for model, shown in (("test-tiny", True), ("micro", False)):  # micro's IoU head is untrained
+        assert main(["predict", str(image_file), "--point", "45,60", "--model", model, "-o", str(tmp_path)]) == 0
+        out = capsys.readouterr().out
+        assert "mean uncertainty in mask" in out
+        assert ("predicted IoU" in out) == shown, (model, out)
+
+
 def test_predict_plane_of_a_stack(tmp_path):
     stack = np.random.default_rng(0).integers(0, 255, (3, 64, 64)).astype(np.uint8)
     tifffile.imwrite(tmp_path / "stack.tif", stack)

@@ -68,6 +68,23 @@ def test_layers_follow_a_scaled_translated_stack(make_napari_viewer, qtbot):
     assert widget.last_latency_s is not None and widget.last_latency_s > 0
 
 
+def test_the_predicted_iou_is_shown_only_for_a_model_whose_iou_head_was_trained(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    viewer.add_image(stack(n=1)[0] * 1000, name="cells")
+    widget = dock(viewer, qtbot)
+    widget.model_picker.model_combo.setCurrentText("micro")  # IoU head never trained
+    widget.add_point((32, 45))
+    wait_predictions(qtbot, widget, 1)
+    assert "px," in widget.status.text() and "predicted IoU" not in widget.status.text()
+    assert np.isnan(widget.records[widget.commit()].iou_score)
+    widget.model_picker.model_combo.setCurrentText("test-tiny")  # SAM2-style heads
+    n = widget.predictions_applied
+    widget.add_point((15, 18))
+    wait_predictions(qtbot, widget, n + 1)
+    assert "predicted IoU" in widget.status.text()
+    assert np.isfinite(widget.records[widget.commit()].iou_score)
+
+
 def test_canvas_clicks_add_positive_and_negative_points(make_napari_viewer, qtbot):
     viewer = make_napari_viewer(show=True)
     viewer.add_image(stack(n=1)[0], name="cells", scale=(0.5, 0.5), translate=(10, 5))

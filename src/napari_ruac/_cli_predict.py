@@ -93,6 +93,7 @@ def _predict(args) -> int:
     from .io.imageio import read_image, write_tiff_atomic
     from .io.stacks import stack_stem
     from .model import Predictor, load_model
+    from .model.automatic import reported_iou
 
     points = [_parse_pair(p, "--point") for p in args.point]
     negatives = [_parse_pair(p, "--negative") for p in args.negative]
@@ -137,9 +138,11 @@ def _predict(args) -> int:
     calibration = tiff_write_kwargs(size and PixelSize(size.x, size.y))
     mask_path = write_tiff_atomic(out / f"{stem}_mask.tif", pred.mask.astype(np.uint8), **calibration)
     unc_path = write_tiff_atomic(out / f"{stem}_uncertainty.tif", pred.uncertainty.astype(np.float32), **calibration)
+    iou = reported_iou(model, pred.iou_score)
     print(
-        f"{stem}: mask area {int(pred.mask.sum())} px, predicted IoU {pred.iou_score:.3f}, "
-        f"mean uncertainty in mask {pred.mean_uncertainty:.3f}"
+        f"{stem}: mask area {int(pred.mask.sum())} px, "
+        + (f"predicted IoU {iou:.3f}, " if iou == iou else "")
+        + f"mean uncertainty in mask {pred.mean_uncertainty:.3f}"
     )
     print(f"wrote {mask_path} and {unc_path}")
     return 0

@@ -10,7 +10,8 @@ are written atomically from the store, then the store is removed:
 * ``<stem>_labels.tif`` int32 and ``<stem>_uncertainty.tif`` float32, shaped like the input
   without its colour axis;
 * ``<stem>_objects.csv`` with ``label, plane, area, mean_uncertainty, iou_score``
-  (labels are numbered per plane; ``plane`` is the C-order index over the plane axes);
+  (labels are numbered per plane; ``plane`` is the C-order index over the plane axes;
+  ``iou_score`` is ``nan`` for a model whose IoU head is untrained, like our micro models);
 * ``<stem>_metadata.json``: model, versions, parameters, input axes and the fingerprint.
 
 The store records a fingerprint of the input file, the model and every parameter that changes
@@ -695,9 +696,13 @@ def segment_plane(plane: np.ndarray, index: int, spec: ModelSpec, where: str | N
     if spec.threads:
         torch.set_num_threads(int(spec.threads))
     # named, so that an error says which of a stack's planes is bad (e.g. holds NaNs)
-    result = get_segmenter(spec).segment(plane, name=where or f"plane {index}")
+    from .model.automatic import reported_iou
+
+    segmenter = get_segmenter(spec)
+    result = segmenter.segment(plane, name=where or f"plane {index}")
     objects = [
-        {"label": o.label, "area": o.area, "mean_uncertainty": o.mean_uncertainty, "iou_score": o.iou_score}
+        {"label": o.label, "area": o.area, "mean_uncertainty": o.mean_uncertainty,
+         "iou_score": reported_iou(segmenter.model, o.iou_score)}
         for o in result.objects
     ]
     return PlaneResult(index, result.labels, result.uncertainty, objects, float(result.zoom))

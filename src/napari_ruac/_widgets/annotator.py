@@ -44,6 +44,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..model.automatic import reported_iou
 from .model_picker import ModelChoice, ModelPicker, zoom_spin_box
 from .objects import ObjectRecord, measure_object, next_uncertain, plane_centroid
 from .runner import LatestOnlyRunner
@@ -525,9 +526,11 @@ class AnnotatorWidget(QWidget):
             self._update_overlay(res.plane)
             self._current_preds[res.plane] = res
             self._shown_prompts[res.plane] = res.prompt
+            iou = self._reported_iou(pred)
             self.status.setText(
-                f"plane {res.plane or 'image'}: {int(pred.mask.sum())} px, predicted IoU {pred.iou_score:.2f}, "
-                f"mean uncertainty {pred.mean_uncertainty:.2f}")
+                f"plane {res.plane or 'image'}: {int(pred.mask.sum())} px, "
+                + (f"predicted IoU {iou:.2f}, " if iou == iou else "")
+                + f"mean uncertainty {pred.mean_uncertainty:.2f}")
         self.current.refresh()
         self.uncertainty.refresh()
         if self.overlay.visible:
@@ -591,7 +594,7 @@ class AnnotatorWidget(QWidget):
         self._reprompt_id = None
         self.objects.data[mask] = obj_id
         self.objects.refresh()
-        ious = [r.prediction.iou_score for r in self._current_preds.values()]
+        ious = [self._reported_iou(r.prediction) for r in self._current_preds.values()]
         prompts = {plane: r.prompt for plane, r in self._current_preds.items()}
         self._record(obj_id, float(np.mean(ious)) if ious else float("nan"), prompts)
         self.clear_prompts()
@@ -623,6 +626,13 @@ class AnnotatorWidget(QWidget):
             if rec is not None:
                 self.records[int(obj_id)] = rec
         self._fill_object_table()
+
+    def _reported_iou(self, pred) -> float:
+        """The predicted IoU to show for ``pred``: NaN (not shown) when the model's IoU head is
+        untrained (our micro models)."""
+        if self._predictor is None:
+            return float("nan")
+        return reported_iou(self._predictor.model, pred.iou_score)
 
     def _fill_object_table(self) -> None:
         table = self.object_table

@@ -487,6 +487,15 @@ def trained_heads(model: RuacSam) -> bool:
     return bool(recipe.get("train", {}).get("multimask", False))
 
 
+def reported_iou(model: RuacSam, iou_score: float) -> float:
+    """A decoder's predicted IoU as shown to users (messages, object tables, CSV files): NaN when
+    ``model``'s IoU head was never trained (see :func:`trained_heads`: our ``micro`` models),
+    whose number sits near the mean IoU of its training data whatever the mask and would read as
+    a verdict on it."""
+    return float(iou_score) if trained_heads(model) else float("nan")
+
+
+
 class AutomaticSegmenter:
     """Segment every object of a plane, with per-pixel and per-object uncertainty.
 
