@@ -8,8 +8,8 @@
 # runs/micro-<v>-edge (all gitignored), exported in fp16 into the package: what ships. With a
 # third argument --heads it runs the stage-2 recipe training/micro-<v>-heads.yaml on top of
 # stage 1 instead (an experiment, not what ships: see training/README.md) and exports that; with
-# --more it goes on after stage 1d with stage 1e (training/micro-<v>-more.yaml, 2000 more steps, in
-# progress) in runs/micro-<v>-more and exports that to runs/micro-<v>-stage1e.pt (not the package).
+# --more it goes on after stage 1d with stage 1e (training/micro-<v>-more.yaml, 2000 more steps, an
+# experiment, not shipped) in runs/micro-<v>-more and exports that to runs/micro-<v>-stage1e.pt (not the package).
 set -euo pipefail
 v=${1:-}
 threads=${2:-1}
