@@ -141,7 +141,7 @@ def _predict(args) -> int:
     iou = reported_iou(model, pred.iou_score)
     print(
         f"{stem}: mask area {int(pred.mask.sum())} px, "
-        + (f"predicted IoU {iou:.3f}, " if iou == iou else "")
+        + ("" if np.isnan(iou) else f"predicted IoU {iou:.3f}, ")
         + f"mean uncertainty in mask {pred.mean_uncertainty:.3f}"
     )
     print(f"wrote {mask_path} and {unc_path}")

@@ -529,7 +529,7 @@ class AnnotatorWidget(QWidget):
             iou = self._reported_iou(pred)
             self.status.setText(
                 f"plane {res.plane or 'image'}: {int(pred.mask.sum())} px, "
-                + (f"predicted IoU {iou:.2f}, " if iou == iou else "")
+                + ("" if np.isnan(iou) else f"predicted IoU {iou:.2f}, ")
                 + f"mean uncertainty {pred.mean_uncertainty:.2f}")
         self.current.refresh()
         self.uncertainty.refresh()

@@ -495,7 +495,6 @@ def reported_iou(model: RuacSam, iou_score: float) -> float:
     return float(iou_score) if trained_heads(model) else float("nan")
 
 
-
 class AutomaticSegmenter:
     """Segment every object of a plane, with per-pixel and per-object uncertainty.
 
