@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import numpy as np
 import pytest
 import tifffile
 import torch
 
 from napari_ruac.io.normalize import ImageError
-from napari_ruac.training.data import AnnotatedImages, BatchMaker, DataConfig
+from napari_ruac.training import data as data_module
+from napari_ruac.training.data import AnnotatedImages, BatchMaker, DataConfig, close_batches, make_loader
 from napari_ruac.training.losses import LossConfig, calibration_loss, dice_loss, multimask_loss, segmentation_loss
 from napari_ruac.training.prompts import (KIND_BACKGROUND, KIND_BOX, PromptConfig, correction_clicks,
                                          sample_prompts)
@@ -290,3 +295,51 @@ def test_box_jitter_moves_corners_both_ways_or_only_outwards(inward):
     else:
         assert inside.mean() > 0.5
     assert np.abs(y0 - 20).max() <= 3.0 + 1e-4  # 10 % of the 30-px side
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reap it if it is our exited child
+        os.kill(pid, 0)
+    except (ChildProcessError, ProcessLookupError):
+        return False
+    return True
+
+
+def _wait_dead(pids, seconds: float) -> bool:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if not any(_alive(p) for p in pids):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_loader_workers_stop_when_closed_even_while_something_still_holds_the_iterator():
+    # a KeyboardInterrupt's traceback holds the iterator until exit, where the DataLoader no
+    # longer stops its workers; close_batches stops them while the iterator is still referenced
+    maker = BatchMaker(DataConfig(batch_size=1, crop_size=32, large_sizes=()), seed=1, length=50)
+    batches = iter(make_loader(maker, 0, 50, workers=1))
+    next(batches)
+    pids = [w.pid for w in batches._workers]
+    assert pids and all(_alive(p) for p in pids)
+    close_batches(batches)
+    assert _wait_dead(pids, 15), "a worker outlived close_batches"
+    close_batches(batches)  # closing twice is harmless, and so is a loader without workers
+    close_batches(iter(make_loader(maker, 0, 2, workers=0)))
+
+
+def test_a_loader_worker_outlives_sigterm_for_a_grace_period_then_exits(monkeypatch):
+    # a signal to the whole training job must not kill the workers under their trainer (it
+    # stops them after its checkpoint), but a SIGTERM no stop follows must not leave them behind
+    monkeypatch.setattr(data_module, "WORKER_TERM_GRACE_S", 3.0)  # the forked worker inherits it
+    maker = BatchMaker(DataConfig(batch_size=1, crop_size=32, large_sizes=()), seed=1, length=50)
+    batches = iter(make_loader(maker, 0, 50, workers=1))
+    next(batches)
+    (pid,) = [w.pid for w in batches._workers]
+    os.kill(pid, signal.SIGTERM)
+    os.kill(pid, signal.SIGINT)
+    time.sleep(1.0)
+    assert _alive(pid), "SIGTERM/SIGINT killed a worker under its trainer"
+    assert _wait_dead([pid], 20), "a SIGTERMed worker was still alive after its grace period"
+    del batches

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -266,11 +267,35 @@ def make_loader(maker: BatchMaker, start: int, stop: int, workers: int) -> torch
     return torch.utils.data.DataLoader(maker, batch_size=None, sampler=range(start, stop), **kwargs)
 
 
+def close_batches(batches) -> None:
+    """Stop the workers behind a DataLoader iterator now (a no-op for one without workers).
+
+    Collecting the iterator would do it, but an exception's traceback can keep the iterator
+    alive until interpreter exit, and there the DataLoader leaves its workers to
+    multiprocessing's SIGTERM, which ours ignore (:func:`_worker_init`) for a grace period."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
+# how long a worker outlives a SIGTERM: enough for its trainer to checkpoint and stop it
+WORKER_TERM_GRACE_S = 60.0
+
+
 def _worker_init(_):
     # one thread per worker: the trainer's threads need the cores
     torch.set_num_threads(1)
     # A signal to the whole job (a scheduler's time limit, `pkill -f`, Ctrl-C in a terminal)
     # reaches the workers too; killed under the trainer, they turned its checkpointed stop into
     # a crash. The trainer stops them when it stops (and a worker whose trainer is gone exits).
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # A SIGTERM that no stop follows (a trainer that exits without stopping its workers, or
+    # multiprocessing terminating them at exit) still ends the worker after a grace period.
+    signal.signal(signal.SIGTERM, _term_after_grace)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _term_after_grace(*_):
+    if getattr(_term_after_grace, "timer", None) is None:
+        _term_after_grace.timer = threading.Timer(WORKER_TERM_GRACE_S, os._exit, args=(0,))
+        _term_after_grace.timer.daemon = True
+        _term_after_grace.timer.start()

@@ -41,7 +41,7 @@ from ..model.config import MODEL_SPECS, ModelConfig
 from ..model.sam import RuacSam, tie_query_key
 from ..model.weibull import binary_entropy_from_logit, probit_logit
 from .adversaries import AdversaryConfig, Adversaries
-from .data import AnnotatedImages, BatchMaker, DataConfig, make_loader
+from .data import AnnotatedImages, BatchMaker, DataConfig, close_batches, make_loader
 from .losses import (LossConfig, calibration_loss, distill_weight_at, fg_weight_at, mask_iou, multimask_loss,
                      segmentation_loss, upsample_logits)
 from .prompts import KIND_POINT, correction_clicks
@@ -604,11 +604,11 @@ class Trainer:
             self._prepare_log()
         maker = BatchMaker(self.data_cfg, seed=self.cfg["seed"] * 7919 + self.rank, annotated=self.annotated,
                            length=total)
-        loader = make_loader(maker, self.step, stop, self.workers)
+        batches = iter(make_loader(maker, self.step, stop, self.workers))
         self.wrapped.train()
         saved_at = self.step
         try:
-            for batch in loader:
+            for batch in batches:
                 t0 = time.perf_counter()
                 row = self.train_step(batch)
                 dt = time.perf_counter() - t0
@@ -628,6 +628,11 @@ class Trainer:
                     print(_progress_line(row, total), flush=True)
                 yield StepResult(self.step, row)
         finally:
+            # Stop the data-loading workers now, not when the iterator is collected: after a
+            # KeyboardInterrupt the traceback keeps it alive until interpreter exit, where the
+            # DataLoader no longer stops its workers and multiprocessing's SIGTERM (which they
+            # ignore, see data._worker_init) left the exit joining them forever.
+            close_batches(batches)
             if saved_at != self.step:  # stopped early (cancelled): keep what was learned
                 self.save()
                 if self.rank == 0:
