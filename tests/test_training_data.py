@@ -120,8 +120,9 @@ def test_annotated_folders_and_stacks(tmp_path):
     lab = np.zeros((3, 40, 50), np.uint16)
     lab[:, 5:15, 5:20] = 1
     lab[:, 20:30, 25:40] = 2
-    tifffile.imwrite(tmp_path / "images" / "stack.tif", (rng.random((3, 40, 50)) * 500).astype(np.uint16))
-    tifffile.imwrite(tmp_path / "masks" / "stack.tif", lab)
+    tifffile.imwrite(tmp_path / "images" / "stack.tif", (rng.random((3, 40, 50)) * 500).astype(np.uint16),
+                     photometric="minisblack")
+    tifffile.imwrite(tmp_path / "masks" / "stack.tif", lab, photometric="minisblack")
     tifffile.imwrite(tmp_path / "images" / "single.tif", rng.random((40, 50)).astype(np.float32))
     tifffile.imwrite(tmp_path / "masks" / "single.tif", lab[0])
     data = AnnotatedImages.from_folder(tmp_path)

@@ -81,6 +81,29 @@ def _cli(args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
+def _descendants(pid: int) -> list[int]:
+    try:
+        kids = [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+    return kids + [d for k in kids for d in _descendants(k)]
+
+
+def _communicate(proc, timeout: float = 240) -> str:
+    """The CLI's output once it has exited; one that hangs fails the test and is killed with
+    its workers (a hung trainer otherwise outlives the test run)."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        for pid in [proc.pid, *_descendants(proc.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        out = proc.communicate(timeout=30)[0]
+        pytest.fail(f"the training CLI did not exit within {timeout} s; its output:\n{out}")
+
+
 def _wait_for_logged_steps(proc, log: Path, n: int, timeout_s: float = 240) -> None:
     """Until the running CLI ``proc`` has logged ``n`` steps; it must still be running then."""
     deadline = time.time() + timeout_s
@@ -172,7 +195,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_loss_log(tmp_path):
     assert ckpt["step"] in (3, 6, 9)
 
     proc = _cli([str(recipe), "--run-dir", str(broken), "--threads", "1", "--resume"])
-    out, _ = proc.communicate(timeout=240)
+    out = _communicate(proc)
     assert proc.returncode == 0, out
     assert f"resumed {broken / 'last.pt'} at step {ckpt['step']}" in out
 
@@ -194,7 +217,7 @@ def test_a_signalled_run_checkpoints_the_step_it_reached(tmp_path, sig):
     log = run / "log.csv"
     _wait_for_logged_steps(proc, log, 3)
     proc.send_signal(getattr(signal, sig))
-    out, _ = proc.communicate(timeout=240)
+    out = _communicate(proc)
     assert proc.returncode == (0 if sig == "SIGTERM" else 130), out
     rows = read_log(log)
     ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
@@ -217,7 +240,7 @@ def test_a_signal_to_the_whole_job_stops_it_as_cleanly_as_one_to_the_trainer(tmp
     proc = _cli([str(recipe), "--run-dir", str(run), "--threads", "1"], start_new_session=True)
     _wait_for_logged_steps(proc, run / "log.csv", 3)
     os.killpg(proc.pid, getattr(signal, sig))
-    out, _ = proc.communicate(timeout=240)
+    out = _communicate(proc)
     assert proc.returncode == (0 if sig == "SIGTERM" else 130), out
     assert "killed by signal" not in out and "Traceback" not in out, out
     ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 from contextlib import contextmanager
@@ -10,9 +11,12 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
+from .normalize import ImageError
+
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read a TIFF (any page layout) or PNG/JPEG; a clear error for missing or corrupt files."""
+    """Read a TIFF (any page layout) or PNG/JPEG; a clear error for missing or corrupt files,
+    including a TIFF cut short, of which tifffile would return the planes it could still read."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
@@ -21,16 +25,70 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     suffix = path.suffix.lower()
     try:
         if suffix in (".tif", ".tiff"):
-            data = tifffile.imread(path)
+            data = _read_tiff(path)
         else:
             from skimage import io as skio
 
             data = np.asarray(skio.imread(path))
+    except ImageError:
+        raise
     except Exception as exc:  # tifffile/zlib/imageio raise many types for damaged files
         raise ValueError(f"{path} is not a readable image (corrupt or truncated?): {exc}") from exc
     if data.size == 0:
         raise ValueError(f"{path} is not a readable image (corrupt or truncated?): it holds no pixel data")
     return data
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    with TiffLog() as log, tifffile.TiffFile(path) as tf:
+        n_pages = len(tf.pages)  # walks the whole IFD chain: a cut-off chain shows here
+        series = tf.series
+        if not log.messages and series:
+            check_tiff_data(path, series[0])
+            data = tf.asarray()
+    if log.messages:
+        raise ImageError(f"{path} is truncated or corrupt ({n_pages} readable pages): {log.messages[0]}")
+    if not series:
+        raise ImageError(f"{path} contains no image data")
+    return data
+
+
+class TiffLog(logging.Handler):
+    """Collects what tifffile logs while a file is opened (it logs, not raises, on damage such
+    as a broken page chain or a stack shorter than its own metadata says)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> "TiffLog":
+        self._logger = logging.getLogger("tifffile")
+        self._propagate = self._logger.propagate
+        self._logger.addHandler(self)
+        self._logger.propagate = False  # reported through ImageError instead of stderr
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._logger.removeHandler(self)
+        self._logger.propagate = self._propagate
+
+
+def check_tiff_data(path: Path, series) -> None:
+    """Catch truncation up front: every strip/tile of ``series`` must lie inside the file."""
+    size = path.stat().st_size
+    for page in series.pages:
+        if page is None:
+            continue
+        offsets = getattr(page, "dataoffsets", None) or ()
+        counts = getattr(page, "databytecounts", None) or ()
+        for off, n in zip(offsets, counts):
+            if off + n > size:
+                raise ImageError(
+                    f"{path} is truncated: image data ends at byte {off + n} but the file has {size} bytes"
+                )
 
 
 @contextmanager

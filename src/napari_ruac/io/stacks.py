@@ -11,7 +11,6 @@ problem (empty, corrupt, truncated, unsupported dtype, ambiguous axes).
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .calibration import PixelSize, ngff_pixel_size, tiff_pixel_size
+from .imageio import TiffLog, check_tiff_data
 from .normalize import ImageError
 
 SPATIAL = "YX"
@@ -216,7 +216,7 @@ def _open_tiff(path: Path):
     import tifffile
     import zarr
 
-    with _TiffWarnings() as warned:
+    with TiffLog() as warned:
         try:
             tf = tifffile.TiffFile(path)
             n_pages = len(tf.pages)  # walks the whole IFD chain: a cut-off chain shows here
@@ -236,7 +236,7 @@ def _open_tiff(path: Path):
             page = series.keyframe
             rgb = getattr(page, "photometric", None) == tifffile.PHOTOMETRIC.RGB and page.planarconfig == 1
             axes = "Q" * (len(series.shape) - 1) + ("S" if rgb else "Q")
-        _check_tiff_data(path, tf, series)
+        check_tiff_data(path, series)
         array = zarr.open(series.aszarr(), mode="r")
         pixel_size = tiff_pixel_size(tf)
     except ImageError:
@@ -246,43 +246,6 @@ def _open_tiff(path: Path):
         tf.close()
         raise ImageError(f"{path} is not a readable TIFF (corrupt or truncated?): {exc}") from exc
     return array, axes, tf.close, pixel_size
-
-
-class _TiffWarnings(logging.Handler):
-    """Collects what tifffile logs while a file is opened (it logs, not raises, on damage)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-    def __enter__(self) -> "_TiffWarnings":
-        self._logger = logging.getLogger("tifffile")
-        self._propagate = self._logger.propagate
-        self._logger.addHandler(self)
-        self._logger.propagate = False  # reported through ImageError instead of stderr
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._logger.removeHandler(self)
-        self._logger.propagate = self._propagate
-
-
-def _check_tiff_data(path: Path, tf, series) -> None:
-    """Catch truncation up front: every strip/tile must lie inside the file."""
-    size = path.stat().st_size
-    for page in series.pages:
-        if page is None:
-            continue
-        offsets = getattr(page, "dataoffsets", None) or ()
-        counts = getattr(page, "databytecounts", None) or ()
-        for off, n in zip(offsets, counts):
-            if off + n > size:
-                raise ImageError(
-                    f"{path} is truncated: image data ends at byte {off + n} but the file has {size} bytes"
-                )
 
 
 def _open_zarr(path: Path):
