@@ -51,7 +51,7 @@ def test_predict_reports_the_predicted_iou_only_where_the_iou_head_was_trained(i
 
 def test_predict_plane_of_a_stack(tmp_path):
     stack = np.random.default_rng(0).integers(0, 255, (3, 64, 64)).astype(np.uint8)
-    tifffile.imwrite(tmp_path / "stack.tif", stack)
+    tifffile.imwrite(tmp_path / "stack.tif", stack, photometric="minisblack")
     assert main(["predict", str(tmp_path / "stack.tif"), "--plane", "1", "--point", "5,5",
                  "--model", "test-tiny", "-o", str(tmp_path / "o")]) == 0
     assert tifffile.imread(tmp_path / "o" / "stack_plane1_mask.tif").shape == (64, 64)
@@ -70,7 +70,7 @@ def test_predict_on_a_stack_asks_for_a_plane_and_a_colour_image_has_none(tmp_pat
     rgb = np.random.default_rng(1).integers(0, 255, (64, 64, 3)).astype(np.uint8)
     tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb")
     cases = [("stack.tif", [], "choose one with --plane 0..4"), ("stack.tif", ["--plane", "5"], "planes 0..4"),
-             ("rgb.tif", ["--plane", "2"], "a single plane of shape (64, 64, 3)")]
+             ("rgb.tif", ["--plane", "2"], "a single plane (shape (64, 64, 3), axes YXS)")]
     for name, extra, message in cases:
         out = tmp_path / f"o_{name}_{len(extra)}"
         assert main(["predict", str(tmp_path / name), "--point", "5,5", *extra, "--model", "test-tiny",
@@ -81,6 +81,31 @@ def test_predict_on_a_stack_asks_for_a_plane_and_a_colour_image_has_none(tmp_pat
     assert main(["predict", str(tmp_path / "rgb.tif"), "--point", "5,5", "--model", "test-tiny",
                  "-o", str(tmp_path / "ok")]) == 0
     assert tifffile.imread(tmp_path / "ok" / "rgb_mask.tif").shape == (64, 64)
+
+
+def test_predict_reads_a_plane_of_a_hyperstack_as_the_batch_numbers_it(tmp_path, capsys):
+    # T=2, Z=3, C=5 (more channels than a colour image has): plane 4 is T=1, Z=1, as in the
+    # batch's objects CSV; one channel is chosen with --channel; a NaN plane is named
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 255, (2, 3, 5, 48, 40)).astype(np.float32)
+    data[1, 2, 3] = np.nan
+    tifffile.imwrite(tmp_path / "hyper.tif", data, imagej=True, metadata={"axes": "TZCYX"})
+    base = ["predict", str(tmp_path / "hyper.tif"), "--point", "5,5", "--model", "test-tiny"]
+    assert main([*base, "--plane", "4", "-o", str(tmp_path / "a")]) == 1
+    assert "5 channels" in capsys.readouterr().err
+    assert main([*base, "--plane", "4", "--channel", "3", "-o", str(tmp_path / "b")]) == 0
+    assert "hyper_plane4 (plane 4 (T=1, Z=1))" in capsys.readouterr().out
+    assert tifffile.imread(tmp_path / "b" / "hyper_plane4_mask.tif").shape == (48, 40)
+    assert main([*base, "--plane", "6", "--channel", "0", "-o", str(tmp_path / "c")]) == 1
+    assert "planes 0..5" in capsys.readouterr().err
+    assert main([*base, "--plane", "5", "--channel", "3", "-o", str(tmp_path / "d")]) == 1
+    err = capsys.readouterr().err
+    assert "plane 5 (T=1, Z=2)" in err and "NaN" in err and not (tmp_path / "d").exists()
+    # --axes names the axes of a file that does not
+    tifffile.imwrite(tmp_path / "plain.tif", data[:, :, 0], photometric="minisblack")
+    assert main(["predict", str(tmp_path / "plain.tif"), "--axes", "TZYX", "--plane", "4", "--point", "5,5",
+                 "--model", "test-tiny", "-o", str(tmp_path / "e")]) == 0
+    assert "plane 4 (T=1, Z=1)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

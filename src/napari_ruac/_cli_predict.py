@@ -16,11 +16,15 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     if name == "info":
         parser.add_argument("--json", action="store_true", help="print as JSON")
         return
-    parser.add_argument("image", help="a 2D image (TIFF/PNG); for a stack, pick the plane with --plane")
+    parser.add_argument("image", help="a 2D image (TIFF/PNG/zarr); for a stack, pick the plane with --plane")
     parser.add_argument("--point", action="append", default=[], metavar="ROW,COL", help="object point (repeatable)")
     parser.add_argument("--negative", action="append", default=[], metavar="ROW,COL", help="background point (repeatable)")
     parser.add_argument("--box", metavar="ROW0,COL0,ROW1,COL1", help="bounding box of the object")
-    parser.add_argument("--plane", type=int, default=None, help="plane index of a 3D/time stack")
+    parser.add_argument("--plane", type=int, default=None,
+                        help="plane of a 3D/time stack: its index in C order over every axis but Y, X and colour "
+                             "(as in the batch's objects CSV); only that plane is read")
+    parser.add_argument("--axes", default=None, help="axes of a TIFF/zarr input, e.g. TZCYX (default: from the file)")
+    parser.add_argument("--channel", type=int, default=None, help="channel to segment when there are more than 4")
     parser.add_argument("--model", default="micro", help="model name or checkpoint path (default: micro)")
     parser.add_argument("--checkpoint", default=None, help="weights file for an official SAM2.1 model")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
@@ -88,9 +92,41 @@ def _parse_pair(text: str, what: str) -> tuple[float, float]:
     return r, c
 
 
+def _read_plane(args):
+    """The plane to segment (only that plane is read from a stack), its name for messages and
+    the file's pixel size. A TIFF or zarr stack is read as the batch command reads it: its axes
+    from the file (or --axes), planes numbered in C order over every axis but Y, X and colour,
+    as in the batch's objects CSV."""
+    from .io.imageio import read_image
+    from .io.stacks import TIFF_SUFFIXES, ZARR_SUFFIXES, open_stack, plane_name
+
+    path = Path(args.image)
+    if path.suffix.lower() not in TIFF_SUFFIXES + ZARR_SUFFIXES:  # PNG, JPEG: one plane
+        if args.plane not in (None, 0):
+            raise ValueError(f"--plane {args.plane}: {path} is a single plane")
+        return read_image(path), "the image", None
+    if not path.exists():
+        raise FileNotFoundError(f"image file not found: {path}")
+    with open_stack(path, axes=args.axes, channel=args.channel) as stack:
+        n = stack.n_planes
+        shape = f"shape {stack.shape}, axes {stack.axes}"
+        if args.plane is None:
+            if n > 1:
+                raise ValueError(f"{path} is a stack of {n} planes ({shape}): choose one with --plane 0..{n - 1}")
+            index = 0
+        elif n == 1:
+            raise ValueError(f"--plane {args.plane}: {path} is a single plane ({shape}), not a stack")
+        elif not 0 <= args.plane < n:
+            raise ValueError(f"--plane {args.plane} does not exist: {path} has planes 0..{n - 1} ({shape})")
+        else:
+            index = args.plane
+        return stack.read_plane(index), plane_name(stack, index), stack.pixel_size
+
+
 def _predict(args) -> int:
-    from .io.calibration import PixelSize, file_pixel_size, tiff_write_kwargs
-    from .io.imageio import read_image, write_tiff_atomic
+    from .io.calibration import PixelSize, tiff_write_kwargs
+    from .io.imageio import write_tiff_atomic
+    from .io.normalize import validate_plane
     from .io.stacks import stack_stem
     from .model import Predictor, load_model
     from .model.automatic import reported_iou
@@ -108,19 +144,8 @@ def _predict(args) -> int:
     if not points and not negatives and box is None:
         raise ValueError("give at least one --point or a --box")
 
-    image = read_image(args.image)
-    # a plane is (H, W) or (H, W, C) with C in 1, 3, 4 (colour last); anything else is a stack
-    colour = image.ndim >= 3 and image.shape[-1] in (1, 3, 4)
-    n_planes = image.shape[0] if image.ndim - colour >= 3 else None
-    if args.plane is not None:
-        if n_planes is None:
-            raise ValueError(f"--plane {args.plane}: {args.image} is a single plane of shape {image.shape}, not a stack")
-        if not 0 <= args.plane < n_planes:
-            raise ValueError(f"--plane {args.plane} does not exist: {args.image} has planes 0..{n_planes - 1}")
-        image = image[args.plane]
-    elif n_planes is not None:
-        raise ValueError(f"{args.image} is a stack of {n_planes} planes (shape {image.shape}): "
-                         f"choose one with --plane 0..{n_planes - 1}")
+    image, plane, size = _read_plane(args)
+    validate_plane(image, name=f"{args.image}, {plane}")  # bad pixels: name the file and plane first
     model = load_model(args.model, device=args.device, checkpoint=args.checkpoint)
     predictor = Predictor(model, zoom=args.zoom, window=args.window,
                           box_size=args.box_size, views=args.views, box_margin=args.box_margin,
@@ -134,13 +159,12 @@ def _predict(args) -> int:
     # "a.2024-01-05.ome.tif" -> "a.2024-01-05"; one file per plane, so planes do not overwrite
     stem = stack_stem(args.image) + ("" if args.plane is None else f"_plane{args.plane}")
     # the input's pixel size, so the mask measures in its units (a plane: no Z spacing)
-    size = file_pixel_size(args.image)
     calibration = tiff_write_kwargs(size and PixelSize(size.x, size.y))
     mask_path = write_tiff_atomic(out / f"{stem}_mask.tif", pred.mask.astype(np.uint8), **calibration)
     unc_path = write_tiff_atomic(out / f"{stem}_uncertainty.tif", pred.uncertainty.astype(np.float32), **calibration)
     iou = reported_iou(model, pred.iou_score)
     print(
-        f"{stem}: mask area {int(pred.mask.sum())} px, "
+        f"{stem}" + (f" ({plane})" if args.plane is not None else "") + ": mask area {int(pred.mask.sum())} px, "
         + ("" if np.isnan(iou) else f"predicted IoU {iou:.3f}, ")
         + f"mean uncertainty in mask {pred.mean_uncertainty:.3f}"
     )

@@ -53,7 +53,7 @@ from ._cli_options import zoom_value
 from ._versions import package_version
 from .io.imageio import atomic_file, atomic_write_bytes
 from .io.normalize import ImageError
-from .io.stacks import TIFF_SUFFIXES, ZARR_SUFFIXES, Stack, describe, open_stack, stack_stem
+from .io.stacks import TIFF_SUFFIXES, ZARR_SUFFIXES, Stack, describe, open_stack, plane_name, stack_stem
 
 WORK_DIR = ".ruac-work"
 SEGMENTER_OPTIONS = (
@@ -706,14 +706,6 @@ def segment_plane(plane: np.ndarray, index: int, spec: ModelSpec, where: str | N
         for o in result.objects
     ]
     return PlaneResult(index, result.labels, result.uncertainty, objects, float(result.zoom))
-
-
-def plane_name(stack: Stack, i: int) -> str:
-    """``plane 7 (T=1, Z=2)`` for messages; ``the plane`` for a single plane."""
-    coords = stack.plane_coords(i)
-    if not coords:
-        return "the plane"
-    return f"plane {i} ({', '.join(f'{a}={v}' for a, v in coords.items())})"
 
 
 class _LocalExecutor:

@@ -118,6 +118,14 @@ class Stack:
         self.close()
 
 
+def plane_name(stack: Stack, i: int) -> str:
+    """``plane 7 (T=1, Z=2)`` for messages; ``the plane`` for a single plane."""
+    coords = stack.plane_coords(i)
+    if not coords:
+        return "the plane"
+    return f"plane {i} ({', '.join(f'{a}={v}' for a, v in coords.items())})"
+
+
 def stack_stem(path: str | os.PathLike) -> str:
     """File name without its image suffixes (``a.ome.tif`` -> ``a``, ``b.zarr`` -> ``b``)."""
     name = Path(path).name
