@@ -208,7 +208,7 @@ def test_a_finished_input_is_not_redone_and_changed_parameters_redo_it(tmp_path)
 
 def test_the_model_is_loaded_once_per_process(tmp_path):
     src = tmp_path / "s.tif"
-    tifffile.imwrite(src, stack((3, 32, 32)))
+    tifffile.imwrite(src, stack((3, 32, 32)), photometric="minisblack")
     segment_files([src], tmp_path / "a", **FAST)
     before = model_loads()
     segment_files([src], tmp_path / "b", **FAST)
@@ -219,7 +219,7 @@ def test_the_model_is_loaded_once_per_process(tmp_path):
 def test_a_stale_work_store_is_not_mixed_in(tmp_path):
     """A store left by a run with other parameters (or another input) is discarded."""
     src = tmp_path / "s.tif"
-    tifffile.imwrite(src, stack((4, 32, 32)))
+    tifffile.imwrite(src, stack((4, 32, 32)), photometric="minisblack")
     out = tmp_path / "out"
     cancel = threading.Event()
 
@@ -240,12 +240,12 @@ def test_a_stale_work_store_is_not_mixed_in(tmp_path):
 
 def test_a_changed_input_is_not_resumed_from_the_old_store(tmp_path):
     src = tmp_path / "s.tif"
-    tifffile.imwrite(src, stack((4, 32, 32), seed=1))
+    tifffile.imwrite(src, stack((4, 32, 32), seed=1), photometric="minisblack")
     out = tmp_path / "out"
     cancel = threading.Event()
     kept = segment_files([src], out, progress=lambda p: cancel.set(), cancel=cancel, keep_work=True, **FAST)
     assert kept.cancelled and (out / ".ruac-work" / "s" / "planes" / "0.json").exists()
-    tifffile.imwrite(src, stack((4, 32, 32), seed=2))  # same name and shape, new pixels
+    tifffile.imwrite(src, stack((4, 32, 32), seed=2), photometric="minisblack")  # same name and shape, new pixels
     redone = segment_files([src], out, **FAST)
     assert redone.ok and redone.files[0].resumed_planes == 0
     segment_files([src], tmp_path / "ref", **FAST)
@@ -389,7 +389,7 @@ def test_bad_options_stop_before_any_work(tmp_path):
 
 
 def test_cli_segment_prints_progress_and_summary(tmp_path):
-    tifffile.imwrite(tmp_path / "s.tif", stack((3, 32, 32)))
+    tifffile.imwrite(tmp_path / "s.tif", stack((3, 32, 32)), photometric="minisblack")
     (tmp_path / "bad.tif").write_bytes(b"")
     cmd = [sys.executable, "-m", "napari_ruac.cli", "segment", str(tmp_path / "s.tif"), str(tmp_path / "bad.tif"),
            "-o", str(tmp_path / "out"), "--model", "test-tiny", "--points-per-side", "4", "--threads", "1"]

@@ -21,7 +21,8 @@ def inputs(tmp_path_factory):
     for i, shape in enumerate([(6, 40, 40), (2, 3, 36, 44)]):
         p = root / f"stack{i}.tif"
         axes = "ZYX" if len(shape) == 3 else "TZYX"
-        tifffile.imwrite(p, (rng.random(shape) * 3000).astype(np.uint16), metadata={"axes": axes})
+        tifffile.imwrite(p, (rng.random(shape) * 3000).astype(np.uint16), metadata={"axes": axes},
+                         photometric="minisblack")
         paths.append(p)
     return paths
 

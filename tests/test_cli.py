@@ -39,6 +39,13 @@ def test_predict_writes_mask_and_uncertainty(image_file, tmp_path, capsys):
     assert unc.dtype == np.float32 and 0 <= unc.min() and unc.max() <= 1
     assert "wrote" in capsys.readouterr().out
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+    # our napari reader opens the uncertainty map with its mask beside it
+    from napari_ruac._reader import get_reader
+
+    layers = get_reader(str(out / "cells_uncertainty.tif"))(str(out / "cells_uncertainty.tif"))
+    assert [(meta["name"], kind) for _, meta, kind in layers] == [("cells mask", "labels"),
+                                                                  ("cells uncertainty", "image")]
+    np.testing.assert_array_equal(layers[0][0], mask)
 
 
 def test_predict_reports_the_predicted_iou_only_where_the_iou_head_was_trained(image_file, tmp_path, capsys):

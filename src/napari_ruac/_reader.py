@@ -1,7 +1,6 @@
 """napari reader for our results: ``*_uncertainty.tif`` opens as a 0..1 uncertainty image, with
-its sibling ``*_labels.tif`` (if present) as a labels layer.
-
-Written by :mod:`napari_ruac._writer` and by batch segmentation.
+its sibling ``*_labels.tif`` (written by :mod:`napari_ruac._writer` and by batch segmentation)
+or ``*_mask.tif`` (written by ``napari-ruac predict``), if present, as a labels layer.
 """
 
 from __future__ import annotations
@@ -31,9 +30,12 @@ def _is_uncertainty(path) -> bool:
 
 
 def labels_path_for(path: str | Path) -> Path:
+    """The labels beside an uncertainty map: ``<stem>_labels`` (writer, batch), else
+    ``<stem>_mask`` (predict); the first name when neither exists."""
     p = Path(path)
     stem = p.name[: p.name.lower().rfind("_uncertainty")]
-    return p.with_name(f"{stem}_labels{p.suffix}")
+    candidates = [p.with_name(f"{stem}{kind}{p.suffix}") for kind in ("_labels", "_mask")]
+    return next((c for c in candidates if c.is_file()), candidates[0])
 
 
 def read_results(path: str | list[str]) -> list[tuple]:
@@ -44,7 +46,8 @@ def read_results(path: str | list[str]) -> list[tuple]:
         stem = Path(p).name[: Path(p).name.lower().rfind("_uncertainty")]
         labels_file = labels_path_for(p)
         if labels_file.is_file():
-            layers.append((np.asarray(read_image(labels_file)), {"name": f"{stem} labels"}, "labels"))
+            kind = "mask" if labels_file.stem.endswith("_mask") else "labels"
+            layers.append((np.asarray(read_image(labels_file)), {"name": f"{stem} {kind}"}, "labels"))
         unc = np.asarray(read_image(p), dtype=np.float32)
         layers.append((unc, {"name": f"{stem} uncertainty", **UNCERTAINTY_DISPLAY}, "image"))
     return layers
