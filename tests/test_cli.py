@@ -37,7 +37,8 @@ def test_predict_writes_mask_and_uncertainty(image_file, tmp_path, capsys):
     assert mask.shape == unc.shape == (90, 120)
     assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
     assert unc.dtype == np.float32 and 0 <= unc.min() and unc.max() <= 1
-    assert "wrote" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"cells: mask area {int(mask.sum())} px, " in printed and "wrote" in printed
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
     # our napari reader opens the uncertainty map with its mask beside it
     from napari_ruac._reader import get_reader
@@ -101,8 +102,9 @@ def test_predict_reads_a_plane_of_a_hyperstack_as_the_batch_numbers_it(tmp_path,
     assert main([*base, "--plane", "4", "-o", str(tmp_path / "a")]) == 1
     assert "5 channels" in capsys.readouterr().err
     assert main([*base, "--plane", "4", "--channel", "3", "-o", str(tmp_path / "b")]) == 0
-    assert "hyper_plane4 (plane 4 (T=1, Z=1))" in capsys.readouterr().out
-    assert tifffile.imread(tmp_path / "b" / "hyper_plane4_mask.tif").shape == (48, 40)
+    mask = tifffile.imread(tmp_path / "b" / "hyper_plane4_mask.tif")
+    assert f"hyper_plane4 (plane 4 (T=1, Z=1)): mask area {int(mask.sum())} px" in capsys.readouterr().out
+    assert mask.shape == (48, 40)
     assert main([*base, "--plane", "6", "--channel", "0", "-o", str(tmp_path / "c")]) == 1
     assert "planes 0..5" in capsys.readouterr().err
     assert main([*base, "--plane", "5", "--channel", "3", "-o", str(tmp_path / "d")]) == 1

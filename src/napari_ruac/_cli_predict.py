@@ -164,7 +164,7 @@ def _predict(args) -> int:
     unc_path = write_tiff_atomic(out / f"{stem}_uncertainty.tif", pred.uncertainty.astype(np.float32), **calibration)
     iou = reported_iou(model, pred.iou_score)
     print(
-        f"{stem}" + (f" ({plane})" if args.plane is not None else "") + ": mask area {int(pred.mask.sum())} px, "
+        f"{stem}" + (f" ({plane})" if args.plane is not None else "") + f": mask area {int(pred.mask.sum())} px, "
         + ("" if np.isnan(iou) else f"predicted IoU {iou:.3f}, ")
         + f"mean uncertainty in mask {pred.mean_uncertainty:.3f}"
     )
