@@ -5,7 +5,7 @@
 
 predict reads only the plane it segments (the batch's lazy stack reader), so peak RSS and time
 should not grow with the number of planes in the file. Each run is a fresh subprocess that
-reports its own peak RSS (``ru_maxrss``); all rows come from this one run.
+reports its own peak RSS (``VmHWM``); all rows come from this one run.
 """
 
 from __future__ import annotations
@@ -20,13 +20,17 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
+# Peak RSS from /proc's VmHWM, the high-water mark of this process's own memory map: Linux
+# carries ru_maxrss across exec, so a child started by a parent that once held more memory would
+# report the parent's peak (subprocess starts children with vfork/posix_spawn).
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 from napari_ruac.cli import main
 t0 = time.perf_counter()
 rc = main(sys.argv[1:])
 dt = time.perf_counter() - t0
-print(json.dumps({"rc": rc, "s": dt, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"rc": rc, "s": dt, "rss_mb": int(hwm.split()[1]) / 1024}))
 """
 
 
@@ -53,7 +57,7 @@ def main() -> None:
         tmp = Path(tmp)
         for n in depths:
             path = tmp / f"stack{n}.tif"
-            # written plane by plane: on Linux a child's ru_maxrss starts from its parent's RSS
+            # written plane by plane, so that this process stays small
             planes = ((rng.random((512, 512)) * 4000).astype(np.uint16) for _ in range(n))
             shape = (n, 512, 512) if n > 1 else (512, 512)
             tifffile.imwrite(path, data=planes, shape=shape, dtype=np.uint16, photometric="minisblack")
