@@ -7,7 +7,7 @@ automatic segmentation vs SAM2's own ``SAM2AutomaticMaskGenerator``.
 Every number in a table is measured in this run, side by side:
 
 1. **Stack depth** — ``segment_files`` on stacks of 10, 40 and 160 planes, each run in a fresh
-   subprocess that reports its own peak RSS (``ru_maxrss``): planes/s and peak RSS, which must
+   subprocess that reports its own peak RSS (``VmHWM``): planes/s and peak RSS, which must
    stay flat (planes stream through a chunked store; nothing holds the stack).
 2. **Local vs dask** — the 40-plane stack in this process vs a 2-worker ``LocalCluster`` on
    127.0.0.1 (throughput, peak RSS of the client and of each worker). On a 2-core machine two
@@ -45,7 +45,13 @@ OPTIONS = dict(points_per_side=16, points_per_batch=64, pred_iou_thresh=0.5, sta
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """This process's own peak RSS (VmHWM). Not ``ru_maxrss``: Linux carries it across exec, so
+    a child (or a dask worker) would report its parent's peak when that was higher."""
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024.0
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def synthetic_stack(path: Path, n: int, size: int, seed: int = 0) -> None:
