@@ -42,8 +42,11 @@ class Prediction:
 
     ``mask`` bool; ``probability`` and ``uncertainty`` float32 (uncertainty = binary entropy of
     the probability in bits, 0..1); ``epistemic``/``aleatoric`` only in MC mode;
-    ``iou_score`` the decoder's predicted IoU; ``object_score`` the probability that an object
-    is present at the prompt. With multimask output, ``alternatives`` holds the other masks.
+    ``iou_score`` the decoder's predicted IoU, as the head computes it: for a model whose IoU
+    head was never trained (our ``micro`` models) it is a number near the training mean whatever
+    the mask, so show ``automatic.reported_iou(model, iou_score)`` (NaN there) to people;
+    ``object_score`` the probability that an object is present at the prompt. With multimask
+    output, ``alternatives`` holds the other masks.
     """
 
     mask: np.ndarray
