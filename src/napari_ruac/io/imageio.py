@@ -40,21 +40,35 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def _read_tiff(path: Path) -> np.ndarray:
-    with TiffLog() as log, tifffile.TiffFile(path) as tf:
-        n_pages = len(tf.pages)  # walks the whole IFD chain: a cut-off chain shows here
-        series = tf.series
-        if not log.messages and series:
-            check_tiff_data(path, series[0])
-            data = tf.asarray()
-    if log.messages:
-        raise ImageError(f"{path} is truncated or corrupt ({n_pages} readable pages): {log.messages[0]}")
-    if not series:
-        raise ImageError(f"{path} contains no image data")
+    tf, _ = open_tiff(path)
+    with tf, _TiffLog() as log:
+        data = tf.asarray()
+        log.check(path, len(tf.pages))
     return data
 
 
-class TiffLog(logging.Handler):
-    """Collects what tifffile logs while a file is opened (it logs, not raises, on damage such
+def open_tiff(path: Path):
+    """``(TiffFile, its first series)`` once the damage tifffile only logs is ruled out: a broken
+    page chain, a stack shorter than its own metadata says, strips past the end of the file
+    (:class:`ImageError`); the caller closes the file. Other failures propagate as tifffile
+    raises them."""
+    with _TiffLog() as log:
+        tf = tifffile.TiffFile(path)
+        try:
+            n_pages = len(tf.pages)  # walks the whole IFD chain: a cut-off chain shows here
+            series = tf.series
+            log.check(path, n_pages)
+            if not series:
+                raise ImageError(f"{path} contains no image data")
+            _check_tiff_data(path, series[0])
+        except BaseException:
+            tf.close()
+            raise
+    return tf, series[0]
+
+
+class _TiffLog(logging.Handler):
+    """Collects what tifffile logs while a file is read (it logs, not raises, on damage such
     as a broken page chain or a stack shorter than its own metadata says)."""
 
     def __init__(self) -> None:
@@ -64,7 +78,11 @@ class TiffLog(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
 
-    def __enter__(self) -> "TiffLog":
+    def check(self, path: Path, n_pages: int) -> None:
+        if self.messages:
+            raise ImageError(f"{path} is truncated or corrupt ({n_pages} readable pages): {self.messages[0]}")
+
+    def __enter__(self) -> "_TiffLog":
         self._logger = logging.getLogger("tifffile")
         self._propagate = self._logger.propagate
         self._logger.addHandler(self)
@@ -76,7 +94,7 @@ class TiffLog(logging.Handler):
         self._logger.propagate = self._propagate
 
 
-def check_tiff_data(path: Path, series) -> None:
+def _check_tiff_data(path: Path, series) -> None:
     """Catch truncation up front: every strip/tile of ``series`` must lie inside the file."""
     size = path.stat().st_size
     for page in series.pages:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .calibration import PixelSize, ngff_pixel_size, tiff_pixel_size
-from .imageio import TiffLog, check_tiff_data
+from .imageio import open_tiff
 from .normalize import ImageError
 
 SPATIAL = "YX"
@@ -224,27 +224,19 @@ def _open_tiff(path: Path):
     import tifffile
     import zarr
 
-    with TiffLog() as warned:
-        try:
-            tf = tifffile.TiffFile(path)
-            n_pages = len(tf.pages)  # walks the whole IFD chain: a cut-off chain shows here
-            series = tf.series
-        except Exception as exc:
-            raise ImageError(f"{path} is not a readable TIFF (corrupt or truncated?): {exc}") from exc
     try:
-        if warned.messages:
-            # tifffile only logs a broken IFD chain and returns the pages it could read
-            raise ImageError(f"{path} is truncated or corrupt ({n_pages} readable pages): {warned.messages[0]}")
-        if not series:
-            raise ImageError(f"{path} contains no image data")
-        series = series[0]
+        tf, series = open_tiff(path)
+    except ImageError:
+        raise
+    except Exception as exc:
+        raise ImageError(f"{path} is not a readable TIFF (corrupt or truncated?): {exc}") from exc
+    try:
         axes = series.axes
         if tf.is_shaped and not (tf.shaped_metadata and tf.shaped_metadata[0].get("axes")):
             # a plain tifffile "shaped" file: its letters are guesses, keep only RGB samples
             page = series.keyframe
             rgb = getattr(page, "photometric", None) == tifffile.PHOTOMETRIC.RGB and page.planarconfig == 1
             axes = "Q" * (len(series.shape) - 1) + ("S" if rgb else "Q")
-        check_tiff_data(path, series)
         array = zarr.open(series.aszarr(), mode="r")
         pixel_size = tiff_pixel_size(tf)
     except ImageError:
