@@ -13,7 +13,8 @@ import torch
 
 from napari_ruac.io.normalize import ImageError
 from napari_ruac.training import data as data_module
-from napari_ruac.training.data import AnnotatedImages, BatchMaker, DataConfig, close_batches, make_loader
+from napari_ruac.training.data import (AnnotatedImages, BatchMaker, DataConfig, close_batches, make_loader,
+                                      received_batches)
 from napari_ruac.training.losses import LossConfig, calibration_loss, dice_loss, multimask_loss, segmentation_loss
 from napari_ruac.training.prompts import (KIND_BACKGROUND, KIND_BOX, PromptConfig, correction_clicks,
                                          sample_prompts)
@@ -344,3 +345,37 @@ def test_a_loader_worker_outlives_sigterm_for_a_grace_period_then_exits(monkeypa
     assert _alive(pid), "SIGTERM/SIGINT killed a worker under its trainer"
     assert _wait_dead([pid], 20), "a SIGTERMed worker was still alive after its grace period"
     del batches
+
+
+def test_a_sigint_while_a_batch_arrives_is_raised_once_the_batch_is_whole():
+    # Ctrl-C in the middle of receiving a batch from a worker broke the worker's handshake and
+    # made it print a traceback; the interrupt now waits for the batch to arrive
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    arrived = []
+
+    def batches():
+        yield "first"
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)  # Python runs a signal's handler long before this ends
+        arrived.append("second")
+        yield "second"
+        yield "third"
+
+    received = received_batches(batches())
+    assert next(received) == "first"
+    with pytest.raises(KeyboardInterrupt):
+        next(received)
+    assert arrived == ["second"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_received_batches_yields_every_batch_in_order_and_ends():
+    assert list(received_batches(iter(range(5)))) == [0, 1, 2, 3, 4]
+    # outside the main thread (a napari thread worker) it cannot touch signals and just passes through
+    import threading
+
+    out = []
+    t = threading.Thread(target=lambda: out.extend(received_batches(iter("abc"))))
+    t.start()
+    t.join()
+    assert out == ["a", "b", "c"]

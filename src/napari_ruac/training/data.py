@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -276,6 +277,42 @@ def close_batches(batches) -> None:
     shutdown = getattr(batches, "_shutdown_workers", None)
     if shutdown is not None:
         shutdown()
+
+
+def received_batches(batches):
+    """The batches of a DataLoader iterator, each received whole: a Ctrl-C (SIGINT) that comes
+    while a batch is on its way is raised as KeyboardInterrupt once it has arrived.
+
+    A worker hands a batch's tensors over through file descriptors, fetched from the worker's
+    resource-sharing thread with an authenticated handshake; a KeyboardInterrupt in the middle
+    of it broke the connection under the worker, which then printed a traceback into a stop
+    that had otherwise checkpointed cleanly. Waiting for a batch lasts a step's data time at
+    most (the DataLoader itself notices dead workers)."""
+    while True:
+        with _sigint_deferred():
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+        yield batch
+
+
+@contextmanager
+def _sigint_deferred():
+    """Hold a SIGINT back for the duration of the block and raise it after (only where Python's
+    own KeyboardInterrupt handler is in place, in the main thread: elsewhere a no-op)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 # how long a worker outlives a SIGTERM: enough for its trainer to checkpoint and stop it

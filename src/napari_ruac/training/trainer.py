@@ -41,7 +41,7 @@ from ..model.config import MODEL_SPECS, ModelConfig
 from ..model.sam import RuacSam, tie_query_key
 from ..model.weibull import binary_entropy_from_logit, probit_logit
 from .adversaries import AdversaryConfig, Adversaries
-from .data import AnnotatedImages, BatchMaker, DataConfig, close_batches, make_loader
+from .data import AnnotatedImages, BatchMaker, DataConfig, close_batches, make_loader, received_batches
 from .losses import (LossConfig, calibration_loss, distill_weight_at, fg_weight_at, mask_iou, multimask_loss,
                      segmentation_loss, upsample_logits)
 from .prompts import KIND_POINT, correction_clicks
@@ -61,6 +61,9 @@ DEFAULTS: dict = {
         "steps": 10000,
         "lr": 4e-4,
         "encoder_lr": None,  # None: same as lr; 0: encoder frozen
+        # None: every parameter the variant uses learns; a list of parameter-name prefixes of
+        # the model (e.g. [sam_mask_decoder.weibull_head]): only those learn, the rest is frozen
+        "trainable": None,
         "weight_decay": 0.01,
         "betas": [0.9, 0.999],
         "warmup": 300,
@@ -121,6 +124,10 @@ def load_config(path_or_dict) -> dict:
     cfg = merge(DEFAULTS, raw)
     if cfg["variant"] not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {cfg['variant']!r}")
+    trainable = cfg["optim"]["trainable"]
+    if trainable is not None and (not isinstance(trainable, list) or not trainable
+                                  or not all(isinstance(t, str) and t for t in trainable)):
+        raise ValueError(f"optim.trainable must be a non-empty list of parameter-name prefixes, got {trainable!r}")
     return cfg
 
 
@@ -324,6 +331,22 @@ class TrainStep(nn.Module):
         return torch.cat([coords, c], 1), torch.cat([labels, l], 1)
 
 
+def freeze_all_but(model: RuacSam, prefixes: list[str] | None) -> None:
+    """Freeze every parameter of ``model`` whose name starts with none of ``prefixes`` (None:
+    change nothing). A prefix that names no parameter the variant trains is an error: a typo
+    would otherwise train nothing, or everything, without a word."""
+    if prefixes is None:
+        return
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    for prefix in prefixes:
+        if not any(n == prefix or n.startswith(prefix + ".") for n in names):
+            raise ValueError(f"optim.trainable: {prefix!r} names no trainable parameter of this model "
+                             f"(e.g. sam_mask_decoder.weibull_head, sam_mask_decoder, image_encoder)")
+    for name, p in model.named_parameters():
+        if not any(name == t or name.startswith(t + ".") for t in prefixes):
+            p.requires_grad_(False)
+
+
 # ---------------------------------------------------------------------------------- schedule
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Linear warm-up, then cosine decay to ``min_ratio`` at ``total`` steps."""
@@ -493,6 +516,7 @@ class Trainer:
         if enc_lr == 0:
             for p in self.model.image_encoder.parameters():
                 p.requires_grad_(False)
+        freeze_all_but(self.model, o["trainable"])
         groups: dict[str, list] = {"encoder": [], "decoder": [], "attackers": []}
         for name, p in self.step_module.named_parameters():
             if not p.requires_grad:
@@ -608,7 +632,7 @@ class Trainer:
         self.wrapped.train()
         saved_at = self.step
         try:
-            for batch in batches:
+            for batch in received_batches(batches):
                 t0 = time.perf_counter()
                 row = self.train_step(batch)
                 dt = time.perf_counter() - t0
