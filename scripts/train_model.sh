@@ -5,7 +5,10 @@
 # runs/micro-<v>-stage1.pt, then stage 1c (training/micro-<v>-long.yaml, 3000 more steps) in
 # runs/micro-<v>-long and its fp32 export runs/micro-<v>-stage1c.pt, then stage 1d
 # (training/micro-<v>-edge.yaml, 2000 more steps with the annotation-like synthetic labels) in
-# runs/micro-<v>-edge (all gitignored), exported in fp16 into the package: what ships. With a
+# runs/micro-<v>-edge and its fp32 export runs/micro-<v>-stage1d.pt, then stage 1f
+# (training/micro-<v>-calib.yaml, 300 steps of the output head only, the Bayesian ones trained on
+# their analytic predictive logit) in runs/micro-<v>-calib (all gitignored), exported in fp16
+# into the package: what ships. With a
 # third argument --heads it runs the stage-2 recipe training/micro-<v>-heads.yaml on top of
 # stage 1 instead (an experiment, not what ships: see training/README.md) and exports that; with
 # --more it goes on after stage 1d with stage 1e (training/micro-<v>-more.yaml, 2000 more steps, an
@@ -32,10 +35,11 @@ fi
 train "training/micro-$v-long.yaml" --run-dir "runs/micro-$v-long" --threads "$threads" --resume
 train "training/micro-$v-long.yaml" --run-dir "runs/micro-$v-long" --export "runs/micro-$v-stage1c.pt" --full-precision
 train "training/micro-$v-edge.yaml" --run-dir "runs/micro-$v-edge" --threads "$threads" --resume
+train "training/micro-$v-edge.yaml" --run-dir "runs/micro-$v-edge" --export "runs/micro-$v-stage1d.pt" --full-precision
 if [ "$heads" = "--more" ]; then
-  train "training/micro-$v-edge.yaml" --run-dir "runs/micro-$v-edge" --export "runs/micro-$v-stage1d.pt" --full-precision
   train "training/micro-$v-more.yaml" --run-dir "runs/micro-$v-more" --threads "$threads" --resume
   train "training/micro-$v-more.yaml" --run-dir "runs/micro-$v-more" --export "runs/micro-$v-stage1e.pt"
   exit 0
 fi
-train "training/micro-$v-edge.yaml" --run-dir "runs/micro-$v-edge" --export "src/napari_ruac/weights/$out.pt"
+train "training/micro-$v-calib.yaml" --run-dir "runs/micro-$v-calib" --threads "$threads" --resume
+train "training/micro-$v-calib.yaml" --run-dir "runs/micro-$v-calib" --export "src/napari_ruac/weights/$out.pt"

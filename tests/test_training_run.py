@@ -398,16 +398,24 @@ def test_every_recipe_loads_and_names_its_variant(path):
     assert cfg["variant"] == variant
     if cfg["model"]["init"] == "pretrained":
         # later stages start from the same variant's stage 1; stage 1d (-edge) from stage 1c,
-        # stage 1e (-more) from stage 1d
-        start = {"edge": "stage1c", "more": "stage1d"}.get(path.stem.split("-")[-1], "stage1")
+        # stages 1e (-more) and 1f (-calib) from stage 1d
+        start = {"edge": "stage1c", "more": "stage1d", "calib": "stage1d"}.get(path.stem.split("-")[-1], "stage1")
         assert cfg["model"]["checkpoint"] == f"runs/micro-{variant}-{start}.pt"
 
 
 def test_shipped_variants_see_the_same_data_for_the_same_budget():
     from napari_ruac.training.trainer import load_config
 
-    for stage in ("", "-cont", "-long", "-edge", "-more", "-heads"):
+    for stage in ("", "-cont", "-long", "-edge", "-more", "-heads", "-calib"):
         cfgs = {v: load_config(RECIPES / f"micro-{v}{stage}.yaml") for v in ("ruac", "bayes", "det")}
+        # stage 1f trains each variant's output head only: the Weibull head, or the
+        # deterministic decoder's hypernetwork MLPs (it has no Weibull head)
+        heads = {v: cfgs[v]["optim"].pop("trainable") for v in cfgs}
+        if stage == "-calib":
+            assert heads == {"ruac": ["sam_mask_decoder.weibull_head"], "bayes": ["sam_mask_decoder.weibull_head"],
+                             "det": ["sam_mask_decoder.output_hypernetworks_mlps"]}
+        else:
+            assert heads == {"ruac": None, "bayes": None, "det": None}, stage
         for section in ("data", "optim", "loss", "train", "val", "seed"):
             assert cfgs["ruac"][section] == cfgs["bayes"][section] == cfgs["det"][section], (stage, section)
 
@@ -461,3 +469,28 @@ def test_a_run_keeps_what_it_knew_of_its_source_after_the_source_file_is_gone(tm
     # a new run cannot start from weights that are not there
     with pytest.raises(FileNotFoundError, match="scratch.pt"):
         Trainer(later_cfg, tmp_path / "fresh", quiet=True)
+
+
+def test_trainable_prefixes_train_only_those_parameters(tmp_path):
+    torch.set_num_threads(1)
+    cfg = tiny_recipe("bayes", steps=3, optim={"trainable": ["sam_mask_decoder.weibull_head"]},
+                      train={"bayes_logits": "analytic"})
+    trainer = Trainer(cfg, tmp_path / "head", quiet=True)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    assert trainer.fit() == 3
+    after = trainer.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("sam_mask_decoder.weibull_head.") for k in changed), sorted(changed)
+    assert any(k.startswith("sam_mask_decoder.weibull_head.token_head") for k in changed)
+    assert any(k.startswith("sam_mask_decoder.weibull_head.pixel_head") for k in changed)
+
+
+@pytest.mark.parametrize("variant,trainable,problem", [
+    ("bayes", ["sam_mask_decoder.weibul_head"], "names no trainable parameter"),  # a typo
+    ("det", ["sam_mask_decoder.weibull_head"], "names no trainable parameter"),  # det has no Weibull head
+    ("bayes", "sam_mask_decoder", "non-empty list"),
+    ("bayes", [], "non-empty list"),
+])
+def test_a_trainable_prefix_that_trains_nothing_is_an_error(tmp_path, variant, trainable, problem):
+    with pytest.raises(ValueError, match=problem):
+        Trainer(tiny_recipe(variant, steps=1, optim={"trainable": trainable}), tmp_path / "run", quiet=True)
