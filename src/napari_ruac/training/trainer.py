@@ -337,13 +337,17 @@ def freeze_all_but(model: RuacSam, prefixes: list[str] | None) -> None:
     would otherwise train nothing, or everything, without a word."""
     if prefixes is None:
         return
+
+    def under(name: str, prefix: str) -> bool:
+        return name == prefix or name.startswith(prefix + ".")
+
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     for prefix in prefixes:
-        if not any(n == prefix or n.startswith(prefix + ".") for n in names):
+        if not any(under(n, prefix) for n in names):
             raise ValueError(f"optim.trainable: {prefix!r} names no trainable parameter of this model "
                              f"(e.g. sam_mask_decoder.weibull_head, sam_mask_decoder, image_encoder)")
     for name, p in model.named_parameters():
-        if not any(name == t or name.startswith(t + ".") for t in prefixes):
+        if not any(under(name, t) for t in prefixes):
             p.requires_grad_(False)
 
 
