@@ -41,20 +41,9 @@ run nuclei3d nuclei3d --prompts $all
 run nuclei3d nuclei3d_zoom0.5 --zoom 0.5 --prompts $all
 run stardist3d stardist3d --prompts $all
 run stardist3d stardist3d_zoom2 --zoom 2 --prompts $all
-# automatic segmentation with each plane's own zoom from the size of its objects (--zoom auto)
-autorun() {  # target
-  local target=$1
-  for m in "${models[@]}"; do
-    name=$(basename "$m" .pt)
-    fresh "$out/${target}_zoomauto-$name.json" "$m" && continue
-    OMP_NUM_THREADS=${EVAL_THREADS:-1} .venv/bin/napari-ruac evaluate --images "$cache/$target/images" --masks "$cache/$target/masks" \
-      --model "$m" --zoom auto --prompts automatic --no-baselines --json "$out/${target}_zoomauto-$name.json" > /dev/null
-  done
-  echo "**${target}, automatic segmentation with --zoom auto**"
-  echo
-  .venv/bin/python scripts/results_table.py $(for m in "${models[@]}"; do echo "$out/${target}_zoomauto-$(basename "$m" .pt).json"; done)
-  echo
-}
-autorun dsb2018
-autorun nuclei3d
-autorun stardist3d
+# each plane at its own zoom from the size of its objects (--zoom auto): clicks and automatic
+# segmentation (boxes set their own zoom, so their rows would not change)
+auto=point1,point3,automatic
+run dsb2018 dsb2018_zoomauto --zoom auto --prompts $auto --no-baselines
+run nuclei3d nuclei3d_zoomauto --zoom auto --prompts $auto --no-baselines
+run stardist3d stardist3d_zoomauto --zoom auto --prompts $auto --no-baselines

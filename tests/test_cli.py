@@ -185,3 +185,26 @@ def test_an_unknown_model_name_is_a_message_not_a_traceback(tmp_path, capsys, co
     err = capsys.readouterr().err
     assert f"napari-ruac {command}: error: unknown model 'nope': expected a checkpoint path or one of" in err
     assert "micro-det" in err and "Traceback" not in err
+
+
+def test_predict_with_auto_zoom_says_the_zoom_it_chose(tmp_path, capsys):
+    """A 70 px nucleus, larger than the ones the shipped model learned: with --zoom auto the
+    plane is seen at the zoom of its objects' size, and one click takes most of it."""
+    yy, xx = np.mgrid[:200, :200]
+    nucleus = (yy - 100) ** 2 + (xx - 100) ** 2 < 35**2
+    img = (100 + 900 * nucleus).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "big.tif", img)
+    for zoom in ("1", "auto"):
+        out = tmp_path / zoom
+        assert main(["predict", str(tmp_path / "big.tif"), "--point", "115,90", "--zoom", zoom, "-o", str(out)]) == 0
+        printed = capsys.readouterr().out
+        mask = tifffile.imread(out / "big_mask.tif") > 0
+        iou = (mask & nucleus).sum() / (mask | nucleus).sum()
+        if zoom == "auto":
+            assert "seen at zoom 0.42 (auto)" in printed and iou > 0.85, (printed, iou)
+        else:
+            assert "seen at zoom" not in printed and iou < 0.6, (printed, iou)
+    with pytest.raises(SystemExit) as exit_:
+        main(["predict", str(tmp_path / "big.tif"), "--point", "115,90", "--zoom", "big", "-o", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert "--zoom must be a number or 'auto'" in capsys.readouterr().err

@@ -202,3 +202,19 @@ def test_evaluate_automatic_with_the_trained_model(micro):
     assert auto["n_objects"] == 4 and auto["recall"] >= 0.75 and auto["miou"] > 0.6
     assert report.results["box"]["n_objects"] == 4  # prompts still evaluated beside it
     assert sum(r.prompt == "automatic" for r in report.rows) == 4
+
+
+def test_evaluate_with_auto_zoom_sees_each_plane_at_its_objects_size(micro):
+    """``zoom="auto"`` applies to prompts too: four 64-84 px nuclei, far larger than the ones
+    the shipped model learned, are taken whole by one click only at their plane's own zoom."""
+    labels = np.zeros((320, 320), np.uint16)
+    for i, (r, c, rad) in enumerate(((80, 80, 36), (80, 235, 42), (235, 80, 32), (235, 240, 38)), start=1):
+        labels[disk(labels.shape, (r, c), rad)] = i
+    rng = np.random.default_rng(0)
+    image = (0.1 + 0.7 * (labels > 0) + rng.normal(0, 0.02, labels.shape)).astype(np.float32)
+    reports = {zoom: ev.evaluate_model(micro, [("big", image, labels)], prompt_modes=("point1",), zoom=zoom,
+                                       baselines=False)
+               for zoom in (1.0, "auto")}
+    assert reports["auto"].zoom == "auto" and reports[1.0].zoom == 1.0
+    one, auto = reports[1.0].results["point1"]["miou"], reports["auto"].results["point1"]["miou"]
+    assert auto > 0.85 and auto > one + 0.2, (one, auto)

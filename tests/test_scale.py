@@ -52,3 +52,83 @@ def test_zoom_brings_objects_to_the_target_in_quarter_octaves_and_is_clamped():
         assert (4 * np.log2(z)) == pytest.approx(round(4 * np.log2(z)))
     assert auto_zoom(disc_field(24), target=2400) == 4.0  # clamped to the range
     assert auto_zoom(disc_field(40), target=1) == 0.25
+
+
+# ---------------------------------------------------------------------------- zoom="auto" for prompts
+def _disc_under(img: np.ndarray, point) -> np.ndarray:
+    from scipy import ndimage
+
+    labels, _ = ndimage.label(img > 0.45)
+    return labels == labels[point]
+
+
+@pytest.mark.parametrize("diameter, shape", [(72, (320, 320)), (10, (128, 128))])
+def test_auto_zoom_lets_one_click_take_a_large_or_a_tiny_object_whole(micro, diameter, shape):
+    """At zoom 1 the shipped model takes a piece of a 72 px disc around an off-centre click (it
+    learned nuclei of ~8-60 px) and misses the edges of a 10 px one; seen at each plane's own
+    zoom, one click takes either whole."""
+    from napari_ruac import Predictor
+
+    img = disc_field(diameter, shape=shape)
+    centre = 1.5 * shape[0] / int(np.clip(shape[0] // (2.5 * diameter), 3, 12))  # the middle disc
+    click = (int(centre + 0.25 * diameter), int(centre - 0.2 * diameter))
+    disc = _disc_under(img, click)
+    ious = {}
+    for zoom in (1.0, "auto"):
+        predictor = Predictor(micro, zoom=zoom)
+        predictor.set_image(img)
+        mask = predictor.predict(points=[click]).mask
+        ious[zoom] = (mask & disc).sum() / (mask | disc).sum()
+    assert predictor.auto_zoom and predictor.zoom == auto_zoom(img) != 1.0
+    assert ious["auto"] > 0.9 and ious["auto"] > ious[1.0] + 0.1, ious
+
+
+def test_auto_zoom_is_each_planes_own_and_estimated_once_per_plane(tiny_model):
+    from napari_ruac import Predictor
+
+    large, small = disc_field(72, shape=(320, 320)), disc_field(10, shape=(128, 128))
+    predictor = Predictor(tiny_model, zoom="AUTO")
+    assert predictor.auto_zoom and predictor.zoom == 1.0  # before a plane is set
+    zooms = []
+    for plane in (large, small, large):
+        predictor.set_image(plane)
+        zooms.append(predictor.zoom)
+        assert predictor._frame_for(plane.shape).scale == pytest.approx(predictor.zoom, rel=0.02)
+        assert predictor.is_cached(plane)  # at its own zoom, embedded above
+    assert zooms == [auto_zoom(large), auto_zoom(small), auto_zoom(large)] and zooms[0] < 0.5 < 2 < zooms[1]
+    assert len(predictor._plane_zooms) == 2  # the third plane's estimate came from the first
+    predictor.zoom = 0.5  # a number turns it off and forgets the plane
+    assert not predictor.auto_zoom and not predictor.is_image_set
+    predictor.set_image(small)
+    assert predictor.zoom == 0.5
+    predictor.zoom = "auto"
+    assert predictor.auto_zoom and not predictor.is_image_set
+    assert predictor.is_cached(small)  # its auto-zoom embedding is still in the cache
+    predictor.set_image(small)
+    assert predictor.zoom == zooms[1]
+    with pytest.raises(ValueError, match="zoom must be 'auto' or a number, got 'big'"):
+        predictor.zoom = "big"
+
+
+def test_auto_zoom_is_one_for_models_that_resize_every_plane(tiny_model):
+    from dataclasses import replace
+
+    from napari_ruac import Predictor
+    from napari_ruac.model import build_model
+
+    model = build_model(replace(tiny_model.config, input_scaling="resize")).eval()
+    predictor = Predictor(model, zoom="auto")
+    predictor.set_image(disc_field(72, shape=(320, 320)))
+    assert predictor.auto_zoom and predictor.zoom == 1.0
+
+
+def test_a_large_plane_is_measured_on_its_central_part():
+    from napari_ruac.model.scale import MAX_MEASURED_SIDE
+
+    centre = disc_field(16, shape=(MAX_MEASURED_SIDE, MAX_MEASURED_SIDE))
+    plane = np.full((2 * MAX_MEASURED_SIDE, 2 * MAX_MEASURED_SIDE + 100), 0.1, np.float32)
+    r0, c0 = MAX_MEASURED_SIDE // 2, MAX_MEASURED_SIDE // 2 + 50
+    plane[r0 : r0 + MAX_MEASURED_SIDE, c0 : c0 + MAX_MEASURED_SIDE] = centre
+    plane[:40, :40] = 0.8  # a large bright block outside the central part: not measured
+    assert estimate_object_diameter(plane) == pytest.approx(estimate_object_diameter(centre))
+    assert estimate_object_diameter(plane) == pytest.approx(16, rel=1 / 8)

@@ -359,14 +359,20 @@ def one_clicked_plane(make_napari_viewer, qtbot):
 
 
 def test_zoom_re_predicts_the_prompts_at_the_new_scale(make_napari_viewer, qtbot):
+    from napari_ruac.model.scale import auto_zoom
+
     widget, plane = one_clicked_plane(make_napari_viewer, qtbot)
-    assert widget._predictor._frame_for(plane.shape).scale == 1.0
-    before = widget.predictions_applied
-    widget.zoom_spin.setValue(0.5)  # no new prompt: the change alone re-predicts
-    wait_predictions(qtbot, widget, before + 1)
-    assert widget._predictor.zoom == 0.5 and widget._predictor._frame_for(plane.shape).scale == 0.5
-    assert widget.current.data.shape == plane.shape  # masks stay at the image's size
-    assert widget.uncertainty.data.shape == plane.shape
+    # 'auto' to start: the plane is seen at the zoom of its objects' size
+    assert widget.zoom_spin.text() == "auto" and widget._predictor.auto_zoom
+    assert widget._predictor.zoom == auto_zoom(plane)
+    for value, zoom in ((0.5, 0.5), (1.0, 1.0)):
+        before = widget.predictions_applied
+        widget.zoom_spin.setValue(value)  # no new prompt: the change alone re-predicts
+        wait_predictions(qtbot, widget, before + 1)
+        assert not widget._predictor.auto_zoom and widget._predictor.zoom == zoom
+        assert widget._predictor._frame_for(plane.shape).scale == zoom
+        assert widget.current.data.shape == plane.shape  # masks stay at the image's size
+        assert widget.uncertainty.data.shape == plane.shape
 
 
 def test_views_setting_re_predicts_with_the_same_model(make_napari_viewer, qtbot):

@@ -19,7 +19,7 @@ BOX_MARGIN_HELP = ("a box bounds its object: mask pixels more than this many pix
 
 
 def zoom_value(text: str) -> float | str:
-    """``--zoom`` of the automatic-segmentation commands: a number, or 'auto' (each plane's own
+    """``--zoom`` of the commands: a number, or 'auto' (each plane's own
     zoom from the size of its objects). The number's range is checked where it is used."""
     if text.strip().lower() == "auto":
         return "auto"

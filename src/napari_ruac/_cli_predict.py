@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._cli_options import BOX_MARGIN_HELP, BOX_SIZE_HELP, RECENTRE_HELP, VIEWS_HELP, WINDOW_HELP
+from ._cli_options import BOX_MARGIN_HELP, BOX_SIZE_HELP, RECENTRE_HELP, VIEWS_HELP, WINDOW_HELP, zoom_value
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -30,9 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
     parser.add_argument("--mode", choices=["analytic", "mc"], default="analytic", help="uncertainty mode")
     parser.add_argument("--samples", type=int, default=20, help="Monte-Carlo samples (mode mc)")
-    parser.add_argument("--zoom", type=float, default=1.0,
+    parser.add_argument("--zoom", type=zoom_value, default=1.0,
                         help="resize the image by this factor before the model sees it (0.5 for objects twice the "
-                             "size the model was trained on); outputs keep the image's size")
+                             "size the model was trained on); outputs keep the image's size. 'auto': the zoom that "
+                             "shows the plane's typical object at the size the model learned (from the size of its "
+                             "blobs)")
     parser.add_argument("--window", default="auto", help=WINDOW_HELP)
     parser.add_argument("--box-size", default="auto", help=BOX_SIZE_HELP)
     parser.add_argument("--box-margin", default="auto", help=BOX_MARGIN_HELP)
@@ -167,6 +169,7 @@ def _predict(args) -> int:
         f"{stem}" + (f" ({plane})" if args.plane is not None else "") + f": mask area {int(pred.mask.sum())} px, "
         + ("" if np.isnan(iou) else f"predicted IoU {iou:.3f}, ")
         + f"mean uncertainty in mask {pred.mean_uncertainty:.3f}"
+        + (f", seen at zoom {predictor.zoom:.3g} (auto)" if predictor.auto_zoom else "")
     )
     print(f"wrote {mask_path} and {unc_path}")
     return 0

@@ -326,7 +326,7 @@ def evaluate_model(
             raise ValueError(f"unknown prompt mode {p!r}; expected some of {PROMPT_MODES + (AUTOMATIC,)}")
     automatic = AUTOMATIC in prompt_modes
     prompt_modes = [p for p in prompt_modes if p != AUTOMATIC]
-    predictor = Predictor(model, zoom=1.0 if zoom == "auto" else zoom, window=window, box_size=box_size,
+    predictor = Predictor(model, zoom=zoom, window=window, box_size=box_size,
                           views=views, recentre=recentre, box_margin=box_margin)
     segmenter = None
     if automatic:
@@ -534,8 +534,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--zoom", type=zoom_value, default=1.0,
                         help="resize images by this factor before the model sees them (0.5: objects twice the "
                              "size the model was trained on); prompts and metrics stay at the images' scale. "
-                             "'auto' applies to automatic segmentation (each plane's zoom from the size of its "
-                             "objects); prompts then use 1")
+                             "'auto': each plane at the zoom that shows its typical object at the size the model "
+                             "learned (from the size of its blobs), for prompts and automatic segmentation alike")
     parser.add_argument("--window", default="auto", help=WINDOW_HELP)
     parser.add_argument("--box-size", default="auto", help=BOX_SIZE_HELP)
     parser.add_argument("--box-margin", default="auto", help=BOX_MARGIN_HELP)

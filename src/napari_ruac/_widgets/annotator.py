@@ -45,7 +45,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..model.automatic import reported_iou
-from .model_picker import ModelChoice, ModelPicker, zoom_spin_box
+from .model_picker import ModelChoice, ModelPicker, zoom_of, zoom_spin_box
 from .objects import ObjectRecord, measure_object, next_uncertain, plane_centroid
 from .runner import LatestOnlyRunner
 
@@ -129,9 +129,10 @@ class AnnotatorWidget(QWidget):
         self.mode_combo.addItems(["analytic", "mc"])
         self.mode_combo.setToolTip("analytic: closed-form uncertainty (fast); mc: 20 samples of the Bayesian head")
         self.negative_check = QCheckBox("negative clicks (or hold Shift/Ctrl)")
-        self.zoom_spin = zoom_spin_box()
+        # "auto" to start: a click takes a whole object whether it is 10 or 100 px across
+        self.zoom_spin = zoom_spin_box(auto=True, boxes=True, start="auto")
         self.zoom_spin.valueChanged.connect(self._on_zoom_changed)
-        self._zoom = 1.0  # read by worker threads; set on the UI thread only
+        self._zoom = zoom_of(self.zoom_spin)  # read by worker threads; set on the UI thread only
         self.views_combo = QComboBox()
         self.views_combo.addItems(["auto", "1", "2", "4", "8"])
         self.views_combo.setToolTip(
@@ -921,7 +922,7 @@ class AnnotatorWidget(QWidget):
         self._forget_model()  # same model, but every plane re-predicts in the new views
 
     def _on_zoom_changed(self, value: float) -> None:
-        self._zoom = float(value)
+        self._zoom = zoom_of(self.zoom_spin)
         self._forget_model()  # same model, but every plane re-predicts at the new zoom
 
     def _forget_model(self) -> None:

@@ -89,23 +89,24 @@ class ModelPicker(QWidget):
         return ModelChoice(name, None, device)
 
 
-def zoom_spin_box(auto: bool = False) -> QDoubleSpinBox:
+def zoom_spin_box(auto: bool = False, boxes: bool = False, start: float | str = 1.0) -> QDoubleSpinBox:
     """The "zoom for the model" setting of the annotator and the batch widget (Predictor's and
-    AutomaticSegmenter's ``zoom``), 1.0 to start. With ``auto`` its lowest value reads "auto"
-    (each plane's zoom from the size of its objects); :func:`zoom_of` turns it into the option."""
+    AutomaticSegmenter's ``zoom``), ``start`` to start. With ``auto`` its lowest value reads
+    "auto" (each plane's zoom from the size of its objects); :func:`zoom_of` turns it into the
+    option. ``boxes``: its tooltip says that boxes set their own zoom (prompted segmentation)."""
     spin = QDoubleSpinBox()
     spin.setRange(0.0 if auto else 0.1, 4.0)
     spin.setSingleStep(0.25)
     spin.setDecimals(2)
-    spin.setValue(1.0)
+    spin.setValue(spin.minimum() if start == "auto" else start)
     tip = ("resize the image for the model so objects look like the ones it learned (micro: nuclei "
            "about 8-60 px across): 0.5 for objects twice as large, 2 for tiny ones. Masks stay at "
            "the image's size; each zoom needs its own embeddings. ")
     if auto:
         spin.setSpecialValueText("auto")
         tip += ("'auto' (the lowest value): each plane at the zoom that shows its typical object at "
-                "the size the model learned, estimated from the plane.")
-    else:
+                "the size the model learned, estimated from the plane. ")
+    if boxes:
         tip += ("Objects prompted with a box are seen at the zoom their box sets (box scaled to "
                 "~32 px), whatever this says.")
     spin.setToolTip(tip)

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from ..io.normalize import to_rgb_float, validate_plane
-from .frame import Frame, check_zoom, frame_for, to_model_input
+from .frame import Frame, frame_for, parse_zoom, to_model_input
 from .sam import LABEL_POS, RuacSam
 from .views import resolve_views
 from .weibull import binary_entropy
@@ -596,7 +596,7 @@ class AutomaticSegmenter:
         self.seed = seed
         # as Predictor's zoom: objects look to the model as large as the ones it learned;
         # "auto": each plane's own, from the size of its objects (see model/scale.py)
-        self.zoom = "auto" if isinstance(zoom, str) and zoom.strip().lower() == "auto" else check_zoom(zoom)
+        self.zoom = parse_zoom(zoom)
         self.point_in_mask = point_in_mask
         self.refine_rounds = refine_rounds
         # clicking every object again as a user would (see _reclick): for ours, whose grid masks
@@ -691,11 +691,9 @@ class AutomaticSegmenter:
         plane's typical object at the size the model learned (1.0 if it shows none)."""
         if self.zoom != "auto":
             return self.zoom
-        if self.model.config.input_scaling != "native":
-            return 1.0  # models that resize every plane (SAM2's) ignore the zoom
-        from .scale import auto_zoom
+        from .scale import plane_zoom
 
-        return auto_zoom(plane)
+        return plane_zoom(self.model.config, plane)
 
     def candidates(self, rgb: np.ndarray, stats: AutoStats | None = None,
                    zoom: float | None = None) -> list[MaskCandidate]:

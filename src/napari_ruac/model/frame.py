@@ -37,6 +37,19 @@ def check_zoom(zoom) -> float:
     return value
 
 
+def parse_zoom(zoom) -> float | str:
+    """A ``zoom`` option (Predictor's, AutomaticSegmenter's): ``"auto"`` (each plane's own, see
+    :mod:`~napari_ruac.model.scale`) or a number checked by :func:`check_zoom`."""
+    if isinstance(zoom, str):
+        if zoom.strip().lower() == "auto":
+            return "auto"
+        try:
+            float(zoom)
+        except ValueError:
+            raise ValueError(f"zoom must be 'auto' or a number, got {zoom!r}") from None
+    return check_zoom(zoom)
+
+
 def frame_for(config: ModelConfig, shape: tuple[int, int], zoom: float = 1.0) -> Frame:
     """The frame of a plane of ``shape`` for a model.
 
