@@ -96,9 +96,10 @@ class Predictor:
     blobs, brought to 28 px in quarter-octave steps within 0.25-4; 1 for a plane without blobs),
     as cellpose rescales to its mean diameter, so that one click takes a whole large cell or a
     whole tiny nucleus (one click, ``micro``: StarDist's 11 px nuclei mIoU 0.30 -> 0.52, the
-    confocal stack's 40-55 px ones 0.50 -> 0.64; DSB2018's ~24 px nuclei stay at 1). The
-    estimate costs ~0.2 s for a 512² plane on one core (once per plane: it is cached with the
-    plane's content), so it is not the default. :attr:`zoom` is then the current plane's.
+    confocal stack's 40-55 px ones 0.50 -> 0.65; DSB2018's ~24 px nuclei stay at 1). The
+    estimate costs ~0.16 s for a 512² plane on one core, at most ~0.35 s for larger ones (once
+    per plane: it is cached with the plane's content), more than a click, so it is not the
+    default here (the napari annotator starts with it). :attr:`zoom` is then the current plane's.
 
     ``window`` is the context a native-scale model sees around a prompt, in model-input pixels.
     Our models learned from crops of ``image_size`` (256 px for ``micro``); a whole 512-2048 px
