@@ -132,3 +132,19 @@ def test_a_large_plane_is_measured_on_its_central_part():
     plane[:40, :40] = 0.8  # a large bright block outside the central part: not measured
     assert estimate_object_diameter(plane) == pytest.approx(estimate_object_diameter(centre))
     assert estimate_object_diameter(plane) == pytest.approx(16, rel=1 / 8)
+
+
+def test_auto_zoom_keeps_8_bit_colour_images_at_zoom_one(tiny_model):
+    """On colour display images (histology) the strongest blobs need not be the objects, so
+    "auto" leaves them at 1; the same picture as grey or as 16-bit channels is measured."""
+    from napari_ruac import Predictor
+    from napari_ruac.model.scale import plane_zoom
+
+    grey = disc_field(72, shape=(320, 320))
+    rgb = np.repeat((np.clip(grey, 0, 1) * 255).astype(np.uint8)[..., None], 3, axis=-1)
+    predictor = Predictor(tiny_model, zoom="auto")
+    predictor.set_image(rgb)
+    assert predictor.zoom == 1.0
+    predictor.set_image(rgb[..., 0])
+    assert predictor.zoom == auto_zoom(grey) < 0.5
+    assert plane_zoom(tiny_model.config, rgb.astype(np.uint16)) == auto_zoom(grey)

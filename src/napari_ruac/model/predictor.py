@@ -96,7 +96,8 @@ class Predictor:
     blobs, brought to 28 px in quarter-octave steps within 0.25-4; 1 for a plane without blobs),
     as cellpose rescales to its mean diameter, so that one click takes a whole large cell or a
     whole tiny nucleus (one click, ``micro``: StarDist's 11 px nuclei mIoU 0.30 -> 0.52, the
-    confocal stack's 40-55 px ones 0.50 -> 0.65; DSB2018's ~24 px nuclei stay at 1). The
+    confocal stack's 40-55 px ones 0.50 -> 0.65; DSB2018's ~24 px nuclei stay at 1; 8-bit colour
+    images, e.g. histology, stay at 1 too, see :func:`~napari_ruac.model.scale.plane_zoom`). The
     estimate costs ~0.16 s for a 512² plane on one core, at most ~0.35 s for larger ones (once
     per plane: it is cached with the plane's content), more than a click, so it is not the
     default here (the napari annotator starts with it). :attr:`zoom` is then the current plane's.

@@ -92,7 +92,16 @@ def auto_zoom(plane: np.ndarray, target: float = TARGET_DIAMETER) -> float:
 
 def plane_zoom(config, plane: np.ndarray) -> float:
     """``zoom="auto"`` for a plane: :func:`auto_zoom` for native-scale models (ours); 1.0 for
-    models that resize every plane to a fixed input (official SAM2.1), which ignore the zoom."""
-    if config.input_scaling != "native":
+    models that resize every plane to a fixed input (official SAM2.1), which ignore the zoom,
+    and for 8-bit colour images (histology, colour cameras), where the strongest blobs are not
+    the objects: on scikit-image's immunohistochemistry image (nuclei ~17 px) the estimate is
+    the stained tissue's 90 px, and one click on a nucleus fell from 0.52 to 0.04 IoU."""
+    if config.input_scaling != "native" or is_colour_image(plane):
         return 1.0
     return auto_zoom(plane)
+
+
+def is_colour_image(plane: np.ndarray) -> bool:
+    """An 8-bit RGB(A) plane: a display image (histology, a colour camera), not channels."""
+    plane = np.asarray(plane)
+    return plane.ndim == 3 and plane.shape[-1] in (3, 4) and plane.dtype == np.uint8
