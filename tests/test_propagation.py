@@ -137,3 +137,46 @@ def test_propagation_with_the_real_tiny_model(tiny_model):
             assert 0.0 <= plane.mean_uncertainty <= 1.0
             assert plane.uncertainty.shape == (40, 40)
     assert set(result.stop_reasons) == {"forward", "backward"}
+
+
+def keeps_the_box(index: int, prompt: Prompt) -> Prediction:
+    """A segmenter that, like the model on a percentile-normalised plane of background noise,
+    returns an object whatever the plane holds: the disc inscribed in the prompt box."""
+    r0, c0, r1, c1 = prompt.box
+    rr, cc = np.ogrid[:48, :48]
+    cy, cx, ry, rx = (r0 + r1) / 2 - 0.5, (c0 + c1) / 2 - 0.5, (r1 - r0) / 2 - 2, (c1 - c0) / 2 - 2
+    mask = ((rr - cy) / ry) ** 2 + ((cc - cx) / rx) ** 2 <= 1
+    return Prediction(mask=mask, probability=mask.astype(np.float32), uncertainty=np.zeros((48, 48), np.float32),
+                      iou_score=float("nan"))
+
+
+@pytest.mark.parametrize("dark", [False, True])
+def test_propagation_stops_where_the_object_no_longer_stands_out(dark):
+    rng = np.random.default_rng(0)
+    ball = ball_stack()  # planes 2..12
+    stack = (100 + 400 * ball + rng.normal(0, 20, ball.shape)).astype(np.float32)
+    if dark:  # dark objects on a bright field (brightfield): the contrast is negative throughout
+        stack = 1000 - stack
+    start = ball[7] > 0.5
+    blind = propagate(keeps_the_box, len(stack), 7, start)
+    assert blind.indices == list(range(15))  # without the planes nothing tells it the ball ended
+    seen = propagate(keeps_the_box, len(stack), 7, start, get_plane=lambda i: stack[i])
+    assert 5 in seen.indices and 9 in seen.indices and set(seen.indices) <= set(range(2, 13))
+    for key in ("forward", "backward"):
+        assert "faded into its surroundings" in seen.stop_reasons[key]
+    # with the rule off the planes change nothing
+    off = propagate(keeps_the_box, len(stack), 7, start, get_plane=lambda i: stack[i],
+                    rule=StopRule(min_contrast_ratio=None))
+    assert off.indices == list(range(15))
+
+
+def test_contrast_is_inside_minus_a_ring_around_and_nan_without_a_ring():
+    rule = StopRule()
+    plane = np.full((40, 40, 3), 10.0, np.float32)
+    mask = np.zeros((40, 40), bool)
+    mask[15:25, 15:25] = True
+    plane[mask] = 50.0
+    assert rule.contrast(plane, mask) == pytest.approx(40.0)  # colour planes: the mean of channels
+    assert np.isnan(rule.contrast(plane, np.ones((40, 40), bool)))
+    assert rule.faded(5.0, 40.0) is not None and rule.faded(20.0, 40.0) is None
+    assert rule.faded(-30.0, -40.0) is None and rule.faded(30.0, -40.0) is not None  # dark objects

@@ -830,9 +830,16 @@ class AnnotatorWidget(QWidget):
     def _propagate_job(self, choice, obj_id, axis, plane, start_mask, mode):
         from ..model.propagation import iter_propagate
 
+        read: dict[int, np.ndarray] = {}  # the plane read last, for the segmenter and the stop rule
+
+        def get_plane(index):
+            if index not in read:
+                read.clear()
+                read[index] = self._plane_array(plane[:axis] + (index,) + plane[axis + 1:])
+            return read[index]
+
         def segment(index, prompt):
-            full = plane[:axis] + (index,) + plane[axis + 1:]
-            arr = self._plane_array(full)
+            arr = get_plane(index)
             with self._model_lock:
                 predictor = self._ensure_predictor(choice)
                 predictor.set_image(arr)
@@ -840,7 +847,7 @@ class AnnotatorWidget(QWidget):
 
         done = 0
         for direction, res, reason in iter_propagate(segment, self.spatial_shape[axis], plane[axis], start_mask,
-                                                     keep_uncertainty=True):
+                                                     keep_uncertainty=True, get_plane=get_plane):
             done += 1
             yield {"obj_id": obj_id, "axis": axis, "plane": plane, "result": res, "reason": reason, "done": done}
         return obj_id
