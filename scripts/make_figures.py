@@ -5,7 +5,7 @@ per-object maps are combined by taking, at each pixel, the object whose probabil
 Looking at the uncertainty and error panels side by side should show that the bright
 uncertainty pixels are the wrong ones.
 
-    python scripts/make_figures.py --model micro --target dsb2018 [--plane Z] [--prompt point1|box]
+    python scripts/make_figures.py --model micro --target dsb2018 [--plane Z] [--prompt point1|box] [--zoom auto]
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--targets-dir", type=Path, default=Path.home() / ".cache" / "napari-ruac" / "targets")
     parser.add_argument("--plane", type=int, default=None)
     parser.add_argument("--prompt", choices=["point1", "box"], default="point1")
+    parser.add_argument("--zoom", default="1", help="the predictor's zoom: a number or 'auto' (the plane's own)")
     parser.add_argument("-o", "--output", type=Path, default=Path("docs/images"))
     args = parser.parse_args()
     folder = args.targets_dir / args.target
@@ -58,7 +59,8 @@ def main() -> None:
     if labels.ndim == 3:
         z = args.plane if args.plane is not None else int(np.argmax((labels > 0).sum((1, 2))))
         image, labels = image[z], labels[z]
-    predictor = Predictor(load_model(args.model))
+    zoom = "auto" if args.zoom.strip().lower() == "auto" else float(args.zoom)
+    predictor = Predictor(load_model(args.model), zoom=zoom)
     predictor.set_image(image)
     pred, unc = combined_maps(predictor, labels, args.prompt)
     error = pred != (labels > 0)
@@ -74,11 +76,13 @@ def main() -> None:
             fig.colorbar(im, ax=ax, fraction=0.046)
     from napari_ruac.evaluate import auroc, pearson
 
-    fig.suptitle(f"{args.model} on {args.target} ({args.prompt} prompts): pixel AUROC of uncertainty for error "
+    seen = f", zoom auto: {predictor.zoom:.2f}" if zoom == "auto" else ("" if zoom == 1 else f", zoom {zoom:g}")
+    fig.suptitle(f"{args.model} on {args.target} ({args.prompt} prompts{seen}): pixel AUROC of uncertainty for error "
                  f"{auroc(unc, error):.2f}, Pearson r {pearson(unc, error):.2f}")
     fig.tight_layout()
     args.output.mkdir(parents=True, exist_ok=True)
-    out = args.output / f"{args.target}_{args.model}_{args.prompt}.png"
+    suffix = "" if zoom == 1 else f"_zoom{args.zoom.strip().lower()}"
+    out = args.output / f"{args.target}_{args.model}_{args.prompt}{suffix}.png"
     fig.savefig(out, dpi=80)
     print(out)
 
