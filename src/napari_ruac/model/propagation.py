@@ -5,9 +5,10 @@ positive points at its most interior pixels), in both directions from the start 
 object ends: an empty or tiny mask, a sudden collapse in area, a mask that no longer overlaps
 the previous one (the prompts landed on a neighbour), or a mask over pixels that no longer
 stand out from their surroundings (past the object's end a box prompt still gets a mask: the
-model sees each plane percentile-normalised, so a plane of background noise looks like one with
-objects, and a confocal nucleus was carried through all the empty planes above it). Every plane records its mean uncertainty so
-the user can see where the result drifts and jump to the worst plane.
+model sees each plane percentile-normalised, so a plane of background noise looks like one
+with objects, and a confocal nucleus was carried through all the empty planes above it).
+Every plane records its mean uncertainty so the user can see where the result drifts and jump
+to the worst plane.
 
 Pure numpy/torch: no Qt, no napari. The model enters through a ``segment(index, prompt)``
 callable, so the same loop serves the napari widget, scripts and tests.
@@ -53,16 +54,16 @@ class StopRule:
         """How much the object stands out in the (H, W) or (H, W, C) ``plane``: the median of the
         pixels under ``mask`` minus that of a ring around it (``contrast_ring`` px out); NaN when
         there is no ring (the mask fills the plane) or no mask."""
-        plane = np.asarray(plane, dtype=np.float32)
-        if plane.ndim == 3:
-            plane = plane.mean(-1)
         if not mask.any():
             return float("nan")
         inner, outer = self.contrast_ring
         rows, cols = np.nonzero(mask)
         r0, c0 = max(0, rows.min() - outer - 1), max(0, cols.min() - outer - 1)
         r1, c1 = rows.max() + outer + 2, cols.max() + outer + 2
-        m, img = mask[r0:r1, c0:c1], plane[r0:r1, c0:c1]  # the object's neighbourhood only
+        # the object's neighbourhood only
+        m, img = mask[r0:r1, c0:c1], np.asarray(np.asarray(plane)[r0:r1, c0:c1], dtype=np.float32)
+        if img.ndim == 3:
+            img = img.mean(-1)
         ring = ndi.binary_dilation(m, iterations=outer) & ~ndi.binary_dilation(m, iterations=inner)
         if not ring.any():
             return float("nan")
