@@ -37,7 +37,7 @@ def objects_3d(labels: np.ndarray) -> list[tuple[int, int, tuple[int, int]]]:
     return out
 
 
-def evaluate(model, image: np.ndarray, labels: np.ndarray, zoom, contrast: bool) -> list[float]:
+def evaluate(model, image: np.ndarray, labels: np.ndarray, objects: list, zoom, contrast: bool) -> list[float]:
     from napari_ruac import Predictor
     from napari_ruac.model.propagation import StopRule, predictor_segmenter, propagate
 
@@ -45,7 +45,7 @@ def evaluate(model, image: np.ndarray, labels: np.ndarray, zoom, contrast: bool)
     segment = predictor_segmenter(predictor, lambda k: image[k])
     rule = StopRule() if contrast else StopRule(min_contrast_ratio=None)
     ious = []
-    for i, z, point in objects_3d(labels):
+    for i, z, point in objects:
         predictor.set_image(image[z])
         mask = predictor.predict(points=[point]).mask
         truth = labels == i
@@ -75,12 +75,13 @@ def main() -> int:
         folder = cache / target
         for name in sorted(p.name for p in (folder / "images").iterdir()):
             image, labels = read_image(folder / "images" / name), read_image(folder / "masks" / name)
+            objects = objects_3d(labels)  # the same clicks for every model and setting
             for model_name in args.models:
                 model = load_model(model_name)
                 t0 = time.perf_counter()
-                means = [np.mean(evaluate(model, image, labels, zoom, contrast)) for _, zoom, contrast in SETTINGS]
-                n = len(objects_3d(labels))
-                print(f"| {target} | {model_name} | {n} | " + " | ".join(f"{m:.3f}" for m in means)
+                means = [np.mean(evaluate(model, image, labels, objects, zoom, contrast))
+                         for _, zoom, contrast in SETTINGS]
+                print(f"| {target} | {model_name} | {len(objects)} | " + " | ".join(f"{m:.3f}" for m in means)
                       + f" | {time.perf_counter() - t0:.0f} |", flush=True)
     return 0
 

@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from napari_ruac import Predictor, load_model  # noqa: E402
+from napari_ruac._cli_options import zoom_value  # noqa: E402
 from napari_ruac.evaluate import random_point_inside, tight_box  # noqa: E402
 from napari_ruac.io.imageio import read_image  # noqa: E402
 
@@ -50,7 +51,8 @@ def main() -> None:
     parser.add_argument("--targets-dir", type=Path, default=Path.home() / ".cache" / "napari-ruac" / "targets")
     parser.add_argument("--plane", type=int, default=None)
     parser.add_argument("--prompt", choices=["point1", "box"], default="point1")
-    parser.add_argument("--zoom", default="1", help="the predictor's zoom: a number or 'auto' (the plane's own)")
+    parser.add_argument("--zoom", type=zoom_value, default=1.0,
+                        help="the predictor's zoom: a number or 'auto' (the plane's own)")
     parser.add_argument("-o", "--output", type=Path, default=Path("docs/images"))
     args = parser.parse_args()
     folder = args.targets_dir / args.target
@@ -59,7 +61,7 @@ def main() -> None:
     if labels.ndim == 3:
         z = args.plane if args.plane is not None else int(np.argmax((labels > 0).sum((1, 2))))
         image, labels = image[z], labels[z]
-    zoom = "auto" if args.zoom.strip().lower() == "auto" else float(args.zoom)
+    zoom = args.zoom
     predictor = Predictor(load_model(args.model), zoom=zoom)
     predictor.set_image(image)
     pred, unc = combined_maps(predictor, labels, args.prompt)
@@ -81,7 +83,7 @@ def main() -> None:
                  f"{auroc(unc, error):.2f}, Pearson r {pearson(unc, error):.2f}")
     fig.tight_layout()
     args.output.mkdir(parents=True, exist_ok=True)
-    suffix = "" if zoom == 1 else f"_zoom{args.zoom.strip().lower()}"
+    suffix = "" if zoom == 1 else "_zoomauto" if zoom == "auto" else f"_zoom{zoom:g}"
     out = args.output / f"{args.target}_{args.model}_{args.prompt}{suffix}.png"
     fig.savefig(out, dpi=80)
     print(out)

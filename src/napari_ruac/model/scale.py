@@ -29,7 +29,7 @@ PERCENTILE = 99.0
 MIN_RESPONSE = 0.05
 # a larger plane is measured on its central part of this side: the estimate is a statistic of
 # the strongest blobs, which a 768^2 part of a microscopy field holds as well as the whole, and
-# the cost grows with the area (one core: 512^2 ~0.2 s, 2048^2 ~4 s whole, ~0.45 s this way)
+# the cost grows with the area (one core: 512^2 ~0.16 s, 2048^2 ~4 s whole, ~0.33 s this way)
 MAX_MEASURED_SIDE = 768
 
 
