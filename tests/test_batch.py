@@ -279,6 +279,26 @@ def test_cancel_leaves_nothing_partial(tmp_path):
 
 
 # ---------------------------------------------------------------------------- bad inputs
+def write_with_bad_metadata(path: Path, data: np.ndarray, tag: str) -> None:
+    """A readable TIFF whose metadata some software wrote wrong: ImageJ's binary metadata tag
+    with a broken header, or a GDAL no-data tag that is not a number."""
+    extra = {"imagej": [(50838, "I", 1, [8], True), (50839, "B", 8, b"IJIJjunk", True)],
+             "gdal": [(42113, "s", 0, "n/a", True)]}[tag]
+    tifffile.imwrite(path, data, extratags=extra)
+
+
+@pytest.mark.parametrize("tag", ["imagej", "gdal"])
+def test_a_file_with_broken_metadata_only_is_segmented_with_a_warning(tmp_path, tag):
+    from napari_ruac.io.imageio import ImageWarning
+
+    src = tmp_path / "meta.tif"
+    write_with_bad_metadata(src, stack((2, 32, 32)), tag)
+    with pytest.warns(ImageWarning, match="metadata problem"):
+        summary = segment_files([src], tmp_path / "out", **FAST)
+    assert summary.ok and [f.status for f in summary.files] == ["done"]
+    assert tifffile.imread(outputs(tmp_path / "out", "meta")["labels"]).shape == (2, 32, 32)
+
+
 def test_each_bad_input_gets_a_clear_reason_and_the_rest_still_runs(tmp_path):
     good = tmp_path / "good.tif"
     tifffile.imwrite(good, stack((2, 32, 32)))

@@ -165,6 +165,35 @@ def test_corrupt_image_file(tmp_path, capsys, damage):
     assert not (tmp_path / "o").exists()
 
 
+def test_predict_reads_a_file_whose_metadata_only_is_broken(tmp_path, capsys):
+    from napari_ruac.io.imageio import ImageWarning
+
+    src = tmp_path / "meta.tif"
+    img = np.zeros((48, 48), np.uint16)
+    img[10:30, 12:32] = 1000
+    tifffile.imwrite(src, img, extratags=[(50838, "I", 1, [8], True), (50839, "B", 8, b"IJIJjunk", True)])
+    with pytest.warns(ImageWarning, match="imagej_metadata"):
+        code = main(["predict", str(src), "--point", "20,20", "--model", "test-tiny", "-o", str(tmp_path / "o")])
+    assert code == 0 and any((tmp_path / "o").iterdir())
+
+
+@pytest.mark.parametrize("message, metadata_only", [
+    ("<tifffile.TiffPage 0 @8> <tifffile.imagej_metadata> raised ValueError('bad')", True),
+    ("<tifffile.TiffTag 270 @26> coercing invalid ASCII to bytes, due to UnicodeDecodeError()", True),
+    ("<tifffile.read_tags> could not read all values for tag #305", True),
+    ("<tifffile.TiffTag 273 @50> could not read all values", False),  # StripOffsets: where the data is
+    ("<tifffile.read_tags> could not read all values for tag #279", False),  # StripByteCounts
+    ("<tifffile.TiffPages @8> invalid page offset 196885", False),
+    ("<tifffile.TiffFile 'x.tif'> ImageJ series metadata invalid or corrupted file", False),
+    ("<tifffile.TiffFile 'x.tif'> MMStack is missing 3 pages. Missing data are zeroed", False),
+    ("something tifffile may log in a later version", False),
+])
+def test_only_known_metadata_problems_are_forgiven(message, metadata_only):
+    from napari_ruac.io.imageio import is_metadata_problem
+
+    assert is_metadata_problem(message) is metadata_only
+
+
 def test_console_script_entry_point(tmp_path):
     result = subprocess.run([sys.executable, "-m", "napari_ruac.cli", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -67,9 +69,36 @@ def open_tiff(path: Path):
     return tf, series[0]
 
 
+class ImageWarning(UserWarning):
+    """A file was read although tifffile reported a problem that does not touch its pixel data
+    (a malformed metadata tag, say, as some acquisition or editing software writes them)."""
+
+
+# Tags that locate or shape the pixel data: a problem reading one of them is damage.
+_DATA_TAGS = frozenset({256, 257, 258, 259, 273, 277, 278, 279, 284, 317, 322, 323, 324, 325, 330, 338, 339})
+# What tifffile logs about metadata only (its tag and vendor-metadata parsers): the pixels are read
+# as usual, so such a file is read with a warning instead of being refused as damaged.
+_METADATA_ONLY = re.compile(
+    r"_metadata> raised|_metadata> failed|metadata> raised|<tifffile\.read_(uic|lsm|json|utf8|colormap|tvips|"
+    r"micromanager)|olympus_ini_metadata|STK Datetime|<get_resolution>|GDAL_NODATA|GeoKeyDirectoryTag|"
+    r"_tags> raised|eer_xml_metadata|invalid self\.subfiletype"
+)
+_TAG_CODE = re.compile(r"<tifffile\.TiffTag (\d+) @\d+>|<tifffile\.read_tags> .*tag #(\d+)")
+
+
+def is_metadata_problem(message: str) -> bool:
+    """Whether a tifffile log ``message`` concerns metadata only (not the pixel data or the page
+    structure). Anything not known to be harmless counts as damage."""
+    if _METADATA_ONLY.search(message):
+        return True
+    tag = _TAG_CODE.search(message)
+    return tag is not None and int(tag.group(1) or tag.group(2)) not in _DATA_TAGS
+
+
 class _TiffLog(logging.Handler):
     """Collects what tifffile logs while a file is read (it logs, not raises, on damage such
-    as a broken page chain or a stack shorter than its own metadata says)."""
+    as a broken page chain or a stack shorter than its own metadata says). Problems with
+    metadata only become an :class:`ImageWarning`; anything else refuses the file."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
@@ -79,8 +108,12 @@ class _TiffLog(logging.Handler):
         self.messages.append(record.getMessage())
 
     def check(self, path: Path, n_pages: int) -> None:
-        if self.messages:
-            raise ImageError(f"{path} is truncated or corrupt ({n_pages} readable pages): {self.messages[0]}")
+        damage = [m for m in self.messages if not is_metadata_problem(m)]
+        if damage:
+            raise ImageError(f"{path} is truncated or corrupt ({n_pages} readable pages): {damage[0]}")
+        for message in dict.fromkeys(self.messages):  # once each, in order
+            warnings.warn(f"{path}: read despite a metadata problem: {message}", ImageWarning, stacklevel=3)
+        self.messages.clear()
 
     def __enter__(self) -> "_TiffLog":
         self._logger = logging.getLogger("tifffile")
