@@ -420,15 +420,18 @@ def test_cli_segment_prints_progress_and_summary(tmp_path):
     assert (tmp_path / "out" / "s_labels.tif").exists()
 
 
-def test_cli_zoom_auto_is_recorded_and_a_bad_zoom_is_named(tmp_path):
+def test_cli_zoom_is_auto_unless_given_and_a_bad_zoom_is_named(tmp_path):
     from napari_ruac.cli import main
 
     tifffile.imwrite(tmp_path / "s.tif", stack((2, 32, 32)), photometric="minisblack")
     args = ["segment", str(tmp_path / "s.tif"), "-o", str(tmp_path / "out"), "--model", "test-tiny",
             "--points-per-side", "4", "--threads", "1"]
-    assert main([*args, "--zoom", "auto"]) == 0
+    assert main(args) == 0
     meta = json.loads((tmp_path / "out" / "s_metadata.json").read_text())
     assert meta["parameters"]["zoom"] == "auto" and meta["plane_zooms"] == [1.0, 1.0]  # noise: nothing to measure
+    assert main([*args, "--zoom", "0.5"]) == 0
+    meta = json.loads((tmp_path / "out" / "s_metadata.json").read_text())
+    assert meta["parameters"]["zoom"] == 0.5 and meta["plane_zooms"] == [0.5, 0.5]
     proc = subprocess.run([sys.executable, "-m", "napari_ruac.cli", *args, "--zoom", "large"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--zoom must be a number or 'auto', got 'large'" in proc.stderr

@@ -68,13 +68,12 @@ def test_batch_two_stacks_from_a_folder_and_open_results(make_napari_viewer, qtb
     assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
 
 
-def test_auto_zoom_is_the_lowest_zoom_setting(make_napari_viewer, qtbot, tmp_path):
+def test_zoom_starts_at_auto_the_lowest_zoom_setting(make_napari_viewer, qtbot, tmp_path):
     inputs = write_stacks(tmp_path, 1)
     out = tmp_path / "out"
     widget = dock(make_napari_viewer(), out)
     widget.add_inputs(inputs)
-    widget.zoom_spin.setValue(widget.zoom_spin.minimum())
-    assert widget.zoom_spin.text() == "auto"
+    assert widget.zoom_spin.value() == widget.zoom_spin.minimum() and widget.zoom_spin.text() == "auto"
     widget.run_button.click()
     qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
     assert widget.error is None and widget.summary.ok, widget.error

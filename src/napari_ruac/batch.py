@@ -903,10 +903,11 @@ def add_arguments(parser) -> None:
                    help="planes larger than this are tiled (default: the model's input size, 256 for ours)")
     g.add_argument("--tile-overlap", type=int, default=None,
                    help="tile overlap in pixels, larger than the biggest object (default: tile/4)")
-    g.add_argument("--zoom", type=zoom_value, default=1.0,
-                   help="resize planes by this factor for the model (0.5: objects twice the size it was "
-                        "trained on), or 'auto': each plane at the zoom that shows its typical object at the "
-                        "size the model learned (estimated from the plane); outputs keep the planes' size")
+    g.add_argument("--zoom", type=zoom_value, default="auto",
+                   help="'auto' (default): each plane at the zoom that shows its typical object at the size "
+                        "the model learned (estimated from the plane), or a number to resize every plane by "
+                        "(0.5: objects twice the size it was trained on; 1: as they are); outputs keep the "
+                        "planes' size")
 
 
 def run(args) -> int:

@@ -94,7 +94,7 @@ class BatchWidget(QWidget):
         self.max_unc_spin.setSingleStep(0.05)
         self.max_unc_spin.setValue(0.6)
         self.max_unc_spin.setToolTip("drop masks whose mean uncertainty (bits) is above this")
-        self.zoom_spin = zoom_spin_box(auto=True)
+        self.zoom_spin = zoom_spin_box(auto=True, start="auto")
         #: further segment_files options (e.g. pred_iou_thresh), as on the CLI
         self.extra_options: dict = {}
 
