@@ -110,6 +110,29 @@ def test_auto_zoom_is_each_planes_own_and_estimated_once_per_plane(tiny_model):
         predictor.zoom = "big"
 
 
+def test_a_planes_zoom_can_be_estimated_ahead_on_another_thread(tiny_model):
+    import threading
+
+    from napari_ruac import Predictor
+
+    large, small = disc_field(72, shape=(320, 320)), disc_field(10, shape=(128, 128))
+    predictor = Predictor(tiny_model, zoom="auto")
+    assert not predictor.knows_zoom(large) and not predictor.is_image_set
+    ahead = threading.Thread(target=predictor.plane_zoom, args=(large,))
+    ahead.start()
+    predictor.set_image(small)  # predicting on this thread meanwhile
+    predictor.predict(points=[(64, 64)], labels=[1])
+    ahead.join()
+    assert predictor.knows_zoom(large) and predictor.plane_zoom(large) == auto_zoom(large)
+    assert predictor.zoom == auto_zoom(small)  # the current plane's, untouched by the estimate
+    predictor.set_image(large)
+    assert predictor.zoom == auto_zoom(large) and len(predictor._plane_zooms) == 2
+    fixed = Predictor(tiny_model, zoom=0.5)
+    assert fixed.knows_zoom(large) and fixed.plane_zoom(large) == 0.5
+    with pytest.raises(ValueError, match="NaN"):
+        predictor.plane_zoom(np.full((32, 32), np.nan, np.float32))
+
+
 def test_auto_zoom_is_one_for_models_that_resize_every_plane(tiny_model):
     from dataclasses import replace
 

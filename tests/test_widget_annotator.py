@@ -375,6 +375,34 @@ def test_zoom_re_predicts_the_prompts_at_the_new_scale(make_napari_viewer, qtbot
         assert widget.uncertainty.data.shape == plane.shape
 
 
+def test_auto_zoom_estimates_a_shown_plane_before_it_is_clicked(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    data = stack(n=5, shape=(64, 64))
+    data[3] = np.nan  # a bad plane: shown without a notification, reported when clicked
+    viewer.add_image(data, name="cells")
+    widget = dock(viewer, qtbot)
+    assert widget.zoom_spin.text() == "auto"
+    viewer.dims.set_point(0, 0)
+    widget.add_point((0, 15, 18))  # the first click loads the model
+    wait_predictions(qtbot, widget, 1)
+    predictor = widget._predictor
+    assert predictor.knows_zoom(data[0]) and not predictor.knows_zoom(data[2])
+    for z in (1, 3, 2):  # scrolling: only the plane it stops at needs estimating
+        viewer.dims.set_point(0, z)
+    qtbot.waitUntil(lambda: not widget.zoom_runner.busy, timeout=WAIT_MS)
+    assert predictor.knows_zoom(data[2]) and predictor.plane_zoom(data[2]) > 0
+    # the first click on plane 2 is predicted at the zoom estimated while it was shown
+    widget.add_point((2, 15, 18))
+    wait_predictions(qtbot, widget, 2)
+    assert widget._predictor is predictor and predictor.zoom == predictor.plane_zoom(data[2])
+    assert widget.current.data[2].any()
+    # with a fixed zoom there is nothing to estimate
+    widget.zoom_spin.setValue(1.0)
+    wait_predictions(qtbot, widget, 3)
+    viewer.dims.set_point(0, 4)
+    assert not widget.zoom_runner.busy and predictor.knows_zoom(data[4])
+
+
 def test_views_setting_re_predicts_with_the_same_model(make_napari_viewer, qtbot):
     widget, plane = one_clicked_plane(make_napari_viewer, qtbot)
     assert len(widget._predictor.views) == 4  # auto, for a native-scale model

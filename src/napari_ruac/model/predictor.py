@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
@@ -100,7 +101,8 @@ class Predictor:
     images, e.g. histology, stay at 1 too, see :func:`~napari_ruac.model.scale.plane_zoom`). The
     estimate costs ~0.16 s for a 512² plane on one core, at most ~0.35 s for larger ones (once
     per plane: it is cached with the plane's content), more than a click, so it is not the
-    default here (the napari annotator starts with it). :attr:`zoom` is then the current plane's.
+    default here (the napari annotator starts with it, and estimates a plane with
+    :meth:`plane_zoom` in a worker when it is shown). :attr:`zoom` is then the current plane's.
 
     ``window`` is the context a native-scale model sees around a prompt, in model-input pixels.
     Our models learned from crops of ``image_size`` (256 px for ``micro``); a whole 512-2048 px
@@ -166,6 +168,7 @@ class Predictor:
         self.auto_zoom = zoom == "auto"  # each plane's own zoom (see zoom)
         self._zoom = 1.0 if self.auto_zoom else zoom
         self._plane_zooms: OrderedDict[str, float] = OrderedDict()  # content -> its "auto" zoom
+        self._zoom_lock = threading.Lock()  # plane_zoom may run on another thread
         self.window = resolve_window(model.config, window)
         self.box_size = resolve_box_size(model.config, box_size)
         self.views = resolve_views(model.config, views)
@@ -224,19 +227,39 @@ class Predictor:
             return True
         return all(key in self._cache for key in self._plane_keys(content, arr.shape[:2], zoom))
 
+    def plane_zoom(self, image) -> float:
+        """The zoom ``image`` is (or would be) seen at, without embedding it: the predictor's, or
+        with ``zoom="auto"`` the plane's own, estimated now and remembered with the plane's
+        content. Safe to call from another thread while this predictor predicts, so that a UI
+        can estimate a plane when it is shown, before the first click on it."""
+        arr = validate_plane(image)
+        return self._zoom_of(arr, content_key(arr))
+
+    def knows_zoom(self, image) -> bool:
+        """Whether ``image``'s zoom is known without an estimate (fixed zoom, or remembered)."""
+        if not self.auto_zoom:
+            return True
+        with self._zoom_lock:
+            return content_key(validate_plane(image)) in self._plane_zooms
+
     def _zoom_of(self, arr: np.ndarray, content: str) -> float:
         """The zoom plane ``arr`` is seen at: the predictor's, or its own with ``zoom="auto"``
-        (estimated once per plane content)."""
+        (estimated once per plane content; the estimate runs outside the lock, so a prefetch on
+        another thread does not hold up a prediction)."""
         if not self.auto_zoom:
             return self._zoom
-        if content not in self._plane_zooms:
-            from .scale import plane_zoom
+        with self._zoom_lock:
+            if content in self._plane_zooms:
+                self._plane_zooms.move_to_end(content)
+                return self._plane_zooms[content]
+        from .scale import plane_zoom
 
-            self._plane_zooms[content] = plane_zoom(self.model.config, arr)
+        zoom = plane_zoom(self.model.config, arr)
+        with self._zoom_lock:
+            self._plane_zooms[content] = zoom
             while len(self._plane_zooms) > 64 * self.cache_size:
                 self._plane_zooms.popitem(last=False)
-        self._plane_zooms.move_to_end(content)
-        return self._plane_zooms[content]
+        return zoom
 
     def _plane_keys(self, content: str, shape: tuple[int, int] | None = None, zoom: float | None = None) -> list[str]:
         """Cache keys of a whole plane's embeddings in every view (at ``zoom``, default the
