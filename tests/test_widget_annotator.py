@@ -70,14 +70,25 @@ def test_layers_follow_a_scaled_translated_stack(make_napari_viewer, qtbot):
 
 def test_the_predicted_iou_is_shown_only_for_a_model_whose_iou_head_was_trained(make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
-    viewer.add_image(stack(n=1)[0] * 1000, name="cells")
+    image = stack(n=1)[0] * 1000
+    r, c = np.ogrid[:48, :64]
+    image[(r - 38) ** 2 + (c - 12) ** 2 <= 36] += 1000  # a third nucleus
+    viewer.add_image(image, name="cells")
     widget = dock(viewer, qtbot)
     widget.model_picker.model_combo.setCurrentText("micro")  # IoU head never trained
     widget.add_point((32, 45))
     wait_predictions(qtbot, widget, 1)
     assert "px," in widget.status.text() and "predicted IoU" not in widget.status.text()
     assert np.isnan(widget.records[widget.commit()].iou_score)
+    # a mask shown from `micro` keeps `micro`'s verdict when a job for another model has
+    # already loaded that model (its result not yet applied) at the time of the commit
+    widget.add_point((38, 12))
+    wait_predictions(qtbot, widget, 2)
+    widget.model_picker.model_combo.blockSignals(True)  # no re-prediction: only the model swap
     widget.model_picker.model_combo.setCurrentText("test-tiny")  # SAM2-style heads
+    widget.model_picker.model_combo.blockSignals(False)
+    widget._ensure_predictor(widget.model_picker.choice())  # what the newer job does first
+    assert np.isnan(widget.records[widget.commit()].iou_score)
     n = widget.predictions_applied
     widget.add_point((15, 18))
     wait_predictions(qtbot, widget, n + 1)

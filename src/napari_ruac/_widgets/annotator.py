@@ -82,6 +82,9 @@ class PlanePrediction:
     prompt: PlanePrompt
     prediction: object  # napari_ruac.Prediction
     submitted_at: float
+    # the predicted IoU to show: NaN where the predicting model's IoU head is untrained (our
+    # micro models); decided in the worker, by the model that predicted
+    iou: float = float("nan")
 
 
 class AnnotatorWidget(QWidget):
@@ -527,7 +530,8 @@ class AnnotatorWidget(QWidget):
                     yield f"computing the embedding of plane {plane or 'image'}…"
                 predictor.set_image(arr)
                 pred = predictor.predict(**prompt.as_kwargs(), mode=mode)
-                results.append(PlanePrediction(plane, prompt, pred, submitted))
+                results.append(PlanePrediction(plane, prompt, pred, submitted,
+                                               reported_iou(predictor.model, pred.iou_score)))
         return results
 
     # ================================================================== results (UI thread)
@@ -550,7 +554,7 @@ class AnnotatorWidget(QWidget):
             self._update_overlay(res.plane)
             self._current_preds[res.plane] = res
             self._shown_prompts[res.plane] = res.prompt
-            iou = self._reported_iou(pred)
+            iou = res.iou
             self.status.setText(
                 f"plane {res.plane or 'image'}: {int(pred.mask.sum())} px, "
                 + ("" if np.isnan(iou) else f"predicted IoU {iou:.2f}, ")
@@ -618,7 +622,7 @@ class AnnotatorWidget(QWidget):
         self._reprompt_id = None
         self.objects.data[mask] = obj_id
         self.objects.refresh()
-        ious = [self._reported_iou(r.prediction) for r in self._current_preds.values()]
+        ious = [r.iou for r in self._current_preds.values()]
         prompts = {plane: r.prompt for plane, r in self._current_preds.items()}
         self._record(obj_id, float(np.mean(ious)) if ious else float("nan"), prompts)
         self.clear_prompts()
@@ -650,13 +654,6 @@ class AnnotatorWidget(QWidget):
             if rec is not None:
                 self.records[int(obj_id)] = rec
         self._fill_object_table()
-
-    def _reported_iou(self, pred) -> float:
-        """The predicted IoU to show for ``pred``: NaN (not shown) when the model's IoU head is
-        untrained (our micro models)."""
-        if self._predictor is None:
-            return float("nan")
-        return reported_iou(self._predictor.model, pred.iou_score)
 
     def _fill_object_table(self) -> None:
         table = self.object_table
