@@ -131,6 +131,7 @@ def test_predict_reads_a_plane_of_a_hyperstack_as_the_batch_numbers_it(tmp_path,
         (["--point", "5,5", "--window", "16"], "window must be"),
         (["--box", "1,1,9,9", "--box-size", "huge"], "box_size must be"),
         (["--point", "5,5", "--views", "3"], "views must be"),
+        (["--point", "5,5", "--scales", "2"], "scales must be"),
     ],
 )
 def test_predict_errors_are_clear_and_write_nothing(image_file, tmp_path, capsys, args, message):

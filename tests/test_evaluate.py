@@ -117,6 +117,13 @@ def test_evaluate_cli_writes_json_and_csv(tmp_path):
     assert main(["evaluate", "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "msk"),
                  "--model", "test-tiny", "--prompts", "box", "--views", "1", "--json", str(one)]) == 0
     assert json.loads(one.read_text())["views"] == 1 and data["recentre"] is True
+    assert data["scales"] == 1  # off by default
+    three = tmp_path / "res" / "three.json"
+    assert main(["evaluate", "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "msk"),
+                 "--model", "test-tiny", "--prompts", "point1", "--views", "1", "--scales", "3",
+                 "--json", str(three)]) == 0
+    data3 = json.loads(three.read_text())
+    assert data3["scales"] == 3 and data3["results"]["point1"]["n_objects"] == 2
     plain = tmp_path / "res" / "plain.json"
     assert main(["evaluate", "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "msk"),
                  "--model", "test-tiny", "--prompts", "point1", "--no-recentre", "--json", str(plain)]) == 0

@@ -423,3 +423,18 @@ def test_views_setting_re_predicts_with_the_same_model(make_napari_viewer, qtbot
     wait_predictions(qtbot, widget, before + 1)
     assert len(widget._predictor.views) == 1 and widget._predictor.model is model  # not reloaded
     assert widget.uncertainty.data.shape == plane.shape and not np.array_equal(widget.uncertainty.data, shown)
+
+
+def test_scales_setting_re_predicts_with_the_same_predictor(make_napari_viewer, qtbot):
+    widget, plane = one_clicked_plane(make_napari_viewer, qtbot)
+    predictor, shown = widget._predictor, widget.uncertainty.data.copy()
+    assert widget.scales_combo.currentText() == "1" and predictor.scales == (1.0,)
+    before = widget.predictions_applied
+    widget.scales_combo.setCurrentText("3")  # no new prompt: the change alone re-predicts
+    wait_predictions(qtbot, widget, before + 1)
+    assert widget._predictor is predictor and len(predictor.scales) == 3
+    assert not np.array_equal(widget.uncertainty.data, shown)
+    # the scale-1 embeddings were kept: going back re-predicts the first result exactly
+    widget.scales_combo.setCurrentText("1")
+    wait_predictions(qtbot, widget, before + 2)
+    np.testing.assert_array_equal(widget.uncertainty.data, shown)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._cli_options import BOX_MARGIN_HELP, BOX_SIZE_HELP, RECENTRE_HELP, VIEWS_HELP, WINDOW_HELP, zoom_value
+from ._cli_options import (BOX_MARGIN_HELP, BOX_SIZE_HELP, RECENTRE_HELP, SCALES_HELP, VIEWS_HELP, WINDOW_HELP,
+                           zoom_value)
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -39,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--box-size", default="auto", help=BOX_SIZE_HELP)
     parser.add_argument("--box-margin", default="auto", help=BOX_MARGIN_HELP)
     parser.add_argument("--views", default="auto", help=VIEWS_HELP)
+    parser.add_argument("--scales", default="1", help=SCALES_HELP)
     parser.add_argument("--recentre", action=argparse.BooleanOptionalAction, default=None, help=RECENTRE_HELP)
     parser.add_argument("-o", "--output", required=True, help="output folder")
 
@@ -151,7 +153,7 @@ def _predict(args) -> int:
     model = load_model(args.model, device=args.device, checkpoint=args.checkpoint)
     predictor = Predictor(model, zoom=args.zoom, window=args.window,
                           box_size=args.box_size, views=args.views, box_margin=args.box_margin,
-                          recentre="auto" if args.recentre is None else args.recentre)
+                          recentre="auto" if args.recentre is None else args.recentre, scales=args.scales)
     predictor.set_image(image)
     pts = points + negatives
     labels = [1] * len(points) + [0] * len(negatives)

@@ -35,7 +35,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.stats import rankdata
 
-from ._cli_options import BOX_MARGIN_HELP, BOX_SIZE_HELP, RECENTRE_HELP, VIEWS_HELP, WINDOW_HELP, zoom_value
+from ._cli_options import (BOX_MARGIN_HELP, BOX_SIZE_HELP, RECENTRE_HELP, SCALES_HELP, VIEWS_HELP, WINDOW_HELP,
+                           zoom_value)
 from .io.stacks import stack_stem
 
 PROMPT_MODES = ("point1", "point3", "box")
@@ -260,11 +261,12 @@ class EvaluationReport:
     views: int = 1
     recentre: bool = False
     box_margin: float | None = None
+    scales: int = 1
 
     def to_json(self) -> dict:
         return {"model": self.model, "n_images": self.n_images, "results": self.results, "baselines": self.baselines,
                 "zoom": self.zoom, "window": self.window, "box_size": self.box_size, "views": self.views,
-                "recentre": self.recentre, "box_margin": self.box_margin}
+                "recentre": self.recentre, "box_margin": self.box_margin, "scales": self.scales}
 
 
 def pair_problem(image: np.ndarray, mask: np.ndarray) -> str | None:
@@ -315,10 +317,12 @@ def evaluate_model(
     views: int | str = "auto",
     recentre: bool | str = "auto",
     box_margin: float | str | None = "auto",
+    scales: int | str = 1,
 ) -> EvaluationReport:
     """Evaluate ``model`` on ``(name, image, instance_labels)`` samples (2D or 3D); ``zoom`` and
     ``window`` as in :class:`~napari_ruac.model.Predictor` (prompts and metrics stay at the
-    images' scale), as are ``box_size``, ``views``, ``recentre`` and ``box_margin``."""
+    images' scale), as are ``box_size``, ``views``, ``recentre``, ``box_margin`` and ``scales``
+    (prompts only: automatic segmentation decodes its re-clicks at one scale)."""
     from .model import Predictor
 
     for p in prompt_modes:
@@ -327,7 +331,7 @@ def evaluate_model(
     automatic = AUTOMATIC in prompt_modes
     prompt_modes = [p for p in prompt_modes if p != AUTOMATIC]
     predictor = Predictor(model, zoom=zoom, window=window, box_size=box_size,
-                          views=views, recentre=recentre, box_margin=box_margin)
+                          views=views, recentre=recentre, box_margin=box_margin, scales=scales)
     segmenter = None
     if automatic:
         from .model.automatic import AutomaticSegmenter
@@ -407,7 +411,8 @@ def evaluate_model(
                             "miou": _nanmean(r.iou for r in theirs), "jf": _nanmean(r.jf for r in theirs)}
     return EvaluationReport(model_name, len(samples), results, base, rows,
                             "auto" if zoom == "auto" else predictor.zoom, predictor.window,
-                            predictor.box_size, len(predictor.views), predictor.recentre, predictor.box_margin)
+                            predictor.box_size, len(predictor.views), predictor.recentre, predictor.box_margin,
+                            len(predictor.scales))
 
 
 class _AutomaticTally:
@@ -540,6 +545,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--box-size", default="auto", help=BOX_SIZE_HELP)
     parser.add_argument("--box-margin", default="auto", help=BOX_MARGIN_HELP)
     parser.add_argument("--views", default="auto", help=VIEWS_HELP)
+    parser.add_argument("--scales", default="1", help=SCALES_HELP)
     parser.add_argument("--recentre", action=argparse.BooleanOptionalAction, default=None, help=RECENTRE_HELP)
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--json", default=None, help="write results JSON here (per-object CSV beside it)")
@@ -567,7 +573,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = [p.strip() for p in args.prompts.split(",") if p.strip()]
     report = evaluate_model(model, samples, prompts, mode=args.mode, mc_samples=args.samples, seed=args.seed,
                             baselines=not args.no_baselines, model_name=str(args.model), zoom=args.zoom,
-                            window=args.window, box_size=args.box_size, views=args.views,
+                            window=args.window, box_size=args.box_size, views=args.views, scales=args.scales,
                             recentre="auto" if args.recentre is None else args.recentre, box_margin=args.box_margin)
     print_report(report)
     if args.json:

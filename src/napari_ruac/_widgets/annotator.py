@@ -146,6 +146,15 @@ class AnnotatorWidget(QWidget):
             "auto: 4 for our models, 1 for SAM2.1's")
         self.views_combo.currentTextChanged.connect(self._on_views_changed)
         self._views = "auto"  # read by worker threads; set on the UI thread only
+        self.scales_combo = QComboBox()
+        self.scales_combo.addItems(["1", "3", "5"])
+        self.scales_combo.setToolTip(
+            "each prompt is also decoded at zooms a quarter octave below and above (3; 5: half an octave "
+            "too) and the results averaged: better masks, and uncertainty that marks more of the wrong "
+            "pixels (DSB2018, one click: mIoU 0.70 -> 0.71, AUROC 0.75 -> 0.80), for ~3x (5x) the work "
+            "per click and per new region")
+        self.scales_combo.currentTextChanged.connect(self._on_scales_changed)
+        self._scales = "1"  # read by worker threads; set on the UI thread only
 
         top = QFormLayout()
         top.addRow("image", self.image_combo)
@@ -153,6 +162,7 @@ class AnnotatorWidget(QWidget):
         top.addRow("uncertainty", self.mode_combo)
         top.addRow("zoom for the model", self.zoom_spin)
         top.addRow("test-time views", self.views_combo)
+        top.addRow("test-time scales", self.scales_combo)
         top.addRow(self.negative_check)
 
         self.undo_button = QPushButton("Undo prompt [u]")
@@ -493,6 +503,7 @@ class AnnotatorWidget(QWidget):
             self._predictor = Predictor(self._predictor.model, views=views)
         self._predictor_views = views
         self._predictor.zoom = self._zoom  # a changed zoom drops the current embedding
+        self._predictor.scales = self._scales  # embeddings at every zoom stay cached
         return self._predictor
 
     def _plane_array(self, plane: Plane) -> np.ndarray:
@@ -947,6 +958,10 @@ class AnnotatorWidget(QWidget):
     def _on_views_changed(self, text: str) -> None:
         self._views = text
         self._forget_model()  # same model, but every plane re-predicts in the new views
+
+    def _on_scales_changed(self, text: str) -> None:
+        self._scales = text
+        self._forget_model()  # same model, but every plane re-predicts at the new scales
 
     def _on_zoom_changed(self, value: float) -> None:
         self._zoom = zoom_of(self.zoom_spin)

@@ -149,6 +149,16 @@ class Predictor:
     each other share a window). Many prompts spread over a large plane need fewer windows with
     1/2, and each prompt still lies a quarter of a window from the window's edges.
 
+    ``scales``: each prompt set is also decoded at zooms a quarter octave below and above its
+    own (3: x2^-1/4, x1, x2^1/4; 5 adds half an octave each way), in all its views, and the
+    probabilities averaged: the mask no longer hinges on how one grid of 16 px tokens happens to
+    fall on the object, and where the scales disagree the probability is near 0.5, so the
+    uncertainty marks it (DSB2018, ``micro``, one click: mIoU 0.699 -> 0.710, AUROC of
+    uncertainty for error 0.745 -> 0.799, ECE 0.072 -> 0.039; a box: 0.836 -> 0.848, 0.883 ->
+    0.899). Each scale is one more set of encoder passes per window (a first click on a new
+    512² plane ~3x as long with 3) and of decoder passes per click. 1 (default) is off;
+    ``"auto"`` is 3 for native-scale models and 1 for models that resize every image.
+
     ``box_margin``: a box is drawn around its object, so the mask of a prompt set with a box
     ends at the box: pixels more than ``box_margin`` pixels outside it are background, with
     probability and uncertainty 0 (the prompt settles them). ``"auto"`` (default) is 0 (the
@@ -160,7 +170,8 @@ class Predictor:
     def __init__(self, model: RuacSam, cache_size: int = 16, zoom: float = 1.0,
                  window: int | str | None = "auto", box_size: float | str | None = "auto",
                  views: int | str = "auto", window_step: float = 1 / 8, recentre: bool | str = "auto",
-                 box_margin: float | str | None = "auto", recentre_rounds: int = 3) -> None:
+                 box_margin: float | str | None = "auto", recentre_rounds: int = 3,
+                 scales: int | str = 1) -> None:
         self.model = model.eval()
         self.box_margin = resolve_box_margin(box_margin)
         self.cache_size = cache_size
@@ -172,6 +183,7 @@ class Predictor:
         self.window = resolve_window(model.config, window)
         self.box_size = resolve_box_size(model.config, box_size)
         self.views = resolve_views(model.config, views)
+        self._scales = resolve_scales(model.config, scales)
         if not 0 < window_step <= 0.5:
             raise ValueError(f"window_step must be a fraction of the window in (0, 0.5], got {window_step!r}")
         self.window_step = float(window_step)
@@ -215,7 +227,8 @@ class Predictor:
             return True
         cached = all(key in self._cache for key in self._plane_keys(self._content))
         whole = self._whole_plane()
-        self._window_embeddings([(self._view_window(whole, self._zoom, view), view) for view in self.views], self._zoom)
+        for zoom in self._whole_plane_zooms(arr.shape[:2], self._zoom):
+            self._window_embeddings([(self._view_window(whole, zoom, view), view) for view in self.views], zoom)
         return cached
 
     def is_cached(self, image) -> bool:
@@ -266,8 +279,13 @@ class Predictor:
         current plane's)."""
         zoom = self._zoom if zoom is None else zoom
         whole = (0, 0, *(shape or self._plane.shape[:2]))
-        return [self._cache_key(zoom, content, self._view_window(whole, zoom, view), view, whole)
-                for view in self.views]
+        return [self._cache_key(z, content, self._view_window(whole, z, view), view, whole)
+                for z in self._whole_plane_zooms(whole[2:], zoom) for view in self.views]
+
+    def _whole_plane_zooms(self, shape: tuple[int, int], zoom: float) -> list[float]:
+        """The zooms of ``scales`` around ``zoom`` at which a ``shape`` plane is embedded whole
+        (at the others it is decoded in windows)."""
+        return [z for z in (_scaled(zoom, s) for s in self.scales) if not self._needs_windows(shape, z)]
 
     def _cache_key(self, zoom: float, content: str | None = None, window=None, view: View = View(),
                    whole=None) -> str:
@@ -299,6 +317,16 @@ class Predictor:
             self._zoom = 1.0 if auto else value
             self._plane, self._content, self.image_key = None, None, None
 
+    @property
+    def scales(self) -> tuple[float, ...]:
+        """The zoom factors each prompt set is decoded at (1 first). Set 1, 3, 5 or "auto";
+        embeddings already computed at a zoom are reused."""
+        return self._scales
+
+    @scales.setter
+    def scales(self, value: int | str) -> None:
+        self._scales = resolve_scales(self.model.config, value)
+
     def clear_cache(self) -> None:
         self._cache.clear()
 
@@ -315,7 +343,7 @@ class Predictor:
         out = [self._cache[key] for key in keys]
         # cache_size counts planes (or windows) in all their views; what this request uses is
         # taken out before evicting, so a request larger than the cache still gets all of it
-        while len(self._cache) > self.cache_size * len(self.views):
+        while len(self._cache) > self.cache_size * len(self.views) * len(self.scales):
             self._cache.popitem(last=False)
         return out
 
@@ -459,8 +487,9 @@ class Predictor:
 
     def _regions(self, prompts: list[Prompt], mode, samples, multimask, seed,
                  bases: list | None = None) -> Iterator[tuple[int, Prediction, tuple]]:
-        """(index, prediction, (zoom, window)) per prompt set; ``bases``: a (zoom, window) per
-        prompt set to decode it in when the window holds its prompts."""
+        """(index, prediction, (zoom, window, {scale: window})) per prompt set: the windows it was
+        decoded in; ``bases``: such a triple per prompt set to decode it in again, in the same
+        windows where they hold its prompts (re-centring)."""
         if self._plane is None:
             raise RuntimeError("no image set: call set_image() before predict()")
         checked = [self._check_prompt(i, p) for i, p in enumerate(prompts)]
@@ -473,56 +502,80 @@ class Predictor:
             extents.append((pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max(), pts[:, 1].max()))
             key = (zoom, self.window_of(extents[i], zoom))
             if bases is not None and bases[i][0] == zoom and _holds(bases[i][1], extents[i]):
-                key = bases[i]
+                key = bases[i][:2]
             by_base.setdefault(key, []).append(i)
         for (zoom, base), members in by_base.items():
-            by_view = []
-            for view in self.views:
-                window = self._view_window(base, zoom, view)
-                # a moved window can lose the prompts at its bottom/right edge: that view is skipped
-                holders = [i for i in members if view.identity or _holds(window, extents[i])]
-                if holders:
-                    by_view.append((window, view, holders))
-            views_of = {i: sum(i in holders for _, _, holders in by_view) for i in members}
             parts: dict[int, list[_ViewResult]] = {i: [] for i in members}
-            embeddings = self._window_embeddings([(window, view) for window, view, _ in by_view], zoom)
-            # (view, prompt set) pairs, decoded together: one pass over all views of a window
-            # costs 7 ms where four passes of one cost 18 (micro, 2 CPU cores)
-            encoded = {}
-            for v, (window, view, holders) in enumerate(by_view):
-                shape = (window[2] - window[0], window[3] - window[1])
-                frame = embeddings[v][1]
-                for i in holders:
-                    local = checked[i][0] - np.array(window[:2], dtype=np.float64)
-                    encoded[v, i] = (model_coords(view.prompts(local, checked[i][1], shape), (0, 0), frame), checked[i][1])
-            # SAM's padding tokens take part in attention, so prompt sets are decoded in
-            # groups of equal length: batched results then equal one-at-a-time results exactly
-            groups: dict[int, list[tuple[int, int]]] = {}
-            for pair, (coords, _) in encoded.items():
-                groups.setdefault(len(coords), []).append(pair)
-            embedding = ImageEmbedding.cat([e for e, _ in embeddings])
-            chunk = self.decoder_chunk(embeddings[0][0])
-            for group in groups.values():
-                generator = None
-                if seed is not None:
-                    generator = torch.Generator(device=self.device).manual_seed(seed)
-                for start in range(0, len(group), chunk):
-                    idx = group[start : start + chunk]
-                    coords = torch.tensor([encoded[p][0] for p in idx], dtype=torch.float32, device=self.device)
-                    labels = torch.tensor([encoded[p][1] for p in idx], dtype=torch.long, device=self.device)
-                    image_index = torch.tensor([v for v, _ in idx], dtype=torch.long, device=self.device)
-                    with torch.inference_mode():
-                        out = self.model.decode(
-                            embedding, coords, labels, image_index=image_index, multimask_output=multimask,
-                            mode=mode, samples=samples, generator=generator,
-                        )
-                        for b, (v, i) in enumerate(idx):
-                            window, view, _ = by_view[v]
-                            parts[i].append(self._view_result(out, b, embeddings[v][1], window, view, views_of[i] == 1))
+            used: dict[int, dict[float, tuple]] = {i: {} for i in members}
+            for scale in self.scales:
+                if scale == 1.0:
+                    windows = {base: members}
+                else:  # each prompt set in the window of its prompts at this scale's zoom
+                    windows = {}
+                    for i in members:
+                        window = self.window_of(extents[i], _scaled(zoom, scale))
+                        before = None if bases is None or bases[i][0] != zoom else bases[i][2].get(scale)
+                        if before is not None and _holds(before, extents[i]):
+                            window = before
+                        windows.setdefault(window, []).append(i)
+                for window, holders in windows.items():
+                    for i in holders:
+                        used[i][scale] = window
+                    self._decode_views(_scaled(zoom, scale), window, holders, checked, extents, parts,
+                                       mode, samples, multimask, seed)
             with torch.inference_mode():
                 for i in members:
                     pred = self._combine(parts.pop(i), used_mode, multimask)
-                    yield i, self._bounded_by_box(pred, *checked[i]), (zoom, base)
+                    yield i, self._bounded_by_box(pred, *checked[i]), (zoom, base, used[i])
+
+    def _decode_views(self, zoom: float, base: tuple[int, int, int, int], members: list[int], checked, extents,
+                      parts: dict, mode, samples, multimask, seed) -> None:
+        """Decode prompt sets ``members`` in window ``base`` seen at ``zoom``, in every view that
+        holds their prompts, appending each view's result to ``parts[i]``."""
+        by_view = []
+        for view in self.views:
+            window = self._view_window(base, zoom, view)
+            # a moved window can lose the prompts at its bottom/right edge: that view is skipped
+            holders = [i for i in members if view.identity or _holds(window, extents[i])]
+            if holders:
+                by_view.append((window, view, holders))
+        # a prompt set's only result (one view holds it, one scale) is final: its entropy
+        # comes from the logit, accurate where the probability rounds to 0 or 1
+        only = {i: len(self.scales) == 1 and sum(i in holders for _, _, holders in by_view) == 1 for i in members}
+        embeddings = self._window_embeddings([(window, view) for window, view, _ in by_view], zoom)
+        # (view, prompt set) pairs, decoded together: one pass over all views of a window
+        # costs 7 ms where four passes of one cost 18 (micro, 2 CPU cores)
+        encoded = {}
+        for v, (window, view, holders) in enumerate(by_view):
+            shape = (window[2] - window[0], window[3] - window[1])
+            frame = embeddings[v][1]
+            for i in holders:
+                local = checked[i][0] - np.array(window[:2], dtype=np.float64)
+                encoded[v, i] = (model_coords(view.prompts(local, checked[i][1], shape), (0, 0), frame), checked[i][1])
+        # SAM's padding tokens take part in attention, so prompt sets are decoded in
+        # groups of equal length: batched results then equal one-at-a-time results exactly
+        groups: dict[int, list[tuple[int, int]]] = {}
+        for pair, (coords, _) in encoded.items():
+            groups.setdefault(len(coords), []).append(pair)
+        embedding = ImageEmbedding.cat([e for e, _ in embeddings])
+        chunk = self.decoder_chunk(embeddings[0][0])
+        for group in groups.values():
+            generator = None
+            if seed is not None:
+                generator = torch.Generator(device=self.device).manual_seed(seed)
+            for start in range(0, len(group), chunk):
+                idx = group[start : start + chunk]
+                coords = torch.tensor([encoded[p][0] for p in idx], dtype=torch.float32, device=self.device)
+                labels = torch.tensor([encoded[p][1] for p in idx], dtype=torch.long, device=self.device)
+                image_index = torch.tensor([v for v, _ in idx], dtype=torch.long, device=self.device)
+                with torch.inference_mode():
+                    out = self.model.decode(
+                        embedding, coords, labels, image_index=image_index, multimask_output=multimask,
+                        mode=mode, samples=samples, generator=generator,
+                    )
+                    for b, (v, i) in enumerate(idx):
+                        window, view, _ = by_view[v]
+                        parts[i].append(self._view_result(out, b, embeddings[v][1], window, view, only[i]))
 
     def _whole_plane(self) -> tuple[int, int, int, int]:
         return (0, 0, *self._plane.shape[:2])
@@ -791,6 +844,32 @@ class _ViewResult:
     aleatoric: torch.Tensor | None
     iou: torch.Tensor
     object_score: float
+
+
+SCALE_COUNTS = (1, 3, 5)
+DEFAULT_NATIVE_SCALES = 3
+
+
+def resolve_scales(config, scales: int | str) -> tuple[float, ...]:
+    """``Predictor(scales=...)`` (or ``--scales`` text): 'auto', 1, 3 or 5 -> the zoom factors,
+    quarter octaves apart around 1 (1 first)."""
+    value = scales.strip().lower() if isinstance(scales, str) else scales
+    if value == "auto":
+        count = DEFAULT_NATIVE_SCALES if config.input_scaling == "native" else 1
+    else:
+        try:
+            count = int(value)
+        except (TypeError, ValueError):
+            count = None
+        if count not in SCALE_COUNTS or (not isinstance(value, str) and count != value):
+            raise ValueError(f"scales must be 'auto' or one of {SCALE_COUNTS}, got {scales!r}")
+    half = count // 2
+    return (1.0,) + tuple(2.0 ** (k / 4) for k in range(-half, half + 1) if k)
+
+
+def _scaled(zoom: float, scale: float) -> float:
+    """``zoom`` times ``scale``, kept inside the zooms a frame allows."""
+    return zoom if scale == 1.0 else float(min(max(zoom * scale, 0.05), 8.0))
 
 
 def _holds(window: tuple[int, int, int, int], extent: tuple[float, float, float, float]) -> bool:
