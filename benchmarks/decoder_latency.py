@@ -147,21 +147,24 @@ def first_click(model_name: str, reps: int) -> dict[tuple[str, int, int], float]
     round and with none (0: ``recentre=False``), to show what the rounds cost, and with
     ``zoom="auto"`` (the plane's object size estimated first; DSB2018's nuclei keep zoom 1, so
     the difference is the estimate's cost), and with it estimated before the clock starts, as
-    the annotator does when a plane is shown (``Predictor.plane_zoom``).
+    the annotator does when a plane is shown (``Predictor.plane_zoom``), and with three
+    test-time scales (``scales=3``).
     """
     model = load_model(model_name)
     img = _sample_image(512)
     rng = np.random.default_rng(2)
     out = {}
-    settings = [(label, window, views, 3, 1.0) for (label, window), views in itertools.product(
+    settings = [(label, window, views, 3, 1.0, 1) for (label, window), views in itertools.product(
         (("context window", "auto"), ("whole plane", None)), (1, 2, 4, 8))]
-    settings[4:4] = [("context window", "auto", 4, 1, 1.0), ("context window", "auto", 4, 0, 1.0),
-                     ("context window, zoom auto", "auto", 4, 3, "auto"),
-                     ("context window, zoom auto estimated when shown", "auto", 4, 3, "auto")]
-    for label, window, views, rounds, zoom in settings:
+    settings[4:4] = [("context window", "auto", 4, 1, 1.0, 1), ("context window", "auto", 4, 0, 1.0, 1),
+                     ("context window, zoom auto", "auto", 4, 3, "auto", 1),
+                     ("context window, zoom auto estimated when shown", "auto", 4, 3, "auto", 1),
+                     ("context window, 3 scales", "auto", 4, 3, 1.0, 3),
+                     ("context window, 3 scales", "auto", 2, 3, 1.0, 3)]
+    for label, window, views, rounds, zoom, scales in settings:
         ahead = label.endswith("when shown")
         predictor = Predictor(model, window=window, views=views, recentre=rounds > 0,
-                              recentre_rounds=max(rounds, 1), zoom=zoom)
+                              recentre_rounds=max(rounds, 1), zoom=zoom, scales=scales)
         predictor.set_image(img)  # warm-up
         predictor.predict(points=[(256, 256)])
         times = []

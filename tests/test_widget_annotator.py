@@ -425,16 +425,37 @@ def test_views_setting_re_predicts_with_the_same_model(make_napari_viewer, qtbot
     assert widget.uncertainty.data.shape == plane.shape and not np.array_equal(widget.uncertainty.data, shown)
 
 
-def test_scales_setting_re_predicts_with_the_same_predictor(make_napari_viewer, qtbot):
+def test_a_click_is_shown_at_one_scale_then_refined_at_three(make_napari_viewer, qtbot):
+    from napari_ruac import Predictor
+
     widget, plane = one_clicked_plane(make_napari_viewer, qtbot)
-    predictor, shown = widget._predictor, widget.uncertainty.data.copy()
-    assert widget.scales_combo.currentText() == "1" and predictor.scales == (1.0,)
-    before = widget.predictions_applied
-    widget.scales_combo.setCurrentText("3")  # no new prompt: the change alone re-predicts
-    wait_predictions(qtbot, widget, before + 1)
-    assert widget._predictor is predictor and len(predictor.scales) == 3
-    assert not np.array_equal(widget.uncertainty.data, shown)
-    # the scale-1 embeddings were kept: going back re-predicts the first result exactly
+    predictor = widget._predictor
+    assert widget.scales_combo.currentText() == "1, then 3"
+    # the one-scale result came first (the latency reported), the three-scale one replaced it
+    assert widget.predictions_applied == 2 and widget._current_preds[()].scales == 3
+    assert "(3 scales)" in widget.status.text()
+    three = Predictor(predictor.model, scales=3)
+    three.zoom = "auto"
+    three.set_image(plane)
+    np.testing.assert_allclose(widget.uncertainty.data, three.predict(points=[(30, 36)]).uncertainty, atol=1e-6)
+    refined = widget.uncertainty.data.copy()
+    # one scale only: re-predicted (same predictor, embeddings kept), not refined
     widget.scales_combo.setCurrentText("1")
-    wait_predictions(qtbot, widget, before + 2)
-    np.testing.assert_array_equal(widget.uncertainty.data, shown)
+    wait_predictions(qtbot, widget, 3)
+    assert widget.predictions_applied == 3 and widget._current_preds[()].scales == 1
+    assert widget._predictor is predictor and predictor.scales == (1.0,)
+    assert not np.array_equal(widget.uncertainty.data, refined)
+    widget.scales_combo.setCurrentText("3")  # three at once
+    wait_predictions(qtbot, widget, 4)
+    assert widget.predictions_applied == 4 and widget._current_preds[()].scales == 3
+    np.testing.assert_array_equal(widget.uncertainty.data, refined)
+    # a newer click while a refinement is pending or running: the stale refinement is not shown
+    widget.scales_combo.setCurrentText("1, then 3")
+    wait_predictions(qtbot, widget, 6)
+    widget.add_point((60, 90))
+    widget.add_point((62, 92))
+    wait_predictions(qtbot, widget, 7)
+    shown = widget._current_preds[()]
+    assert shown.scales == 3 and len(shown.prompt.points) == 3
+
+
