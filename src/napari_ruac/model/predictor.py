@@ -153,9 +153,9 @@ class Predictor:
     own (3: x2^-1/4, x1, x2^1/4; 5 adds half an octave each way), in all its views, and the
     probabilities averaged: the mask no longer hinges on how one grid of 16 px tokens happens to
     fall on the object, and where the scales disagree the probability is near 0.5, so the
-    uncertainty marks it (DSB2018, ``micro``, one click: mIoU 0.699 -> 0.710, AUROC of
-    uncertainty for error 0.745 -> 0.799, ECE 0.072 -> 0.039; a box: 0.836 -> 0.848, 0.883 ->
-    0.899). Each scale is one more set of encoder passes per window (a first click on a new
+    uncertainty marks it (DSB2018, ``micro``, one click: mIoU 0.699 -> 0.712, AUROC of
+    uncertainty for error 0.745 -> 0.792, ECE 0.072 -> 0.047; a box: 0.836 -> 0.850, 0.883 ->
+    0.898, ECE 0.032 -> 0.011). Each scale is one more set of encoder passes per window (a first click on a new
     512² plane ~3x as long with 3) and of decoder passes per click. 1 (default) is off;
     ``"auto"`` is 3 for native-scale models and 1 for models that resize every image.
 
