@@ -6,6 +6,7 @@ Looking at the uncertainty and error panels side by side should show that the br
 uncertainty pixels are the wrong ones.
 
     python scripts/make_figures.py --model micro --target dsb2018 [--plane Z] [--prompt point1|box] [--zoom auto]
+        [--scales 3]
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def main() -> None:
     parser.add_argument("--prompt", choices=["point1", "box"], default="point1")
     parser.add_argument("--zoom", type=zoom_value, default=1.0,
                         help="the predictor's zoom: a number or 'auto' (the plane's own)")
+    parser.add_argument("--scales", type=int, default=1, help="test-time scales (1, 3 or 5)")
     parser.add_argument("-o", "--output", type=Path, default=Path("docs/images"))
     args = parser.parse_args()
     folder = args.targets_dir / args.target
@@ -62,7 +64,7 @@ def main() -> None:
         z = args.plane if args.plane is not None else int(np.argmax((labels > 0).sum((1, 2))))
         image, labels = image[z], labels[z]
     zoom = args.zoom
-    predictor = Predictor(load_model(args.model), zoom=zoom)
+    predictor = Predictor(load_model(args.model), zoom=zoom, scales=args.scales)
     predictor.set_image(image)
     pred, unc = combined_maps(predictor, labels, args.prompt)
     error = pred != (labels > 0)
@@ -79,11 +81,13 @@ def main() -> None:
     from napari_ruac.evaluate import auroc, pearson
 
     seen = f", zoom auto: {predictor.zoom:.2f}" if zoom == "auto" else ("" if zoom == 1 else f", zoom {zoom:g}")
+    seen += f", {args.scales} scales" if args.scales > 1 else ""
     fig.suptitle(f"{args.model} on {args.target} ({args.prompt} prompts{seen}): pixel AUROC of uncertainty for error "
                  f"{auroc(unc, error):.2f}, Pearson r {pearson(unc, error):.2f}")
     fig.tight_layout()
     args.output.mkdir(parents=True, exist_ok=True)
     suffix = "" if zoom == 1 else "_zoomauto" if zoom == "auto" else f"_zoom{zoom:g}"
+    suffix += f"_scales{args.scales}" if args.scales > 1 else ""
     out = args.output / f"{args.target}_{args.model}_{args.prompt}{suffix}.png"
     fig.savefig(out, dpi=80)
     print(out)
