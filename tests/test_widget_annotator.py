@@ -433,6 +433,7 @@ def test_a_click_is_shown_at_one_scale_then_refined_at_three(make_napari_viewer,
     assert widget.scales_combo.currentText() == "1, then 3"
     # the one-scale result came first (the latency reported), the three-scale one replaced it
     assert widget.predictions_applied == 2 and widget._current_preds[()].scales == 3
+    assert widget._current_preds[()].refined and widget.last_latency_s is not None
     assert "(3 scales)" in widget.status.text()
     three = Predictor(predictor.model, scales=3)
     three.zoom = "auto"
@@ -448,6 +449,7 @@ def test_a_click_is_shown_at_one_scale_then_refined_at_three(make_napari_viewer,
     widget.scales_combo.setCurrentText("3")  # three at once
     wait_predictions(qtbot, widget, 4)
     assert widget.predictions_applied == 4 and widget._current_preds[()].scales == 3
+    assert not widget._current_preds[()].refined  # the response to the change itself
     np.testing.assert_array_equal(widget.uncertainty.data, refined)
     # a newer click while a refinement is pending or running: the stale refinement is not shown
     widget.scales_combo.setCurrentText("1, then 3")

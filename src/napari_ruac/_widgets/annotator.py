@@ -86,6 +86,7 @@ class PlanePrediction:
     # micro models); decided in the worker, by the model that predicted
     iou: float = float("nan")
     scales: int = 1  # how many test-time scales it was decoded at
+    refined: bool = False  # a refinement of a result already shown (not a response to a prompt)
 
 
 REFINE = "1, then 3"  # the test-time scales setting that refines each result
@@ -552,7 +553,7 @@ class AnnotatorWidget(QWidget):
                 pred = predictor.predict(**prompt.as_kwargs(), mode=mode)
                 results.append(PlanePrediction(plane, prompt, pred, submitted,
                                                reported_iou(predictor.model, pred.iou_score),
-                                               len(predictor.scales)))
+                                               len(predictor.scales), refined=scales is not None))
         return results
 
     # ================================================================== results (UI thread)
@@ -585,7 +586,7 @@ class AnnotatorWidget(QWidget):
         self.uncertainty.refresh()
         if self.overlay.visible:
             self.overlay.refresh()
-        first = [r for r in results if r.scales == 1]
+        first = [r for r in results if not r.refined]
         if first:  # prompt change -> layers updated (what the click-latency benchmark reports)
             self.last_latency_s = time.perf_counter() - first[0].submitted_at
         self.predictions_applied += 1
@@ -601,7 +602,8 @@ class AnnotatorWidget(QWidget):
             return
         if self._predictor.model.config.input_scaling != "native":
             return
-        jobs = [(r.plane, r.prompt) for r in results if r.scales == 1 and wanted.get(r.plane) == r.prompt]
+        jobs = [(r.plane, r.prompt) for r in results
+                if not r.refined and r.scales == 1 and wanted.get(r.plane) == r.prompt]
         if jobs:
             self.predict_runner.submit(
                 self._predict_job, self.model_picker.choice(), jobs, self.mode_combo.currentText(),
