@@ -346,6 +346,22 @@ def test_our_models_defaults_skip_the_heads_stage_1_never_trained(micro, tiny_mo
         AutomaticSegmenter(micro, rank_by="area")
     with pytest.raises(ValueError, match="refine_rounds"):
         AutomaticSegmenter(micro, refine_rounds=-1)
+    assert AutomaticSegmenter(micro).options()["scales"] == 1
+    assert AutomaticSegmenter(micro, scales="auto").options()["scales"] == 3
+    with pytest.raises(ValueError, match="scales must be"):
+        AutomaticSegmenter(micro, scales=2)
+
+
+def test_reclicks_at_three_scales_are_decoded_at_each(micro):
+    """The re-click step decodes each object's click at three zooms: its masks (and so the
+    labels and uncertainty) differ from one zoom's, and the grid step before it does not."""
+    img, masks = discs((160, 160), ((40, 40, 11), (40, 115, 13), (115, 50, 10), (112, 112, 12)), noise=0.03)
+    one, three = AutomaticSegmenter(micro, scales=1), AutomaticSegmenter(micro, scales=3)
+    rgb = to_rgb_float(img)
+    assert [c.box for c in one.candidates(rgb)] == [c.box for c in three.candidates(rgb)]
+    a, b = one.segment(img), three.segment(img)
+    assert recall(a.labels, masks) == recall(b.labels, masks) == 1.0
+    assert not np.allclose(a.uncertainty, b.uncertainty, atol=1e-3)
 
 
 def test_a_grid_click_keeps_only_a_mask_that_holds_it(micro):

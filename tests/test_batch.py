@@ -429,9 +429,11 @@ def test_cli_zoom_is_auto_unless_given_and_a_bad_zoom_is_named(tmp_path):
     assert main(args) == 0
     meta = json.loads((tmp_path / "out" / "s_metadata.json").read_text())
     assert meta["parameters"]["zoom"] == "auto" and meta["plane_zooms"] == [1.0, 1.0]  # noise: nothing to measure
-    assert main([*args, "--zoom", "0.5"]) == 0
+    assert meta["parameters"]["scales"] == "1"
+    assert main([*args, "--zoom", "0.5", "--scales", "3"]) == 0
     meta = json.loads((tmp_path / "out" / "s_metadata.json").read_text())
     assert meta["parameters"]["zoom"] == 0.5 and meta["plane_zooms"] == [0.5, 0.5]
+    assert meta["parameters"]["scales"] == "3"
     proc = subprocess.run([sys.executable, "-m", "napari_ruac.cli", *args, "--zoom", "large"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--zoom must be a number or 'auto', got 'large'" in proc.stderr

@@ -112,7 +112,7 @@ def test_bad_scale_counts_are_refused_clearly(tiny_model, bad):
 
 
 def test_scale_defaults_and_factors(tiny_model):
-    from napari_ruac.model.predictor import resolve_scales
+    from napari_ruac.model.views import resolve_scales
 
     assert Predictor(tiny_model).scales == (1.0,)  # off by default (latency)
     q = 2**0.25

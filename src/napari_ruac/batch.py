@@ -62,6 +62,7 @@ SEGMENTER_OPTIONS = (
     "crop_overlap_ratio", "crop_n_points_downscale_factor", "crop_nms_thresh", "min_area",
     "multimask", "object_score_thresh", "mode", "samples", "tile_size", "tile_overlap", "seed", "zoom",
     "point_in_mask", "refine_rounds", "rank_by", "min_kept", "merge_overlap", "reclick", "views",
+    "scales",
 )
 RUN_OPTIONS = ("axes", "channel", "checkpoint", "threads", "keep_work")
 CSV_COLUMNS = ("label", "plane", "area", "mean_uncertainty", "iou_score")
@@ -882,6 +883,9 @@ def add_arguments(parser) -> None:
                         "models (DSB2018 F1 0.32 -> 0.55), off for SAM2's weights")
     g.add_argument("--views", default=None,
                    help="test-time views of those clicks: 'auto' (4 for our models), 1, 2, 4 or 8")
+    g.add_argument("--scales", default="1",
+                   help="test-time scales of those clicks: 1 (default), 3 or 5 (zooms a quarter octave apart; "
+                        "DSB2018 F1 0.728 -> 0.749 with 3, for ~1.6x the time), or 'auto' (3 for our models)")
     g.add_argument("--point-filter", dest="point_in_mask", action=argparse.BooleanOptionalAction, default=True,
                    help="keep a grid click's mask only if it holds the click (default: on)")
     g.add_argument("--rank-by", choices=("auto", "iou", "confidence"), default="auto",

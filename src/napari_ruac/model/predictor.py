@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ..io.normalize import to_rgb_float, validate_plane
 from .frame import Frame, frame_for, parse_zoom, to_model_input
 from .sam import LABEL_BOX_BR, LABEL_BOX_TL, ImageEmbedding, RuacSam
-from .views import View, reflect_crop, resolve_views
+from .views import View, reflect_crop, resolve_scales, resolve_views
 from .weibull import binary_entropy, sigmoid_and_entropy
 
 
@@ -845,27 +845,6 @@ class _ViewResult:
     aleatoric: torch.Tensor | None
     iou: torch.Tensor
     object_score: float
-
-
-SCALE_COUNTS = (1, 3, 5)
-DEFAULT_NATIVE_SCALES = 3
-
-
-def resolve_scales(config, scales: int | str) -> tuple[float, ...]:
-    """``Predictor(scales=...)`` (or ``--scales`` text): 'auto', 1, 3 or 5 -> the zoom factors,
-    quarter octaves apart around 1 (1 first)."""
-    value = scales.strip().lower() if isinstance(scales, str) else scales
-    if value == "auto":
-        count = DEFAULT_NATIVE_SCALES if config.input_scaling == "native" else 1
-    else:
-        try:
-            count = int(value)
-        except (TypeError, ValueError):
-            count = None
-        if count not in SCALE_COUNTS or (not isinstance(value, str) and count != value):
-            raise ValueError(f"scales must be 'auto' or one of {SCALE_COUNTS}, got {scales!r}")
-    half = count // 2
-    return (1.0,) + tuple(2.0 ** (k / 4) for k in range(-half, half + 1) if k)
 
 
 def _scaled(zoom: float, scale: float) -> float:

@@ -9,7 +9,8 @@ views), and the spread between views is uncertainty the model could not see from
 A :class:`View` is (grid shift in model pixels, horizontal flip, vertical flip, transpose).
 The shift is applied by moving the window up and left by that many model pixels (reflecting
 the plane where the window leaves it), so the window keeps its size and the encoder its cost;
-the mirrors are exact and exactly undone.
+the mirrors are exact and exactly undone. Test-time *scales* (:func:`resolve_scales`) decode the
+same prompt set at zooms a quarter octave apart and average those too.
 """
 
 from __future__ import annotations
@@ -114,6 +115,27 @@ def resolve_views(config, views: int | str) -> tuple[View, ...]:
         if count not in VIEW_COUNTS or (not isinstance(value, str) and count != value):
             raise ValueError(f"views must be 'auto' or one of {VIEW_COUNTS}, got {views!r}")
     return VIEWS[:count]
+
+
+SCALE_COUNTS = (1, 3, 5)
+DEFAULT_NATIVE_SCALES = 3
+
+
+def resolve_scales(config, scales: int | str) -> tuple[float, ...]:
+    """``Predictor(scales=...)`` (or ``--scales`` text): 'auto', 1, 3 or 5 -> the zoom factors,
+    quarter octaves apart around 1 (1 first)."""
+    value = scales.strip().lower() if isinstance(scales, str) else scales
+    if value == "auto":
+        count = DEFAULT_NATIVE_SCALES if config.input_scaling == "native" else 1
+    else:
+        try:
+            count = int(value)
+        except (TypeError, ValueError):
+            count = None
+        if count not in SCALE_COUNTS or (not isinstance(value, str) and count != value):
+            raise ValueError(f"scales must be 'auto' or one of {SCALE_COUNTS}, got {scales!r}")
+    half = count // 2
+    return (1.0,) + tuple(2.0 ** (k / 4) for k in range(-half, half + 1) if k)
 
 
 def reflect_crop(plane: np.ndarray, window: tuple[int, int, int, int]) -> np.ndarray:
