@@ -50,6 +50,6 @@ run stardist3d stardist3d_zoomauto --zoom auto --prompts $auto --no-baselines
 # each prompt also decoded a quarter octave below and above its zoom, probabilities averaged
 # (--scales 3; with each plane at its own zoom on the 3D targets)
 three=point1,point3,box
-run dsb2018 dsb2018_scales3 --scales 3 --prompts $three --no-baselines
+run dsb2018 dsb2018_scales3 --scales 3 --prompts $three,automatic --no-baselines
 run nuclei3d nuclei3d_zoomauto_scales3 --zoom auto --scales 3 --prompts $three --no-baselines
 run stardist3d stardist3d_zoomauto_scales3 --zoom auto --scales 3 --prompts $three --no-baselines

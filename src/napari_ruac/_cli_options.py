@@ -9,7 +9,8 @@ WINDOW_HELP = ("context a native-scale model sees around each prompt, in model p
 VIEWS_HELP = ("test-time views each prompt (and each re-clicked object of automatic segmentation) is decoded in "
               "and averaged over (the token grid moved by half a "
               "token, the window mirrored): 'auto' (4 for our models, 1 for SAM2.1's), 1, 2, 4 or 8")
-SCALES_HELP = ("zooms each prompt is decoded at, a quarter octave apart around its own, in all its views, and "
+SCALES_HELP = ("zooms each prompt (and each re-clicked object of automatic segmentation) is decoded at, a quarter "
+               "octave apart around its own, in all its views, and "
                "averaged over: 1 (default; fastest), 3 or 5 (better masks and uncertainty, each one more set of "
                "encoder passes per window), or 'auto' (3 for our models, 1 for SAM2.1's)")
 RECENTRE_HELP = ("decode a single positive click again from the centre of its first mask (kept when it still "

@@ -322,7 +322,7 @@ def evaluate_model(
     """Evaluate ``model`` on ``(name, image, instance_labels)`` samples (2D or 3D); ``zoom`` and
     ``window`` as in :class:`~napari_ruac.model.Predictor` (prompts and metrics stay at the
     images' scale), as are ``box_size``, ``views``, ``recentre``, ``box_margin`` and ``scales``
-    (prompts only: automatic segmentation decodes its re-clicks at one scale)."""
+    (``zoom``, ``views`` and ``scales`` apply to automatic segmentation as well)."""
     from .model import Predictor
 
     for p in prompt_modes:
@@ -336,7 +336,8 @@ def evaluate_model(
     if automatic:
         from .model.automatic import AutomaticSegmenter
 
-        segmenter = AutomaticSegmenter(model, zoom=zoom, mode=mode, samples=mc_samples, seed=seed, views=views)
+        segmenter = AutomaticSegmenter(model, zoom=zoom, mode=mode, samples=mc_samples, seed=seed, views=views,
+                                       scales=scales)
     auto = _AutomaticTally()
     rows: list[ObjectRow] = []
     pooled = {p: _Pooled() for p in prompt_modes}
