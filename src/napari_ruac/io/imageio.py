@@ -79,7 +79,7 @@ _DATA_TAGS = frozenset({256, 257, 258, 259, 273, 277, 278, 279, 284, 317, 322, 3
 # What tifffile logs about metadata only (its tag and vendor-metadata parsers): the pixels are read
 # as usual, so such a file is read with a warning instead of being refused as damaged.
 _METADATA_ONLY = re.compile(
-    r"_metadata> raised|_metadata> failed|metadata> raised|<tifffile\.read_(uic|lsm|json|utf8|colormap|tvips|"
+    r"metadata> (raised|failed)|<tifffile\.read_(uic|lsm|json|utf8|colormap|tvips|"
     r"micromanager)|olympus_ini_metadata|STK Datetime|<get_resolution>|GDAL_NODATA|GeoKeyDirectoryTag|"
     r"_tags> raised|eer_xml_metadata|invalid self\.subfiletype"
 )
