@@ -68,16 +68,19 @@ def test_batch_two_stacks_from_a_folder_and_open_results(make_napari_viewer, qtb
     assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
 
 
-def test_zoom_starts_at_auto_the_lowest_zoom_setting(make_napari_viewer, qtbot, tmp_path):
+def test_zoom_starts_at_auto_the_lowest_zoom_setting_and_scales_are_passed_on(make_napari_viewer, qtbot, tmp_path):
     inputs = write_stacks(tmp_path, 1)
     out = tmp_path / "out"
     widget = dock(make_napari_viewer(), out)
     widget.add_inputs(inputs)
     assert widget.zoom_spin.value() == widget.zoom_spin.minimum() and widget.zoom_spin.text() == "auto"
+    assert widget.scales_combo.currentText() == "1"
+    widget.scales_combo.setCurrentText("3")
     widget.run_button.click()
     qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
     assert widget.error is None and widget.summary.ok, widget.error
-    assert json.loads((out / "stack0_metadata.json").read_text())["parameters"]["zoom"] == "auto"
+    parameters = json.loads((out / "stack0_metadata.json").read_text())["parameters"]
+    assert parameters["zoom"] == "auto" and parameters["scales"] == 3
 
 
 def test_cancel_midway_leaves_no_partial_files(make_napari_viewer, qtbot, tmp_path):
