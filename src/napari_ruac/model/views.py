@@ -102,19 +102,24 @@ VIEW_COUNTS = (1, 2, 4, 8)
 DEFAULT_NATIVE_VIEWS = 4
 
 
+def _count(config, name: str, value: int | str, counts: tuple[int, ...], native: int) -> int:
+    """A test-time count option (``views``, ``scales``): 'auto' (``native`` for native-scale
+    models, 1 for models that resize every image) or one of ``counts``, as a number or text."""
+    given = value.strip().lower() if isinstance(value, str) else value
+    if given == "auto":
+        return native if config.input_scaling == "native" else 1
+    try:
+        count = int(given)
+    except (TypeError, ValueError):
+        count = None
+    if count not in counts or (not isinstance(given, str) and count != given):
+        raise ValueError(f"{name} must be 'auto' or one of {counts}, got {value!r}")
+    return count
+
+
 def resolve_views(config, views: int | str) -> tuple[View, ...]:
     """``Predictor(views=...)`` (or ``--views`` text): 'auto' or 1, 2, 4 or 8 -> the views."""
-    value = views.strip().lower() if isinstance(views, str) else views
-    if value == "auto":
-        count = DEFAULT_NATIVE_VIEWS if config.input_scaling == "native" else 1
-    else:
-        try:
-            count = int(value)
-        except (TypeError, ValueError):
-            count = None
-        if count not in VIEW_COUNTS or (not isinstance(value, str) and count != value):
-            raise ValueError(f"views must be 'auto' or one of {VIEW_COUNTS}, got {views!r}")
-    return VIEWS[:count]
+    return VIEWS[: _count(config, "views", views, VIEW_COUNTS, DEFAULT_NATIVE_VIEWS)]
 
 
 SCALE_COUNTS = (1, 3, 5)
@@ -124,17 +129,7 @@ DEFAULT_NATIVE_SCALES = 3
 def resolve_scales(config, scales: int | str) -> tuple[float, ...]:
     """``Predictor(scales=...)`` (or ``--scales`` text): 'auto', 1, 3 or 5 -> the zoom factors,
     quarter octaves apart around 1 (1 first)."""
-    value = scales.strip().lower() if isinstance(scales, str) else scales
-    if value == "auto":
-        count = DEFAULT_NATIVE_SCALES if config.input_scaling == "native" else 1
-    else:
-        try:
-            count = int(value)
-        except (TypeError, ValueError):
-            count = None
-        if count not in SCALE_COUNTS or (not isinstance(value, str) and count != value):
-            raise ValueError(f"scales must be 'auto' or one of {SCALE_COUNTS}, got {scales!r}")
-    half = count // 2
+    half = _count(config, "scales", scales, SCALE_COUNTS, DEFAULT_NATIVE_SCALES) // 2
     return (1.0,) + tuple(2.0 ** (k / 4) for k in range(-half, half + 1) if k)
 
 
