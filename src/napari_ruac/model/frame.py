@@ -26,14 +26,18 @@ class Frame:
     input_size: tuple[int, int]
 
 
+ZOOM_LIMITS = (0.05, 8.0)  # the zooms a frame allows
+
+
 def check_zoom(zoom) -> float:
     """``zoom`` as a float, or a ValueError that says what is wrong with it."""
     try:
         value = float(zoom)
     except (TypeError, ValueError):
         raise ValueError(f"zoom must be a number, got {zoom!r}") from None
-    if not (math.isfinite(value) and 0.05 <= value <= 8):
-        raise ValueError(f"zoom must be between 0.05 and 8 (1 = the image's own scale), got {zoom!r}")
+    if not (math.isfinite(value) and ZOOM_LIMITS[0] <= value <= ZOOM_LIMITS[1]):
+        raise ValueError(f"zoom must be between {ZOOM_LIMITS[0]:g} and {ZOOM_LIMITS[1]:g} (1 = the image's own "
+                         f"scale), got {zoom!r}")
     return value
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..io.normalize import to_rgb_float, validate_plane
-from .frame import Frame, frame_for, parse_zoom, to_model_input
+from .frame import ZOOM_LIMITS, Frame, frame_for, parse_zoom, to_model_input
 from .sam import LABEL_BOX_BR, LABEL_BOX_TL, ImageEmbedding, RuacSam
 from .views import View, reflect_crop, resolve_scales, resolve_views
 from .weibull import binary_entropy, sigmoid_and_entropy
@@ -253,8 +253,9 @@ class Predictor:
         """Whether ``image``'s zoom is known without an estimate (fixed zoom, or remembered)."""
         if not self.auto_zoom:
             return True
+        content = content_key(validate_plane(image))  # hashing needs no lock
         with self._zoom_lock:
-            return content_key(validate_plane(image)) in self._plane_zooms
+            return content in self._plane_zooms
 
     def _zoom_of(self, arr: np.ndarray, content: str) -> float:
         """The zoom plane ``arr`` is seen at: the predictor's, or its own with ``zoom="auto"``
@@ -849,7 +850,7 @@ class _ViewResult:
 
 def _scaled(zoom: float, scale: float) -> float:
     """``zoom`` times ``scale``, kept inside the zooms a frame allows."""
-    return zoom if scale == 1.0 else float(min(max(zoom * scale, 0.05), 8.0))
+    return zoom if scale == 1.0 else float(min(max(zoom * scale, ZOOM_LIMITS[0]), ZOOM_LIMITS[1]))
 
 
 def _holds(window: tuple[int, int, int, int], extent: tuple[float, float, float, float]) -> bool:
