@@ -299,7 +299,7 @@ def test_a_full_embedding_cache_never_drops_what_the_current_request_uses(tiny_m
     # by the moved view, so each caches only its window's plain view; a click in the first
     # corner's window that both views hold then needs one cached embedding (the oldest) and one
     # new one: the eviction must not drop the cached one it is about to use (it raised KeyError)
-    p = Predictor(tiny_model, cache_size=1, views=2, recentre=False)
+    p = Predictor(tiny_model, cache_size=1, views=2, recentre=False, window_step=1 / 8)  # (fine grid)
     p.set_image(_wide_plane())
     corner = p.window_of((149, 399, 149, 399))
     assert p.window_of((100, 330, 100, 330)) == corner
@@ -308,7 +308,7 @@ def test_a_full_embedding_cache_never_drops_what_the_current_request_uses(tiny_m
     assert len(p._cache) == 2
     got = p.predict(points=[(100, 330)])
     assert len(p._cache) <= 2
-    fresh = Predictor(tiny_model, views=2, recentre=False)
+    fresh = Predictor(tiny_model, views=2, recentre=False, window_step=1 / 8)
     fresh.set_image(_wide_plane())
     # (the two views were encoded one by one here and together there: equal up to rounding)
     np.testing.assert_allclose(got.probability, fresh.predict(points=[(100, 330)]).probability, atol=1e-5)

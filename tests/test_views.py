@@ -281,6 +281,38 @@ def test_a_coarse_window_step_needs_fewer_windows_and_keeps_context(tiny_model):
         Predictor(tiny_model, window_step=0.9)
 
 
+@pytest.mark.parametrize("scales", [1, 3])
+def test_clicks_after_encoding_every_click_window_only_decode(tiny_model, monkeypatch, scales):
+    img = np.random.default_rng(1).random((300, 260)).astype(np.float32)
+    p = Predictor(tiny_model, views=2, scales=scales, cache_size=1000)
+    p.set_image(img)
+    windows = p.click_windows()
+    assert {z for z, _ in windows} == {1.0} if scales == 1 else len({z for z, _ in windows}) == 3
+    # test-tiny's 128 px window on a half-window grid: starts 0, 64, 128 and the last at each edge
+    assert [w for z, w in windows if z == 1.0] == [
+        (r0, c0, r0 + 128, c0 + 128) for r0 in (0, 64, 128, 172) for c0 in (0, 64, 128, 132)]
+    for zoom, window in windows:
+        p.embed_window(zoom, window)
+    stored = p.cache_bytes
+    assert stored > 0
+    calls = []
+    encode = tiny_model.encode
+    monkeypatch.setattr(tiny_model, "encode", lambda x: calls.append(x.shape) or encode(x))
+    clicks = [(r, c) for r in (0, 99, 201, 299) for c in (0, 130, 259)]
+    for r, c in clicks:
+        pred = p.predict(points=[(r, c)])
+        assert pred.probability.shape == img.shape
+    assert calls == [] and p.cache_bytes == stored
+    # a plane that fits one window has one "window": the plane itself
+    p.set_image(img[:100, :100])
+    assert [w for _, w in p.click_windows()][:1] == [(0, 0, 100, 100)]
+
+
+def test_click_windows_need_an_image(tiny_model):
+    with pytest.raises(RuntimeError, match="set_image"):
+        Predictor(tiny_model).click_windows()
+
+
 def test_one_click_is_decoded_again_from_the_centre_of_its_mask(tiny_model, monkeypatch):
     """A one-click prompt set: a second pass at the innermost pixel of the first mask's part that
     holds the click, kept when it still holds the click; not for several points or a box."""

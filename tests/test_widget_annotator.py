@@ -257,6 +257,36 @@ def test_precompute_all_planes_then_cancel(make_napari_viewer, qtbot):
     assert not any(widget._predictor.is_cached(widget._plane_array((i,))) for i in range(3))
 
 
+def test_precompute_embeds_every_click_window_of_planes_larger_than_the_window(make_napari_viewer, qtbot,
+                                                                              monkeypatch):
+    viewer = make_napari_viewer()
+    viewer.add_image(stack(n=2, shape=(200, 180)), name="big")  # test-tiny's window is 128 px
+    widget = dock(viewer, qtbot)
+    assert widget.scales_combo.currentText() == "1, then 3"
+    widget.precompute_all()
+    qtbot.waitUntil(lambda: not widget.task_runner.busy, timeout=WAIT_MS)
+    assert widget.status.text() == "embedded 2 of 2 planes"
+    calls = []
+    model = widget._predictor.model
+    encode = model.encode
+    monkeypatch.setattr(model, "encode", lambda x: calls.append(x.shape) or encode(x))
+    viewer.dims.set_point(0, 1)
+    widget.add_point((1, 150, 30))
+    qtbot.waitUntil(lambda: widget._current_preds.get((1,)) is not None
+                    and widget._current_preds[(1,)].refined, timeout=WAIT_MS)
+    assert calls == []  # the click and its three-scale refinement only decoded
+    assert widget.current.data[1].any()
+
+    # past the memory share it may use, it stops and says so
+    widget._predictor.clear_cache()
+    widget.precompute_memory_fraction = 1e-12
+    widget.precompute_all()
+    qtbot.waitUntil(lambda: not widget.task_runner.busy, timeout=WAIT_MS)
+    text = widget.status.text()
+    assert text.startswith("embedded 0 of 2 planes: stopped at") and "embedded when clicked" in text
+    assert 0 < len(calls) <= 2  # one window (in one or two encoder passes), then the budget
+
+
 def test_errors_become_notifications(make_napari_viewer, qtbot, tmp_path):
     from napari.utils.notifications import notification_manager
 
@@ -356,6 +386,57 @@ def test_a_torch_error_in_a_generator_job_is_a_notification_not_silence(qtbot):
     assert isinstance(errors[0].__cause__, RuntimeError)
     messages = [str(n.message) for n in notification_manager.records[before:]]
     assert any(m.startswith("precompute failed: out of memory") for m in messages), messages
+
+
+def test_an_interruptible_job_stops_at_its_next_yield_for_newer_work(qtbot):
+    import threading
+
+    from napari_ruac._widgets.runner import LatestOnlyRunner
+
+    runner = LatestOnlyRunner(name="refinement")
+    for interruptible, expected_steps in ((True, [1]), (False, [1, 2, 3])):
+        go, steps, results = threading.Event(), [], []
+
+        def slow():
+            steps.append(1)
+            go.wait(WAIT_MS / 1000)
+            yield
+            steps.append(2)
+            yield
+            steps.append(3)
+            return "stale"
+
+        runner.submit(slow, on_result=results.append, interruptible=interruptible)
+        qtbot.waitUntil(lambda: steps == [1], timeout=WAIT_MS)
+        runner.submit(lambda: "newer", on_result=results.append)
+        go.set()
+        qtbot.waitUntil(lambda: not runner.busy and bool(results), timeout=WAIT_MS)
+        # stopped at its first yield, or (not interruptible) ran to its end; only the newer result is used
+        assert steps == expected_steps and results == ["newer"]
+
+
+def test_a_refinement_encodes_one_window_at_a_time_without_holding_the_model_lock(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    viewer.add_image(stack(n=1, shape=(200, 180))[0], name="big")  # larger than test-tiny's window
+    widget = dock(viewer, qtbot)
+    widget.scales_combo.setCurrentText("1")
+    widget.add_point((150, 30))
+    wait_predictions(qtbot, widget, 1)
+    shown = widget._current_preds[()]
+    job = widget._refine_job(widget.model_picker.choice(), [((), shown.prompt)], "analytic", 0.0, 3)
+    windows = 0
+    while True:
+        try:
+            next(job)
+        except StopIteration as done:
+            results = done.value
+            break
+        windows += 1
+        assert widget._model_lock.acquire(blocking=False)  # free between the steps
+        widget._model_lock.release()
+    assert windows == 3  # one step per scale (the first scale's window is cached from the click)
+    assert len(results) == 1 and results[0].refined and results[0].scales == 3
+    assert results[0].prediction.mask.shape == (200, 180)
 
 
 def one_clicked_plane(make_napari_viewer, qtbot):

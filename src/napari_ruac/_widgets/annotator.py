@@ -114,6 +114,9 @@ class AnnotatorWidget(QWidget):
         self._focused_id: int | None = None
         self._propagation: dict[int, dict] = {}
         self._cancelled = False
+        # Precompute keeps embeddings up to this share of the free memory (then stops, saying so)
+        self.precompute_memory_fraction = 0.25
+        self._precompute_full: float | None = None  # the budget it stopped at
         self._predictor = None
         self._predictor_choice: ModelChoice | None = None
         self._predictor_views: str | None = None
@@ -534,27 +537,56 @@ class AnnotatorWidget(QWidget):
         except ValueError:
             pass  # a bad plane (NaNs, ...) is reported when it is clicked, not when it is shown
 
-    def _predict_job(self, choice: ModelChoice, jobs: list, mode: str, submitted: float,
-                     scales: int | None = None):
-        """Generator run in a thread worker: yields progress messages, returns PlanePredictions.
-        ``scales``: decode at that many test-time scales instead of the setting's (refinement)."""
+    def _predict_job(self, choice: ModelChoice, jobs: list, mode: str, submitted: float):
+        """Generator run in a thread worker: yields progress messages, returns PlanePredictions."""
         results = []
         with self._model_lock:
             if self._predictor is None or self._predictor_choice != choice:
                 yield f"loading model {choice.name_or_path} on {choice.device}…"
             predictor = self._ensure_predictor(choice)
-            if scales is not None:
-                predictor.scales = scales  # for this job; the next one sets the setting's again
             for plane, prompt in jobs:
                 arr = self._plane_array(plane)
                 if not predictor.is_cached(arr):
                     yield f"computing the embedding of plane {plane or 'image'}…"
                 predictor.set_image(arr)
-                pred = predictor.predict(**prompt.as_kwargs(), mode=mode)
-                results.append(PlanePrediction(plane, prompt, pred, submitted,
-                                               reported_iou(predictor.model, pred.iou_score),
-                                               len(predictor.scales), refined=scales is not None))
+                results.append(self._predict_plane(predictor, plane, prompt, mode, submitted, False))
         return results
+
+    def _refine_job(self, choice: ModelChoice, jobs: list, mode: str, submitted: float, scales: int):
+        """Generator run in a thread worker: the results just shown, decoded again at ``scales``
+        test-time scales. The windows that needs are encoded one at a time with the model lock
+        released in between, and it yields there (never while holding the lock), so a newer
+        prompt, which quits this job at its next yield, waits for one window's views at most."""
+        for plane, prompt in jobs:
+            arr = self._plane_array(plane)
+            with self._model_lock:
+                windows = self._scaled_predictor(choice, arr, scales).prompt_windows(**prompt.as_kwargs())
+            for zoom, window in windows:
+                with self._model_lock:  # a click meanwhile may have set another plane: set it again
+                    self._scaled_predictor(choice, arr, scales).embed_window(zoom, window)
+                yield None
+        with self._model_lock:  # every window is encoded: decoder passes only from here
+            results = []
+            for plane, prompt in jobs:
+                predictor = self._scaled_predictor(choice, self._plane_array(plane), scales)
+                results.append(self._predict_plane(predictor, plane, prompt, mode, submitted, True))
+        return results
+
+    def _scaled_predictor(self, choice: ModelChoice, arr: np.ndarray, scales: int | str):
+        """(Model lock held) the predictor at ``scales`` test-time scales (until the next
+        prediction job sets the setting's) with ``arr`` set."""
+        predictor = self._ensure_predictor(choice)
+        predictor.scales = scales
+        predictor.set_image(arr)
+        return predictor
+
+    @staticmethod
+    def _predict_plane(predictor, plane: Plane, prompt: PlanePrompt, mode: str, submitted: float,
+                       refined: bool) -> PlanePrediction:
+        """(Model lock held) ``prompt`` decoded on the plane ``predictor`` holds."""
+        pred = predictor.predict(**prompt.as_kwargs(), mode=mode)
+        return PlanePrediction(plane, prompt, pred, submitted, reported_iou(predictor.model, pred.iou_score),
+                               len(predictor.scales), refined=refined)
 
     # ================================================================== results (UI thread)
     def _on_progress_message(self, message) -> None:
@@ -604,10 +636,10 @@ class AnnotatorWidget(QWidget):
             return
         jobs = [(r.plane, r.prompt) for r in results
                 if not r.refined and r.scales == 1 and wanted.get(r.plane) == r.prompt]
-        if jobs:
+        if jobs:  # a newer prompt stops it (it would be stale): interruptible
             self.predict_runner.submit(
-                self._predict_job, self.model_picker.choice(), jobs, self.mode_combo.currentText(),
-                time.perf_counter(), self._refine_scales, on_result=self._apply_predictions)
+                self._refine_job, self.model_picker.choice(), jobs, self.mode_combo.currentText(),
+                time.perf_counter(), self._refine_scales, on_result=self._apply_predictions, interruptible=True)
 
     def _clear_current_plane(self, plane: Plane) -> None:
         if not self._plane_in_range(plane):
@@ -826,25 +858,51 @@ class AnnotatorWidget(QWidget):
         self.status.setText("cancelling…")
 
     def precompute_all(self) -> None:
-        """Embed every plane of the image in a worker (later clicks on any plane are fast)."""
+        """Embed every plane of the image in a worker (later clicks on any plane are fast):
+        the whole plane, or on planes larger than the model's window every window a click can
+        use, at the scales a click and its refinement decode; up to
+        ``precompute_memory_fraction`` of the free memory."""
         if not self._ensure_layers():
             return
         planes = list(itertools.product(*(range(n) for n in self.spatial_shape[:-2])))
         if not self._start_task(f"embedding {len(planes)} planes…", len(planes)):
             return
         self._cancelled = False
+        self._precompute_full = None
         self.task_runner.submit(self._precompute_job, self.model_picker.choice(), planes,
                                 on_yield=self._on_task_progress, on_finished=self._on_precompute_done)
 
     def _precompute_job(self, choice: ModelChoice, planes: list):
+        from ..model.predictor import embedding_budget
+
+        budget, per_window, windows_done = None, None, 0
         for i, plane in enumerate(planes):
             arr = self._plane_array(plane)  # read outside the lock: the disk may be slow
             with self._model_lock:
                 if self._cancelled:  # set on the UI thread; quit() only acts at a yield
                     break
-                predictor = self._ensure_predictor(choice)
-                predictor.cache_size = max(predictor.cache_size, len(planes) + 1)
-                predictor.set_image(arr)
+                predictor = self._scaled_predictor(choice, arr, self._refine_scales or self._scales)
+                if budget is None:
+                    budget = embedding_budget(predictor.device, self.precompute_memory_fraction)
+                windows = predictor.click_windows()
+                stored = predictor.cache_bytes
+            for zoom, window in windows:
+                if per_window is not None and stored + per_window > budget:
+                    self._precompute_full = budget
+                    break
+                with self._model_lock:
+                    if self._cancelled:
+                        break
+                    predictor = self._scaled_predictor(choice, arr, self._refine_scales or self._scales)
+                    windows_done += 1
+                    predictor.cache_size = max(predictor.cache_size, windows_done + 1)
+                    before = predictor.cache_bytes if per_window is None else None
+                    predictor.embed_window(zoom, window)
+                    if before is not None and predictor.cache_bytes > before:
+                        per_window = predictor.cache_bytes - before  # every window takes the same
+                stored += per_window or 0
+            if self._cancelled or self._precompute_full is not None:
+                break
             yield i + 1
 
     def _on_task_progress(self, value) -> None:
@@ -857,7 +915,12 @@ class AnnotatorWidget(QWidget):
         done, total = self.progress.value(), self.progress.maximum()
         self._task_done()
         word = "cancelled after embedding" if self._cancelled else "embedded"
-        self.status.setText(f"{word} {max(done, 0)} of {total} planes")
+        text = f"{word} {max(done, 0)} of {total} planes"
+        if self._precompute_full is not None:
+            text += (f": stopped at {self._precompute_full / 2**30:.2g} GB of embeddings "
+                     f"({self.precompute_memory_fraction:.0%} of the free memory); the other planes are "
+                     "embedded when clicked")
+        self.status.setText(text)
 
     def propagate(self) -> None:
         """Carry the current (committed first) or selected object through the chosen axis."""

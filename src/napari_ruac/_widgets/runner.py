@@ -64,6 +64,8 @@ class LatestOnlyRunner:
     generator function may ``yield`` progress messages, passed to ``on_yield`` on the UI thread);
     its return value goes to ``on_result`` on the UI thread unless newer work is pending (then it
     is stale and dropped). Errors become napari notifications (``on_error`` may add to that).
+    An ``interruptible`` generator job is asked to stop (at its next yield) as soon as newer
+    work is submitted, instead of finishing first: its result would be stale anyway.
     """
 
     def __init__(self, on_error: Callable[[BaseException], None] | None = None, name: str = "job") -> None:
@@ -71,6 +73,7 @@ class LatestOnlyRunner:
         self._on_error = on_error
         self._worker = None
         self._pending: tuple | None = None
+        self._interruptible = False  # whether the running job stops for newer work
         self.completed = 0  # finished jobs (results applied or dropped), for tests and status
 
     @property
@@ -78,12 +81,15 @@ class LatestOnlyRunner:
         return self._worker is not None or self._pending is not None
 
     def submit(self, func: Callable, *args: Any, on_result: Callable | None = None,
-               on_yield: Callable | None = None, on_finished: Callable | None = None) -> None:
-        job = (func, args, on_result, on_yield, on_finished)
+               on_yield: Callable | None = None, on_finished: Callable | None = None,
+               interruptible: bool = False) -> None:
+        job = (func, args, on_result, on_yield, on_finished, interruptible)
         if self._worker is None:
             self._start(job)
         else:
             self._pending = job  # the older pending job is dropped unstarted
+            if self._interruptible:
+                self._worker.quit()
 
     def cancel_pending(self) -> None:
         self._pending = None
@@ -95,7 +101,7 @@ class LatestOnlyRunner:
             self._worker.quit()
 
     def _start(self, job: tuple) -> None:
-        func, args, on_result, on_yield, on_finished = job
+        func, args, on_result, on_yield, on_finished, self._interruptible = job
         if inspect.isgeneratorfunction(func):
             func = shield_runtime_errors(func)
         # errors are ours to report (a notification), not re-raised into Qt's event loop
@@ -122,7 +128,7 @@ class LatestOnlyRunner:
         worker.start()
 
     def _finished(self) -> None:
-        self._worker = None
+        self._worker, self._interruptible = None, False
         self.completed += 1
         if self._pending is not None:
             job, self._pending = self._pending, None
