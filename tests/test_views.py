@@ -291,14 +291,16 @@ def test_clicks_after_encoding_every_click_window_only_decode(tiny_model, monkey
     # test-tiny's 128 px window on a half-window grid: starts 0, 64, 128 and the last at each edge
     assert [w for z, w in windows if z == 1.0] == [
         (r0, c0, r0 + 128, c0 + 128) for r0 in (0, 64, 128, 172) for c0 in (0, 64, 128, 132)]
+    clicks = [(r, c) for r in (0, 99, 201, 299) for c in (0, 130, 259)]
+    assert not any(p.is_encoded(points=[click]) for click in clicks)
     for zoom, window in windows:
         p.embed_window(zoom, window)
+    assert all(p.is_encoded(points=[click]) for click in clicks)
     stored = p.cache_bytes
     assert stored > 0
     calls = []
     encode = tiny_model.encode
     monkeypatch.setattr(tiny_model, "encode", lambda x: calls.append(x.shape) or encode(x))
-    clicks = [(r, c) for r in (0, 99, 201, 299) for c in (0, 130, 259)]
     for r, c in clicks:
         pred = p.predict(points=[(r, c)])
         assert pred.probability.shape == img.shape

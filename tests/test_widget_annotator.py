@@ -271,11 +271,16 @@ def test_precompute_embeds_every_click_window_of_planes_larger_than_the_window(m
     encode = model.encode
     monkeypatch.setattr(model, "encode", lambda x: calls.append(x.shape) or encode(x))
     viewer.dims.set_point(0, 1)
+    applied = widget.predictions_applied
     widget.add_point((1, 150, 30))
-    qtbot.waitUntil(lambda: widget._current_preds.get((1,)) is not None
-                    and widget._current_preds[(1,)].refined, timeout=WAIT_MS)
-    assert calls == []  # the click and its three-scale refinement only decoded
-    assert widget.current.data[1].any()
+    wait_predictions(qtbot, widget, applied + 1)
+    # every window of the three scales is encoded: the click is decoded at three at once, with
+    # nothing to encode and no refinement to follow
+    shown = widget._current_preds[(1,)]
+    assert shown.scales == 3 and not shown.refined and "(3 scales)" in widget.status.text()
+    assert calls == [] and widget.current.data[1].any()
+    qtbot.wait(200)
+    assert widget.predictions_applied == applied + 1 and not widget.predict_runner.busy
 
     # past the memory share it may use, it stops and says so
     widget._predictor.clear_cache()
@@ -532,13 +537,19 @@ def test_a_click_is_shown_at_one_scale_then_refined_at_three(make_napari_viewer,
     assert widget.predictions_applied == 4 and widget._current_preds[()].scales == 3
     assert not widget._current_preds[()].refined  # the response to the change itself
     np.testing.assert_array_equal(widget.uncertainty.data, refined)
-    # a newer click while a refinement is pending or running: the stale refinement is not shown
+    # back to "1, then 3" with the three scales' embeddings cached: decoded at three at once
     widget.scales_combo.setCurrentText("1, then 3")
-    wait_predictions(qtbot, widget, 6)
+    wait_predictions(qtbot, widget, 5)
+    assert widget._current_preds[()].scales == 3 and not widget._current_preds[()].refined
+    np.testing.assert_array_equal(widget.uncertainty.data, refined)
+    qtbot.wait(200)
+    assert widget.predictions_applied == 5  # no refinement followed
+    # a newer click while a refinement is pending or running: the stale refinement is not shown
+    predictor.clear_cache()  # (no job is running) so that the clicks are refined again
     widget.add_point((60, 90))
     widget.add_point((62, 92))
-    wait_predictions(qtbot, widget, 7)
+    wait_predictions(qtbot, widget, 6)
     shown = widget._current_preds[()]
-    assert shown.scales == 3 and len(shown.prompt.points) == 3
+    assert shown.scales == 3 and shown.refined and len(shown.prompt.points) == 3
 
 

@@ -549,8 +549,16 @@ class AnnotatorWidget(QWidget):
                 if not predictor.is_cached(arr):
                     yield f"computing the embedding of plane {plane or 'image'}…"
                 predictor.set_image(arr)
+                if self._refines(predictor):  # a refinement with nothing to encode: at once
+                    predictor.scales = self._refine_scales
+                    if not predictor.is_encoded(**prompt.as_kwargs()):
+                        predictor.scales = self._scales
                 results.append(self._predict_plane(predictor, plane, prompt, mode, submitted, False))
         return results
+
+    def _refines(self, predictor) -> bool:
+        """Whether results at one scale are refined at more ("1, then 3"; native-scale models)."""
+        return self._refine_scales is not None and predictor.model.config.input_scaling == "native"
 
     def _refine_job(self, choice: ModelChoice, jobs: list, mode: str, submitted: float, scales: int):
         """Generator run in a thread worker: the results just shown, decoded again at ``scales``
@@ -629,10 +637,10 @@ class AnnotatorWidget(QWidget):
 
     def _refine(self, results: list[PlanePrediction], wanted: dict) -> None:
         """With '1, then 3': decode what was just shown at one scale again at three (our
-        native-scale models), to replace it when nothing newer is asked for meanwhile."""
-        if self._refine_scales is None or self._predictor is None:
-            return
-        if self._predictor.model.config.input_scaling != "native":
+        native-scale models), to replace it when nothing newer is asked for meanwhile. (Where
+        the three scales' windows were encoded already, e.g. precomputed, the prediction job
+        decoded at three scales at once and there is nothing to refine.)"""
+        if self._predictor is None or not self._refines(self._predictor):
             return
         jobs = [(r.plane, r.prompt) for r in results
                 if not r.refined and r.scales == 1 and wanted.get(r.plane) == r.prompt]

@@ -444,6 +444,16 @@ class Predictor:
         zoom = self.zoom_for(pts, labs)
         return [(z, self.window_of(_extent(pts), z)) for z in dict.fromkeys(_scaled(zoom, s) for s in self.scales)]
 
+    def is_encoded(self, points: Sequence[Sequence[float]] | None = None, labels: Sequence[int] | None = None,
+                   box: Sequence[float] | None = None) -> bool:
+        """Whether every window :meth:`prompt_windows` names is encoded in every view, so that a
+        :meth:`predict` of these prompts costs decoder passes only (unless a re-centred click
+        leaves its window)."""
+        windows = self.prompt_windows(points, labels, box)
+        whole = self._whole_plane()
+        return all(self._cache_key(zoom, window=self._view_window(window, zoom, view), view=view, whole=whole)
+                   in self._cache for zoom, window in windows for view in self.views)
+
     def embed_window(self, zoom: float, window: tuple[int, int, int, int]) -> None:
         """Encode ``window`` of the current plane seen at ``zoom`` in every test-time view, as
         a prediction there would (nothing is encoded again that is cached). The cache keeps
