@@ -256,6 +256,13 @@ def test_precompute_all_planes_then_cancel(make_napari_viewer, qtbot):
     assert not widget.cancel_button.isEnabled()
     assert not any(widget._predictor.is_cached(widget._plane_array((i,))) for i in range(3))
 
+    # whole planes count against the memory share too: it stops after the first
+    widget.precompute_memory_fraction = 1e-12
+    widget.precompute_all()
+    qtbot.waitUntil(lambda: not widget.task_runner.busy, timeout=WAIT_MS)
+    assert widget.status.text().startswith("embedded 0 of 3 planes: stopped at")
+    assert [widget._predictor.is_cached(widget._plane_array((i,))) for i in range(3)] == [True, False, False]
+
 
 def test_precompute_embeds_every_click_window_of_planes_larger_than_the_window(make_napari_viewer, qtbot,
                                                                               monkeypatch):

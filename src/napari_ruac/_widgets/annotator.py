@@ -889,13 +889,14 @@ class AnnotatorWidget(QWidget):
             with self._model_lock:
                 if self._cancelled:  # set on the UI thread; quit() only acts at a yield
                     break
+                # a plane that fits the window is embedded whole here (at every scale)
                 predictor = self._scaled_predictor(choice, arr, self._refine_scales or self._scales)
                 if budget is None:
                     budget = embedding_budget(predictor.device, self.precompute_memory_fraction)
                 windows = predictor.click_windows()
                 stored = predictor.cache_bytes
             for zoom, window in windows:
-                if per_window is not None and stored + per_window > budget:
+                if stored + (per_window or 0) > budget:
                     self._precompute_full = budget
                     break
                 with self._model_lock:

@@ -163,8 +163,9 @@ class Predictor:
     -> 0.707 / 0.720, AUROC of uncertainty for error 0.765 / 0.752 -> 0.765 / 0.790; a box,
     ``micro``: 0.844 -> 0.853, ECE 0.029 -> 0.013). Each scale is one more set of encoder
     passes per window and of decoder passes per click (a first click on a new 512² plane 295 ms
-    with 3 against 83 with 1 on 2 CPU cores), so 1 (off) is the default; ``"auto"`` is 3 for native-scale models and 1
-    for models that resize every image (there the zoom changes nothing).
+    with 3 against 83 with 1 on 2 CPU cores), so 1 (off) is the default; ``"auto"`` is 3 for
+    native-scale models and 1 for models that resize every image (there the zoom changes
+    nothing).
 
     ``box_margin``: a box is drawn around its object, so the mask of a prompt set with a box
     ends at the box: pixels more than ``box_margin`` pixels outside it are background, with
