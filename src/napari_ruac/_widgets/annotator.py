@@ -886,6 +886,8 @@ class AnnotatorWidget(QWidget):
         budget, per_window, windows_done = None, None, 0
         for i, plane in enumerate(planes):
             arr = self._plane_array(plane)  # read outside the lock: the disk may be slow
+            if self._predictor is not None and self._predictor.auto_zoom:
+                self._zoom_job(self._predictor, arr, ())  # the size estimate, outside the lock too
             with self._model_lock:
                 if self._cancelled:  # set on the UI thread; quit() only acts at a yield
                     break
