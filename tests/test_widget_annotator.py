@@ -270,9 +270,16 @@ def test_precompute_embeds_every_click_window_of_planes_larger_than_the_window(m
     viewer.add_image(stack(n=2, shape=(200, 180)), name="big")  # test-tiny's window is 128 px
     widget = dock(viewer, qtbot)
     assert widget.scales_combo.currentText() == "1, then 3"
+    values = []
+    widget.progress.valueChanged.connect(values.append)
     widget.precompute_all()
     qtbot.waitUntil(lambda: not widget.task_runner.busy, timeout=WAIT_MS)
     assert widget.status.text() == "embedded 2 of 2 planes"
+    # the bar moves through each plane's windows, not only from plane to plane
+    assert values[-1] == 1 == widget.progress.maximum()  # the bar's "done" after the task
+    steps = values[:-1]
+    assert steps == sorted(steps) and steps[-1] == 200  # 2 planes x 100 steps
+    assert any(0 < v < 100 for v in steps) and any(100 < v < 200 for v in steps)
     calls = []
     model = widget._predictor.model
     encode = model.encode

@@ -54,6 +54,7 @@ NEGATIVE_COLOR = np.array([1.0, 0.2, 0.2, 1.0])
 UNCERTAINTY_DISPLAY = {"colormap": "magma", "contrast_limits": (0.0, 1.0), "blending": "additive", "opacity": 0.6}
 
 Plane = tuple  # indices along the leading axes; () for a 2D image
+PRECOMPUTE_STEPS = 100  # progress steps per plane: precomputing one large plane takes a while
 
 
 @dataclass(frozen=True)
@@ -873,7 +874,7 @@ class AnnotatorWidget(QWidget):
         if not self._ensure_layers():
             return
         planes = list(itertools.product(*(range(n) for n in self.spatial_shape[:-2])))
-        if not self._start_task(f"embedding {len(planes)} planes…", len(planes)):
+        if not self._start_task(f"embedding {len(planes)} planes…", len(planes) * PRECOMPUTE_STEPS):
             return
         self._cancelled = False
         self._precompute_full = None
@@ -897,7 +898,9 @@ class AnnotatorWidget(QWidget):
                     budget = embedding_budget(predictor.device, self.precompute_memory_fraction)
                 windows = predictor.click_windows()
                 stored = predictor.cache_bytes
-            for zoom, window in windows:
+            for k, (zoom, window) in enumerate(windows):
+                if k:  # the bar moves through a plane's windows (a large 2D image is one plane)
+                    yield i * PRECOMPUTE_STEPS + k * PRECOMPUTE_STEPS // len(windows)
                 if stored + (per_window or 0) > budget:
                     self._precompute_full = budget
                     break
@@ -914,7 +917,7 @@ class AnnotatorWidget(QWidget):
                 stored += per_window or 0
             if self._cancelled or self._precompute_full is not None:
                 break
-            yield i + 1
+            yield (i + 1) * PRECOMPUTE_STEPS
 
     def _on_task_progress(self, value) -> None:
         if isinstance(value, int):
@@ -923,7 +926,7 @@ class AnnotatorWidget(QWidget):
             self._apply_propagated_plane(value)
 
     def _on_precompute_done(self) -> None:
-        done, total = self.progress.value(), self.progress.maximum()
+        done, total = self.progress.value() // PRECOMPUTE_STEPS, self.progress.maximum() // PRECOMPUTE_STEPS
         self._task_done()
         word = "cancelled after embedding" if self._cancelled else "embedded"
         text = f"{word} {max(done, 0)} of {total} planes"
