@@ -96,14 +96,16 @@ def main() -> int:
         widget.clear_prompts()
         widget.model_picker.model_combo.setCurrentText(name)
         wait_for(lambda: not widget.predict_runner.busy, 60)
-        # hand the widget this predictor (same choice => it is not reloaded)
+        # hand the widget this predictor (same choice and views => it is neither reloaded nor
+        # replaced, and keeps the windows time_predict encoded)
         widget._predictor, widget._predictor_choice = predictors[name][0], widget.model_picker.choice()
+        widget._predictor_views = widget._views
 
     for name in args.models:
         use(name)
         predictor = predictors[name][0]
-        time_predict(predictor, points, 3)  # warm-up
-        time_clicks(viewer, widget, points, 2)
+        time_predict(predictor, points, len(points))  # warm-up: every point's windows encoded
+        time_clicks(viewer, widget, points, len(points))  # (and, under "1, then 3", refined)
         pred = time_predict(predictor, points, args.repeats)
         from_event: list[float] = []
         hidden = time_clicks(viewer, widget, points, args.repeats, from_event)
@@ -113,7 +115,7 @@ def main() -> int:
     wait_for(lambda: False, 1.0)
     for name in args.models:
         use(name)
-        time_clicks(viewer, widget, points, 2)
+        time_clicks(viewer, widget, points, len(points))
         rows[name].append(statistics.median(time_clicks(viewer, widget, points, args.repeats)))
     widget.clear_prompts()
     viewer.close()
