@@ -407,6 +407,27 @@ def test_a_torch_error_in_a_generator_job_is_a_notification_not_silence(qtbot):
     assert any(m.startswith("precompute failed: out of memory") for m in messages), messages
 
 
+def test_refined_windows_stay_cached_for_a_click_back_on_them(make_napari_viewer, qtbot, monkeypatch):
+    viewer = make_napari_viewer()
+    viewer.add_image(stack(n=1, shape=(400, 400))[0], name="big")  # many of test-tiny's 128 px windows
+    widget = dock(viewer, qtbot)
+    spots = [(40, 40), (40, 360), (360, 40), (360, 360), (200, 200), (40, 200), (200, 40)]
+    for k, spot in enumerate(spots):  # each click shown at one scale, then refined at three
+        widget.clear_prompts()
+        widget.add_point(spot)
+        qtbot.waitUntil(lambda: widget._current_preds.get(()) is not None and widget._current_preds[()].refined
+                        and not widget.predict_runner.busy, timeout=WAIT_MS)
+    calls = []
+    model = widget._predictor.model
+    encode = model.encode
+    monkeypatch.setattr(model, "encode", lambda x: calls.append(x.shape) or encode(x))
+    widget.clear_prompts()
+    widget.add_point(spots[0])  # back to the first: its windows at all three scales are still there
+    qtbot.waitUntil(lambda: widget._current_preds.get(()) is not None and widget._current_preds[()].prompt.points
+                    == (spots[0],) and not widget.predict_runner.busy, timeout=WAIT_MS)
+    assert calls == [] and widget._current_preds[()].scales == 3
+
+
 def test_an_interruptible_job_stops_at_its_next_yield_for_newer_work(qtbot):
     import threading
 

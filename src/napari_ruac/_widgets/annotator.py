@@ -55,6 +55,7 @@ UNCERTAINTY_DISPLAY = {"colormap": "magma", "contrast_limits": (0.0, 1.0), "blen
 
 Plane = tuple  # indices along the leading axes; () for a 2D image
 PRECOMPUTE_STEPS = 100  # progress steps per plane: precomputing one large plane takes a while
+CACHE_WINDOWS = 16  # windows (or whole planes) a predictor keeps per view and test-time scale
 
 
 @dataclass(frozen=True)
@@ -507,13 +508,17 @@ class AnnotatorWidget(QWidget):
 
         views = self._views
         if self._predictor is None or self._predictor_choice != choice:
-            self._predictor = Predictor(choice.load(), views=views)
+            self._predictor = Predictor(choice.load(), views=views, cache_size=CACHE_WINDOWS)
             self._predictor_choice = choice
         elif self._predictor_views != views:  # same model, new views: embeddings are per view
-            self._predictor = Predictor(self._predictor.model, views=views)
+            self._predictor = Predictor(self._predictor.model, views=views, cache_size=CACHE_WINDOWS)
         self._predictor_views = views
         self._predictor.zoom = self._zoom  # a changed zoom drops the current embedding
         self._predictor.scales = self._scales  # embeddings at every zoom stay cached (per job)
+        if self._refine_scales is not None and self._predictor.model.config.input_scaling == "native":
+            # the cache holds cache_size windows per view and *current* scale: at one scale it
+            # would drop what the refinements encoded at three, and re-encode it on a re-click
+            self._predictor.cache_size = max(self._predictor.cache_size, CACHE_WINDOWS * self._refine_scales)
         return self._predictor
 
     def _plane_array(self, plane: Plane) -> np.ndarray:
