@@ -152,8 +152,8 @@ class Predictor:
     until 2026-12-07), few enough to encode them all ahead of the clicks
     (:meth:`click_windows`, :meth:`embed_window`; the annotator's *Precompute all planes*). The
     coarser grid cost no accuracy where measured (one click, held-out synthetic 512² images
-    and DSB2018 resized 2x and 0.5x: within +-0.005 mIoU; DSB2018 at its own size 0.005-0.02
-    better with every model and prompt but one; see the README).
+    and DSB2018 resized 2x and 0.5x: -0.004 to +0.021 mIoU; DSB2018 at its own size 0.003-0.02
+    better with every model and prompt; see the README).
 
     ``scales``: each prompt set is also decoded at zooms a quarter octave below and above its
     own (3: x2^-1/4, x1, x2^1/4; 5 adds half an octave each way), in all its views, and the
