@@ -130,6 +130,29 @@ def test_evaluate_cli_writes_json_and_csv(tmp_path):
     assert json.loads(plain.read_text())["recentre"] is False
 
 
+def test_evaluate_cli_window_step_is_recorded_and_moves_windows_on_large_images(tmp_path, capsys):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "msk").mkdir()
+    labels = np.zeros((300, 300), np.uint16)  # larger than test-tiny's 128 px window
+    for k, centre in enumerate([(40, 60), (150, 230), (250, 110)], 1):
+        labels[disk((300, 300), centre, 10)] = k
+    tifffile.imwrite(tmp_path / "img" / "big.tif", (labels > 0).astype(np.uint16) * 800 + 100)
+    tifffile.imwrite(tmp_path / "msk" / "big.tif", labels)
+    args = ["evaluate", "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "msk"), "--model",
+            "test-tiny", "--prompts", "point1", "--views", "1", "--no-baselines"]
+    reports = {}
+    for step in ("0.5", "0.125"):
+        out = tmp_path / f"step{step}.json"
+        assert main(args + ["--window-step", step, "--json", str(out)]) == 0
+        reports[step] = json.loads(out.read_text())
+    assert reports["0.5"]["window_step"] == 0.5 and reports["0.125"]["window_step"] == 0.125
+    # the clicks sit in other windows (other context, normalisation), so the random model's masks differ
+    assert reports["0.5"]["results"]["point1"] != reports["0.125"]["results"]["point1"]
+    with pytest.raises(SystemExit):
+        main(args + ["--window-step", "0.9"])
+    assert "--window-step must be a fraction of the window in (0, 0.5], got '0.9'" in capsys.readouterr().err
+
+
 def test_evaluate_cli_errors(tmp_path, capsys):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()

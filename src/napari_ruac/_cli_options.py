@@ -31,3 +31,14 @@ def zoom_value(text: str) -> float | str:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--zoom must be a number or 'auto', got {text!r}") from None
+
+
+def window_step_value(text: str) -> float:
+    """``--window-step``: a fraction of the window in (0, 0.5] (``Predictor(window_step=...)``)."""
+    try:
+        step = float(text)
+    except ValueError:
+        step = float("nan")
+    if not 0 < step <= 0.5:
+        raise argparse.ArgumentTypeError(f"--window-step must be a fraction of the window in (0, 0.5], got {text!r}")
+    return step

@@ -36,7 +36,7 @@ from scipy import ndimage
 from scipy.stats import rankdata
 
 from ._cli_options import (BOX_MARGIN_HELP, BOX_SIZE_HELP, RECENTRE_HELP, SCALES_HELP, VIEWS_HELP, WINDOW_HELP,
-                           zoom_value)
+                           window_step_value, zoom_value)
 from .io.stacks import stack_stem
 
 PROMPT_MODES = ("point1", "point3", "box")
@@ -262,11 +262,13 @@ class EvaluationReport:
     recentre: bool = False
     box_margin: float | None = None
     scales: int = 1
+    window_step: float = 0.5
 
     def to_json(self) -> dict:
         return {"model": self.model, "n_images": self.n_images, "results": self.results, "baselines": self.baselines,
                 "zoom": self.zoom, "window": self.window, "box_size": self.box_size, "views": self.views,
-                "recentre": self.recentre, "box_margin": self.box_margin, "scales": self.scales}
+                "recentre": self.recentre, "box_margin": self.box_margin, "scales": self.scales,
+                "window_step": self.window_step}
 
 
 def pair_problem(image: np.ndarray, mask: np.ndarray) -> str | None:
@@ -318,11 +320,12 @@ def evaluate_model(
     recentre: bool | str = "auto",
     box_margin: float | str | None = "auto",
     scales: int | str = 1,
+    window_step: float = 0.5,
 ) -> EvaluationReport:
     """Evaluate ``model`` on ``(name, image, instance_labels)`` samples (2D or 3D); ``zoom`` and
     ``window`` as in :class:`~napari_ruac.model.Predictor` (prompts and metrics stay at the
-    images' scale), as are ``box_size``, ``views``, ``recentre``, ``box_margin`` and ``scales``
-    (``zoom``, ``views`` and ``scales`` apply to automatic segmentation as well)."""
+    images' scale), as are ``box_size``, ``views``, ``recentre``, ``box_margin``, ``scales`` and
+    ``window_step`` (``zoom``, ``views`` and ``scales`` apply to automatic segmentation as well)."""
     from .model import Predictor
 
     for p in prompt_modes:
@@ -331,7 +334,8 @@ def evaluate_model(
     automatic = AUTOMATIC in prompt_modes
     prompt_modes = [p for p in prompt_modes if p != AUTOMATIC]
     predictor = Predictor(model, zoom=zoom, window=window, box_size=box_size,
-                          views=views, recentre=recentre, box_margin=box_margin, scales=scales)
+                          views=views, recentre=recentre, box_margin=box_margin, scales=scales,
+                          window_step=window_step)
     segmenter = None
     if automatic:
         from .model.automatic import AutomaticSegmenter
@@ -413,7 +417,7 @@ def evaluate_model(
     return EvaluationReport(model_name, len(samples), results, base, rows,
                             "auto" if zoom == "auto" else predictor.zoom, predictor.window,
                             predictor.box_size, len(predictor.views), predictor.recentre, predictor.box_margin,
-                            len(predictor.scales))
+                            len(predictor.scales), predictor.window_step)
 
 
 class _AutomaticTally:
@@ -547,6 +551,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--box-margin", default="auto", help=BOX_MARGIN_HELP)
     parser.add_argument("--views", default="auto", help=VIEWS_HELP)
     parser.add_argument("--scales", default="1", help=SCALES_HELP)
+    parser.add_argument("--window-step", type=window_step_value, default=0.5,
+                        help="prompts' windows start on a grid of this fraction of the window, in (0, 0.5] "
+                             "(default 0.5; 0.125 was the default until 2026-12-07)")
     parser.add_argument("--recentre", action=argparse.BooleanOptionalAction, default=None, help=RECENTRE_HELP)
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--json", default=None, help="write results JSON here (per-object CSV beside it)")
@@ -575,6 +582,7 @@ def run(args: argparse.Namespace) -> int:
     report = evaluate_model(model, samples, prompts, mode=args.mode, mc_samples=args.samples, seed=args.seed,
                             baselines=not args.no_baselines, model_name=str(args.model), zoom=args.zoom,
                             window=args.window, box_size=args.box_size, views=args.views, scales=args.scales,
+                            window_step=args.window_step,
                             recentre="auto" if args.recentre is None else args.recentre, box_margin=args.box_margin)
     print_report(report)
     if args.json:
