@@ -515,7 +515,7 @@ class AnnotatorWidget(QWidget):
         self._predictor_views = views
         self._predictor.zoom = self._zoom  # a changed zoom drops the current embedding
         self._predictor.scales = self._scales  # embeddings at every zoom stay cached (per job)
-        if self._refine_scales is not None and self._predictor.model.config.input_scaling == "native":
+        if self._refines(self._predictor):
             # the cache holds cache_size windows per view and *current* scale: at one scale it
             # would drop what the refinements encoded at three, and re-encode it on a re-click
             self._predictor.cache_size = max(self._predictor.cache_size, CACHE_WINDOWS * self._refine_scales)
@@ -893,6 +893,7 @@ class AnnotatorWidget(QWidget):
     def _precompute_job(self, choice: ModelChoice, planes: list):
         from ..model.predictor import embedding_budget
 
+        scales = self._refine_scales or self._scales  # those a click and its refinement decode at
         budget, per_window, windows_done = None, None, 0
         for i, plane in enumerate(planes):
             arr = self._plane_array(plane)  # read outside the lock: the disk may be slow
@@ -902,7 +903,7 @@ class AnnotatorWidget(QWidget):
                 if self._cancelled:  # set on the UI thread; quit() only acts at a yield
                     break
                 # a plane that fits the window is embedded whole here (at every scale)
-                predictor = self._scaled_predictor(choice, arr, self._refine_scales or self._scales)
+                predictor = self._scaled_predictor(choice, arr, scales)
                 if budget is None:
                     budget = embedding_budget(predictor.device, self.precompute_memory_fraction)
                 windows, key = predictor.click_windows(), predictor.image_key
@@ -916,7 +917,7 @@ class AnnotatorWidget(QWidget):
                 with self._model_lock:
                     if self._cancelled:
                         break
-                    predictor = self._scaled_predictor(choice, arr, self._refine_scales or self._scales, key)
+                    predictor = self._scaled_predictor(choice, arr, scales, key)
                     windows_done += 1
                     predictor.cache_size = max(predictor.cache_size, windows_done + 1)
                     before = predictor.cache_bytes if per_window is None else None

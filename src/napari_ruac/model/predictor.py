@@ -236,7 +236,7 @@ class Predictor:
         cached = all(key in self._cache for key in self._plane_keys(self._content))
         whole = self._whole_plane()
         for zoom in self._whole_plane_zooms(arr.shape[:2], self._zoom):
-            self._window_embeddings([(self._view_window(whole, zoom, view), view) for view in self.views], zoom)
+            self._window_embeddings(self._view_windows(whole, zoom), zoom)
         return cached
 
     def is_cached(self, image) -> bool:
@@ -288,13 +288,18 @@ class Predictor:
         current plane's)."""
         zoom = self._zoom if zoom is None else zoom
         whole = (0, 0, *(shape or self._plane.shape[:2]))
-        return [self._cache_key(z, content, self._view_window(whole, z, view), view, whole)
-                for z in self._whole_plane_zooms(whole[2:], zoom) for view in self.views]
+        return [self._cache_key(z, content, window, view, whole)
+                for z in self._whole_plane_zooms(whole[2:], zoom) for window, view in self._view_windows(whole, z)]
 
     def _whole_plane_zooms(self, shape: tuple[int, int], zoom: float) -> list[float]:
         """The zooms of ``scales`` around ``zoom`` at which a ``shape`` plane is embedded whole
         (at the others it is decoded in windows)."""
-        return [z for z in (_scaled(zoom, s) for s in self.scales) if not self._needs_windows(shape, z)]
+        return [z for z in self._scale_zooms(zoom) if not self._needs_windows(shape, z)]
+
+    def _scale_zooms(self, zoom: float) -> list[float]:
+        """The distinct zooms the test-time scales see a prompt set at ``zoom`` at (``zoom``
+        first; scales clamped at the zoom limits can coincide)."""
+        return list(dict.fromkeys(_scaled(zoom, s) for s in self.scales))
 
     def _cache_key(self, zoom: float, content: str | None = None, window=None, view: View = View(),
                    whole=None) -> str:
@@ -424,7 +429,7 @@ class Predictor:
             raise RuntimeError("no image set: call set_image() first")
         h, w = self._plane.shape[:2]
         out = []
-        for zoom in dict.fromkeys(_scaled(self._zoom, s) for s in self.scales):
+        for zoom in self._scale_zooms(self._zoom):
             if not self._needs_windows((h, w), zoom):
                 out.append((zoom, self._whole_plane()))
                 continue
@@ -443,17 +448,15 @@ class Predictor:
             raise RuntimeError("no image set: call set_image() first")
         pts, labs = self._check_prompt(0, Prompt(points, labels, box))
         zoom = self.zoom_for(pts, labs)
-        return [(z, self.window_of(_extent(pts), z)) for z in dict.fromkeys(_scaled(zoom, s) for s in self.scales)]
+        return [(z, self.window_of(_extent(pts), z)) for z in self._scale_zooms(zoom)]
 
     def is_encoded(self, points: Sequence[Sequence[float]] | None = None, labels: Sequence[int] | None = None,
                    box: Sequence[float] | None = None) -> bool:
         """Whether every window :meth:`prompt_windows` names is encoded in every view, so that a
         :meth:`predict` of these prompts costs decoder passes only (unless a re-centred click
         leaves its window)."""
-        windows = self.prompt_windows(points, labels, box)
-        whole = self._whole_plane()
-        return all(self._cache_key(zoom, window=self._view_window(window, zoom, view), view=view, whole=whole)
-                   in self._cache for zoom, window in windows for view in self.views)
+        return all(key in self._cache for zoom, window in self.prompt_windows(points, labels, box)
+                   for key in self._window_keys(self._view_windows(window, zoom), zoom))
 
     def embed_window(self, zoom: float, window: tuple[int, int, int, int]) -> None:
         """Encode ``window`` of the current plane seen at ``zoom`` in every test-time view, as
@@ -461,7 +464,7 @@ class Predictor:
         ``cache_size`` windows per view and scale: raise it to keep many."""
         if self._plane is None:
             raise RuntimeError("no image set: call set_image() first")
-        self._window_embeddings([(self._view_window(window, zoom, view), view) for view in self.views], zoom)
+        self._window_embeddings(self._view_windows(window, zoom), zoom)
 
     @property
     def cache_bytes(self) -> int:
@@ -664,12 +667,21 @@ class Predictor:
             return (r0 - s, c0 - s, r1, c1)
         return (r0 - s, c0 - s, r1 - s, c1 - s)
 
+    def _view_windows(self, window: tuple[int, int, int, int],
+                      zoom: float) -> list[tuple[tuple[int, int, int, int], View]]:
+        """(window, view) for every test-time view of prompts whose window is ``window``."""
+        return [(self._view_window(window, zoom, view), view) for view in self.views]
+
+    def _window_keys(self, windows: list[tuple[tuple[int, int, int, int], View]], zoom: float) -> list[str]:
+        """Cache keys of (window, view) pairs of the current plane seen at ``zoom``."""
+        whole = self._whole_plane()
+        return [self._cache_key(zoom, window=window, view=view, whole=whole) for window, view in windows]
+
     def _window_embeddings(self, windows: list[tuple[tuple[int, int, int, int], View]],
                            zoom: float) -> list[tuple[ImageEmbedding, Frame]]:
         """The embedding of each (window, view): a window is normalised once for all its views
         (mirroring does not change its percentiles), and missing views are encoded together."""
-        whole = self._whole_plane()
-        keys = [self._cache_key(zoom, window=window, view=view, whole=whole) for window, view in windows]
+        keys = self._window_keys(windows, zoom)
         normalised: dict[tuple[int, int, int, int], np.ndarray] = {}
 
         def crop(window, view):
