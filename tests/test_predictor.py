@@ -79,6 +79,28 @@ def test_embedding_is_cached_by_content(tiny_model, views):
         del predictor.model.encode
 
 
+
+def test_is_cached_then_set_image_never_uses_a_stale_hash(tiny_model):
+    """set_image reuses the check and hash of the is_cached call just before it only for the
+    same array object, and only once: an array changed in place afterwards is hashed again."""
+    predictor = Predictor(tiny_model, window=None)
+    img = _blobs()
+    assert not predictor.is_cached(img)
+    predictor.set_image(img)
+    first = predictor.image_key
+    other = img.copy()
+    other[:10] += 1
+    predictor.is_cached(img)  # remembers img's check and hash
+    predictor.set_image(other)  # another object: its own hash, not img's
+    second = predictor.image_key
+    assert second != first
+    predictor.is_cached(img)
+    predictor.set_image(img)  # the same object: the remembered hash is img's
+    assert predictor.image_key == first
+    img[:10] += 1  # changed in place: the remembered hash was used once and is gone
+    predictor.set_image(img)
+    assert predictor.image_key == second  # now the same content as ``other``
+
 def test_point_coordinates_are_row_col(tiny_model):
     """A point at (row, col) reaches the model as x=col, y=row (scaled), for native and resized frames."""
     from napari_ruac.model.predictor import model_coords

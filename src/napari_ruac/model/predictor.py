@@ -6,7 +6,6 @@ The predictor caches image embeddings keyed by the plane's content, so returning
 
 from __future__ import annotations
 
-import hashlib
 import math
 import threading
 from collections import OrderedDict
@@ -207,6 +206,7 @@ class Predictor:
         self._plane: np.ndarray | None = None
         self._content: str | None = None
         self.image_key: str | None = None
+        self._checked_last: tuple | None = None  # (image, validated array, content key)
 
     # ------------------------------------------------------------------ image
     @property
@@ -226,8 +226,7 @@ class Predictor:
         """Take ``image`` ((H, W) or (H, W, C), any numeric dtype and size) and embed it, or reuse
         its cached embedding. Returns True when no encoder pass was needed: the embedding came
         from the cache, or the plane is decoded in windows (embedded on first use)."""
-        arr = validate_plane(image)
-        content = content_key(arr)
+        arr, content = self._checked(image)
         self._zoom = self._zoom_of(arr, content)
         self._plane, self._content = arr, content
         self.image_key = self._cache_key(self._zoom)
@@ -240,13 +239,24 @@ class Predictor:
         return cached
 
     def is_cached(self, image) -> bool:
-        """Whether ``set_image(image)`` needs no encoder pass."""
+        """Whether ``set_image(image)`` needs no encoder pass. A ``set_image`` of the same array
+        object right after it reuses its check and hash (a UI asks this before every click)."""
         arr = validate_plane(image)
         content = content_key(arr)
+        self._checked_last = (image, arr, content)
         zoom = self._zoom_of(arr, content)
         if self._needs_windows(arr.shape[:2], zoom):
             return True
         return all(key in self._cache for key in self._plane_keys(content, arr.shape[:2], zoom))
+
+    def _checked(self, image) -> tuple[np.ndarray, str]:
+        """``image`` validated and its content key, from the ``is_cached`` call just before when
+        that was given the same array object (the remembered check is used once)."""
+        last, self._checked_last = self._checked_last, None
+        if last is not None and last[0] is image:
+            return last[1], last[2]
+        arr = validate_plane(image)
+        return arr, content_key(arr)
 
     def plane_zoom(self, image) -> float:
         """The zoom ``image`` is (or would be) seen at, without embedding it: the predictor's, or
@@ -1056,8 +1066,12 @@ def _window_1d(lo: float, hi: float, n: int, side: float, margin: float, step: i
 
 
 def content_key(arr: np.ndarray) -> str:
-    """A key for an array's content (dtype, shape and bytes)."""
-    h = hashlib.blake2b(digest_size=16)
+    """A key for an array's content (dtype, shape and bytes): XXH3-128, a non-cryptographic hash
+    that runs at memory speed. A UI hashes the plane at every click (to find its embeddings);
+    blake2b took 36-61 ms for a 4096² uint16 plane and 147 ms at 8192², XXH3 1-10 ms."""
+    import xxhash  # a dependency of ours (and of torch-geometric)
+
+    h = xxhash.xxh3_128()
     h.update(str(arr.dtype).encode())
     h.update(str(arr.shape).encode())
     h.update(np.ascontiguousarray(arr).view(np.uint8).data)
