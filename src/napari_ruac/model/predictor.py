@@ -1067,8 +1067,9 @@ def _window_1d(lo: float, hi: float, n: int, side: float, margin: float, step: i
 
 def content_key(arr: np.ndarray) -> str:
     """A key for an array's content (dtype, shape and bytes): XXH3-128, a non-cryptographic hash
-    that runs at memory speed. A UI hashes the plane at every click (to find its embeddings);
-    blake2b took 36-61 ms for a 4096² uint16 plane and 147 ms at 8192², XXH3 1-10 ms."""
+    that runs at memory speed. A UI hashes the plane at every click (to find its embeddings):
+    blake2b took ~40 ms for a 4096² uint16 plane and ~200 ms at 8192², XXH3 1-6 ms
+    (``benchmarks/plane_hash.py``)."""
     import xxhash  # a dependency of ours (and of torch-geometric)
 
     h = xxhash.xxh3_128()
