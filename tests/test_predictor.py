@@ -298,6 +298,13 @@ def test_a_plane_larger_than_the_window_is_decoded_in_a_window_around_the_prompt
     assert not pred.mask[outside].any() and not pred.probability[outside].any()
     assert not pred.uncertainty[outside].any()
     assert pred.mask.shape == img.shape
+    # the prediction says where its maps can be non-zero, and its summaries look only there
+    assert pred.extent == (r0, c0, r1, c1)
+    assert pred.area == int(pred.mask.sum())
+    assert pred.mean_uncertainty == pytest.approx(float(pred.uncertainty[pred.mask].mean()) if pred.mask.any() else 0.0)
+    whole = Predictor(tiny_model, window=None, views=1)
+    whole.set_image(img)
+    assert whole.predict(points=[(60, 300)]).extent in (None, (0, 0, *img.shape))
 
 
 @pytest.mark.parametrize("views", [1, 4])

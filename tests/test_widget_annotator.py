@@ -588,3 +588,43 @@ def test_a_click_is_shown_at_one_scale_then_refined_at_three(make_napari_viewer,
     assert shown.scales == 3 and shown.refined and len(shown.prompt.points) == 3
 
 
+
+
+def test_on_a_plane_larger_than_the_window_the_layers_hold_exactly_the_newest_maps(make_napari_viewer, qtbot):
+    """Clicks on a plane larger than the model's window rewrite the layers only where the last
+    maps and the new ones can be non-zero (their extents); the layers must still equal the new
+    prediction everywhere: after a click far from the last one, and after the user painted on
+    the current-object layer outside both extents (which makes the next click rewrite it all)."""
+    viewer = make_napari_viewer()
+    image = np.random.default_rng(0).random((640, 640), dtype=np.float32)
+    viewer.add_image(image, name="big")
+    widget = dock(viewer, qtbot)
+
+    def shown():
+        pred = widget._current_preds[()].prediction
+        assert pred.extent is not None and pred.extent != (0, 0, 640, 640)  # decoded in a window
+        np.testing.assert_array_equal(widget.current.data, pred.mask)
+        np.testing.assert_array_equal(widget.uncertainty.data, pred.uncertainty)
+        np.testing.assert_array_equal(widget.overlay.data, pred.uncertainty > widget.threshold)
+        return pred
+
+    widget.add_point((40, 40))
+    wait_predictions(qtbot, widget, 1)
+    first = shown()
+    widget.clear_prompts()
+    n = widget.predictions_applied
+    widget.add_point((600, 600))
+    wait_predictions(qtbot, widget, n + 1)
+    second = shown()
+    a, b = first.extent, second.extent
+    assert a[2] <= b[0]  # the windows do not overlap, so the first one's maps had to be erased
+    assert first.uncertainty[a[0]:a[2], a[1]:a[3]].any()
+
+    row = (a[2] + b[0]) // 2  # between the two extents
+    widget.current.paint((row, 5), 1)
+    assert widget.current.data[row, 5] == 1
+    n = widget.predictions_applied
+    widget.add_point((590, 610))  # a second click on the same object: a new prediction
+    wait_predictions(qtbot, widget, n + 1)
+    third = shown()  # the painted pixel is gone too
+    assert third.extent[0] > row

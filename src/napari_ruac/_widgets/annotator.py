@@ -110,6 +110,9 @@ class AnnotatorWidget(QWidget):
         self.records: dict[int, ObjectRecord] = {}
         self._current_preds: dict[Plane, PlanePrediction] = {}
         self._shown_prompts: dict[Plane, PlanePrompt] = {}
+        # per plane: where the current-object, uncertainty and overlay layers can be non-zero
+        # (the extent of the maps _show_maps wrote last); absent: anywhere
+        self._extents: dict[Plane, tuple[int, int, int, int]] = {}
         self._history: list[str] = []  # "point" / "box", for undo
         self._negative_click = False
         self._reprompt_id: int | None = None
@@ -338,6 +341,7 @@ class AnnotatorWidget(QWidget):
         self.image_layer = layer
         self._current_preds.clear()
         self._shown_prompts.clear()
+        self._extents.clear()
         self._history.clear()
         self.records.clear()
         self._propagation.clear()
@@ -388,6 +392,13 @@ class AnnotatorWidget(QWidget):
         if self._remember_modifiers not in self.prompts.mouse_drag_callbacks:
             # first in the list: runs before the add-mode callback creates the point
             self.prompts.mouse_drag_callbacks.insert(0, self._remember_modifiers)
+        # painted or replaced by someone else: the next prediction rewrites whole planes
+        for emitter in self._result_layer_events():
+            emitter.connect(self._forget_extents)
+
+    def _result_layer_events(self) -> list:
+        layers = [x for x in (self.current, self.uncertainty, self.overlay) if x is not None]
+        return [x.events.data for x in layers] + ([self.current.events.paint] if self.current is not None else [])
 
     def _unwire_prompt_layers(self) -> None:
         """Stop listening to the previous image's prompt layers (they stay in the viewer)."""
@@ -397,6 +408,8 @@ class AnnotatorWidget(QWidget):
                 self.prompts.mouse_drag_callbacks.remove(self._remember_modifiers)
         if self.boxes is not None:
             self.boxes.events.data.disconnect(self._on_box_data)
+        for emitter in self._result_layer_events():
+            emitter.disconnect(self._forget_extents)
 
     def _remember_modifiers(self, layer, event) -> None:
         mods = {str(getattr(m, "name", m)) for m in event.modifiers}
@@ -621,14 +634,12 @@ class AnnotatorWidget(QWidget):
             if wanted.get(res.plane) != res.prompt:
                 continue  # the prompts changed (or were cleared) after this was submitted
             pred = res.prediction
-            self.current.data[res.plane] = pred.mask.astype(np.uint8)
-            self.uncertainty.data[res.plane] = pred.uncertainty
-            self._update_overlay(res.plane)
+            self._show_maps(res.plane, pred)
             self._current_preds[res.plane] = res
             self._shown_prompts[res.plane] = res.prompt
             iou = res.iou
             self.status.setText(
-                f"plane {res.plane or 'image'}: {int(pred.mask.sum())} px, "
+                f"plane {res.plane or 'image'}: {pred.area} px, "
                 + ("" if np.isnan(iou) else f"predicted IoU {iou:.2f}, ")
                 + f"mean uncertainty {pred.mean_uncertainty:.2f}"
                 + (f" ({res.scales} scales)" if res.scales > 1 else ""))
@@ -658,6 +669,28 @@ class AnnotatorWidget(QWidget):
             self.predict_runner.submit(
                 self._refine_job, self.model_picker.choice(), jobs, self.mode_combo.currentText(),
                 time.perf_counter(), self._refine_scales, on_result=self._apply_predictions, interruptible=True)
+
+    def _show_maps(self, plane: Plane, pred) -> None:
+        """Write ``pred``'s mask, uncertainty and overlay into the layers' ``plane``: only the
+        part where the last maps shown there or the new ones can be non-zero (their extents),
+        not the whole plane (~100 ms a click for 8192²), unless a plane's extent is unknown."""
+        old, new = self._extents.pop(plane, None), pred.extent
+        if old is None or new is None:
+            part = (slice(None), slice(None))
+        else:
+            part = (slice(min(old[0], new[0]), max(old[2], new[2])), slice(min(old[1], new[1]), max(old[3], new[3])))
+        index = tuple(plane) + part
+        self.current.data[index] = pred.mask[part]
+        unc = pred.uncertainty[part]
+        self.uncertainty.data[index] = unc
+        self.overlay.data[index] = unc > self.threshold
+        if new is not None:
+            self._extents[plane] = new
+
+    def _forget_extents(self, event=None) -> None:
+        """The layers were changed other than by _show_maps (painted, replaced, propagated into):
+        the next prediction on a plane rewrites all of it."""
+        self._extents.clear()
 
     def _clear_current_plane(self, plane: Plane) -> None:
         if not self._plane_in_range(plane):
@@ -1011,6 +1044,7 @@ class AnnotatorWidget(QWidget):
         target[target == obj_id] = 0
         target[res.mask & (target == 0)] = obj_id  # other objects are protected, as in commit
         self.uncertainty.data[full] = res.uncertainty
+        self._extents.pop(full, None)
         self._update_overlay(full)
         record["planes"][res.index] = res.mean_uncertainty
         self._add_plane_row(res.index, res.area, res.mean_uncertainty)

@@ -61,13 +61,31 @@ class Prediction:
     # the maps cover this (row0, col0, row1, col1) part of the image (Predictor.predict_regions);
     # None: the whole image
     region: tuple[int, int, int, int] | None = None
+    # maps of the whole image that are zero (background, certain) outside this (row0, col0,
+    # row1, col1) part of it (what predict decoded in); None: they may be non-zero anywhere.
+    # A UI updates only this part of its layers (a whole 8192² plane costs ~100 ms a click).
+    extent: tuple[int, int, int, int] | None = None
+
+    def _inside(self) -> tuple[slice, slice] | tuple[()]:
+        """Index of the part of the maps outside which they are zero (all of them: ``()``)."""
+        if self.extent is None:
+            return ()
+        r0, c0, r1, c1 = self.extent
+        return slice(r0, r1), slice(c0, c1)
+
+    @property
+    def area(self) -> int:
+        """Pixels in the mask."""
+        return int(np.count_nonzero(self.mask[self._inside()]))
 
     @property
     def mean_uncertainty(self) -> float:
         """Mean uncertainty inside the mask (0 for an empty mask)."""
-        if not self.mask.any():
+        part = self._inside()
+        mask = self.mask[part]
+        if not mask.any():
             return 0.0
-        return float(self.uncertainty[self.mask].mean())
+        return float(self.uncertainty[part][mask].mean())
 
 
 @dataclass
@@ -853,7 +871,8 @@ class Predictor:
         """``pred`` (and its alternatives) with maps of the whole plane: zero outside its region."""
         h, w = self._plane.shape[:2]
         if pred.region is None or pred.region == (0, 0, h, w):
-            return replace(pred, region=None, alternatives=[self._pasted(a) for a in pred.alternatives])
+            return replace(pred, region=None, extent=pred.region,
+                           alternatives=[self._pasted(a) for a in pred.alternatives])
         r0, c0, r1, c1 = pred.region
         maps = {}
         for name in ("mask", "probability", "uncertainty", "epistemic", "aleatoric"):
@@ -863,7 +882,8 @@ class Predictor:
                 canvas[r0:r1, c0:c1] = m
                 m = canvas
             maps[name] = m
-        return replace(pred, **maps, region=None, alternatives=[self._pasted(a) for a in pred.alternatives])
+        return replace(pred, **maps, region=None, extent=(r0, c0, r1, c1),
+                       alternatives=[self._pasted(a) for a in pred.alternatives])
 
 
 def _cut_to(pred: Prediction, keep: tuple[int, int, int, int]) -> Prediction:
