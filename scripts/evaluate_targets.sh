@@ -75,3 +75,19 @@ done
 echo "**dsb2018, one click (and corrections at one scale) over five draws**"
 echo
 .venv/bin/python scripts/seed_spread.py "${spread[@]}"
+# the same for the confocal stack at zoom 1 (590 nuclei: the draws move it less)
+spread=()
+for m in "${models[@]}"; do
+  name=$(basename "$m" .pt)
+  for seed in 0 1 2 3 4; do
+    json=$out/nuclei3d_seed${seed}-$name.json
+    spread+=("$json")
+    fresh "$json" "$m" && continue
+    OMP_NUM_THREADS=${EVAL_THREADS:-1} .venv/bin/napari-ruac evaluate --images "$cache/nuclei3d/images" \
+      --masks "$cache/nuclei3d/masks" --model "$m" --json "$json" --prompts point1,point3 --seed $seed \
+      --no-baselines > /dev/null
+  done
+done
+echo "**nuclei3d, one click and corrections over five draws**"
+echo
+.venv/bin/python scripts/seed_spread.py "${spread[@]}"
