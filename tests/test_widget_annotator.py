@@ -628,3 +628,34 @@ def test_on_a_plane_larger_than_the_window_the_layers_hold_exactly_the_newest_ma
     wait_predictions(qtbot, widget, n + 1)
     third = shown()  # the painted pixel is gone too
     assert third.extent[0] > row
+
+
+def test_commits_on_a_plane_larger_than_the_window_write_and_measure_exactly_the_current_object(
+        make_napari_viewer, qtbot):
+    """Commit looks only where the current object can be (its planes' extents), and measures a
+    new object there: the objects layer and the table must be what a whole-plane commit gives,
+    and a pixel the user painted far from any prediction is committed too."""
+    from napari_ruac._widgets.objects import measure_object
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(1).random((640, 640), dtype=np.float32), name="big")
+    widget = dock(viewer, qtbot)
+    expected = np.zeros((640, 640), np.uint32)
+    for k, point in enumerate([(40, 40), (600, 600), (60, 70)], start=1):
+        n = widget.predictions_applied
+        widget.add_point(point)
+        wait_predictions(qtbot, widget, n + 1)
+        if k == 3:  # painted far from every extent: the layer is no longer known, all of it counts
+            widget.current.paint((320, 5), 1)
+        current = widget.current.data > 0
+        assert current.any()
+        expected[current & (expected == 0)] = k
+        assert widget.commit() == k
+        np.testing.assert_array_equal(widget.objects.data, expected)
+        assert not widget.current.data.any()
+        full = measure_object(k, widget.objects.data, widget.uncertainty.data, 0)
+        rec = widget.records[k]
+        assert (rec.area, rec.planes) == (full.area, full.planes)
+        np.testing.assert_allclose(rec.centroid, full.centroid)
+        assert rec.mean_uncertainty == pytest.approx(full.mean_uncertainty)
+    assert expected[320, 5] == 3

@@ -111,8 +111,10 @@ class AnnotatorWidget(QWidget):
         self._current_preds: dict[Plane, PlanePrediction] = {}
         self._shown_prompts: dict[Plane, PlanePrompt] = {}
         # per plane: where the current-object, uncertainty and overlay layers can be non-zero
-        # (the extent of the maps _show_maps wrote last); absent: anywhere
+        # (the extent of the maps _show_maps wrote last); a plane not listed is all zero there
+        # when _known, else anything (reused layers, a paint, a replaced layer)
         self._extents: dict[Plane, tuple[int, int, int, int]] = {}
+        self._known = False
         self._history: list[str] = []  # "point" / "box", for undo
         self._negative_click = False
         self._reprompt_id: int | None = None
@@ -354,6 +356,9 @@ class AnnotatorWidget(QWidget):
         self.boxes = self._reuse(f"{name} box", Shapes) or self.viewer.add_shapes(
             ndim=len(shape), name=f"{name} box", edge_color="yellow", face_color="transparent",
             edge_width=max(1, min(shape[-2:]) // 200), **tf)
+        reused = [x for x in (self._reuse(f"{name} {suffix}", kind, shape) for suffix, kind in
+                              (("current object", Labels), ("uncertainty", Image), ("uncertain pixels", Image)))
+                  if x is not None]
         self.current = self._reuse(f"{name} current object", Labels, shape) or self.viewer.add_labels(
             np.zeros(shape, np.uint8), name=f"{name} current object", opacity=0.5, **tf)
         self.uncertainty = self._reuse(f"{name} uncertainty", Image, shape) or self.viewer.add_image(
@@ -363,6 +368,7 @@ class AnnotatorWidget(QWidget):
         self.overlay = self._reuse(f"{name} uncertain pixels", Image, shape) or self.viewer.add_image(
             np.zeros(shape, np.uint8), name=f"{name} uncertain pixels", colormap="cyan",
             contrast_limits=(0, 1), blending="additive", opacity=0.8, visible=False, **tf)
+        self._known = not any(layer.data.any() for layer in reused)  # a new layer is known to be zero
         self._wire_prompt_layers()
         self.axis_combo.clear()
         self.axis_combo.addItems([f"axis {i} ({n} planes)" for i, n in enumerate(shape[:-2])])
@@ -674,29 +680,35 @@ class AnnotatorWidget(QWidget):
         """Write ``pred``'s mask, uncertainty and overlay into the layers' ``plane``: only the
         part where the last maps shown there or the new ones can be non-zero (their extents),
         not the whole plane (~100 ms a click for 8192²), unless a plane's extent is unknown."""
-        old, new = self._extents.pop(plane, None), pred.extent
-        if old is None or new is None:
-            part = (slice(None), slice(None))
-        else:
-            part = (slice(min(old[0], new[0]), max(old[2], new[2])), slice(min(old[1], new[1]), max(old[3], new[3])))
+        whole = (0, 0, *pred.mask.shape)
+        old, new = self._extents.pop(plane, None), pred.extent or whole
+        if old is None:
+            old = new if self._known else whole  # (a plane not listed is zero when known)
+        part = (slice(min(old[0], new[0]), max(old[2], new[2])), slice(min(old[1], new[1]), max(old[3], new[3])))
         index = tuple(plane) + part
         self.current.data[index] = pred.mask[part]
         unc = pred.uncertainty[part]
         self.uncertainty.data[index] = unc
         self.overlay.data[index] = unc > self.threshold
-        if new is not None:
-            self._extents[plane] = new
+        self._extents[plane] = new
 
     def _forget_extents(self, event=None) -> None:
-        """The layers were changed other than by _show_maps (painted, replaced, propagated into):
-        the next prediction on a plane rewrites all of it."""
+        """The layers were changed other than by the widget (painted, replaced): until the
+        widget has zeroed them again, each plane's next prediction rewrites all of it."""
         self._extents.clear()
+        self._known = False
+
+    def _current_parts(self) -> list[tuple]:
+        """Indices of the current-object layer that hold every non-zero pixel it can have."""
+        if not self._known:
+            return [(...,)]
+        return [tuple(plane) + (slice(r0, r1), slice(c0, c1)) for plane, (r0, c0, r1, c1) in self._extents.items()]
 
     def _clear_current_plane(self, plane: Plane) -> None:
         if not self._plane_in_range(plane):
             self._shown_prompts.pop(plane, None)
             return
-        self.current.data[plane] = 0
+        self.current.data[plane] = 0  # one plane: (after a paint the layer is unknown elsewhere)
         self.current.refresh()
         self._current_preds.pop(plane, None)
         self._shown_prompts.pop(plane, None)
@@ -723,7 +735,8 @@ class AnnotatorWidget(QWidget):
         with self.prompts.events.data.blocker(), self.boxes.events.data.blocker():
             self.prompts.data = np.empty((0, self.prompts.ndim))
             self.boxes.data = []
-        self.current.data[...] = 0
+        for part in self._current_parts():  # not the whole stack: where it can be non-zero
+            self.current.data[part] = 0
         self.current.refresh()
         self._current_preds.clear()
         self._shown_prompts.clear()
@@ -734,19 +747,33 @@ class AnnotatorWidget(QWidget):
         if not self._ensure_layers():
             return None
         # committed objects are protected: a new mask only fills unlabelled pixels (re-prompt
-        # or delete an object to change it), so a sloppy click never erases earlier work
-        mask = (self.current.data > 0) & (self.objects.data == 0)
-        if not mask.any():
+        # or delete an object to change it), so a sloppy click never erases earlier work.
+        # Only where the current object can be (its planes' extents), not the whole stack.
+        pieces = []
+        for part in self._current_parts():
+            objs = np.asarray(self.objects.data[part])
+            mask = (np.asarray(self.current.data[part]) > 0) & (objs == 0)
+            if mask.any():
+                pieces.append((part, mask, objs))
+        if not pieces:
             show_warning("nothing to commit: click on an object first (or wait for its mask); "
                          "pixels of committed objects are not overwritten")
             return None
-        obj_id = self._reprompt_id or self._next_id()
+        obj_id, new = (self._reprompt_id, False) if self._reprompt_id else (self._next_id(), True)
         self._reprompt_id = None
-        self.objects.data[mask] = obj_id
+        for part, mask, objs in pieces:
+            self.objects.data[part] = np.where(mask, np.asarray(obj_id, objs.dtype), objs)
         self.objects.refresh()
         ious = [r.iou for r in self._current_preds.values()]
         prompts = {plane: r.prompt for plane, r in self._current_preds.items()}
-        self._record(obj_id, float(np.mean(ious)) if ious else float("nan"), prompts)
+        # a new id has no pixels but these: measure it on the rows and columns they span
+        where = None
+        if new and self._known:
+            rows = [p[-2] for p, _, _ in pieces]
+            cols = [p[-1] for p, _, _ in pieces]
+            where = (slice(min(r.start for r in rows), max(r.stop for r in rows)),
+                     slice(min(c.start for c in cols), max(c.stop for c in cols)))
+        self._record(obj_id, float(np.mean(ious)) if ious else float("nan"), prompts, where)
         self.clear_prompts()
         self.objects.selected_label = obj_id
         self.status.setText(f"committed object {obj_id}; {len(self.records)} objects")
@@ -757,8 +784,18 @@ class AnnotatorWidget(QWidget):
         return max(top, max(self.records, default=0)) + 1
 
     # ================================================================== objects table
-    def _record(self, obj_id: int, iou: float, prompts: dict | None = None) -> None:
-        rec = measure_object(obj_id, self.objects.data, self.uncertainty.data, self.n_lead, iou, prompts)
+    def _record(self, obj_id: int, iou: float, prompts: dict | None = None, where: tuple | None = None) -> None:
+        """Measure ``obj_id`` for the table: in the whole stack, or only in the (rows, cols)
+        ``where`` of every plane when all its pixels lie there."""
+        if where is None:
+            rec = measure_object(obj_id, self.objects.data, self.uncertainty.data, self.n_lead, iou, prompts)
+        else:
+            part = (..., *where)
+            rec = measure_object(obj_id, np.asarray(self.objects.data[part]), np.asarray(self.uncertainty.data[part]),
+                                 self.n_lead, iou, prompts)
+            if rec is not None:  # back to the stack's coordinates
+                shift = (0,) * self.n_lead + (where[0].start, where[1].start)
+                rec.centroid = tuple(c + o for c, o in zip(rec.centroid, shift))
         if rec is None:
             self.records.pop(obj_id, None)
         else:
@@ -1044,7 +1081,7 @@ class AnnotatorWidget(QWidget):
         target[target == obj_id] = 0
         target[res.mask & (target == 0)] = obj_id  # other objects are protected, as in commit
         self.uncertainty.data[full] = res.uncertainty
-        self._extents.pop(full, None)
+        self._extents[full] = (0, 0, *res.uncertainty.shape)
         self._update_overlay(full)
         record["planes"][res.index] = res.mean_uncertainty
         self._add_plane_row(res.index, res.area, res.mean_uncertainty)
