@@ -10,7 +10,9 @@ at its own zoom, the contrast stop rule; the next frame's prompts are the last m
 innermost point). A frame of the track counts as **followed** when the mask there holds the
 track's point and no other track's point (a mask that swallowed a neighbour does not count).
 Beside it, the first frame's mask **held still** through the frames, scored the same way: how
-far the nuclei move, i.e. what following them has to add. Prints a markdown table.
+far the nuclei move, i.e. what following them has to add. Last, whether the uncertainty says
+where it went wrong: the AUROC of a propagated frame's mean uncertainty (inside its mask) for
+that frame not being followed. Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ def followed(mask: np.ndarray | None, tid: int, points: dict[int, tuple[int, int
 
 def evaluate(model, frames: np.ndarray, tracks: np.ndarray) -> dict:
     from napari_ruac import Predictor
+    from napari_ruac.evaluate import auroc
     from napari_ruac.model.propagation import StopRule, predictor_segmenter, propagate
 
     predictor = Predictor(model, zoom="auto", cache_size=2 * len(frames))
@@ -69,20 +72,26 @@ def evaluate(model, frames: np.ndarray, tracks: np.ndarray) -> dict:
     by_frame = points_by_frame(tracks)
     n_frames = scored = hits = still_hits = whole = 0
     first_areas, areas = [], []
+    frame_unc, frame_lost = [], []
     for tid in (int(v) for v in np.unique(tracks[:, 0])):
         own = sorted(int(t) for t in tracks[tracks[:, 0] == tid, 1])
         start = own[0]
         predictor.set_image(frames[start])
         first = predictor.predict(points=[by_frame[start][tid]]).mask
         rule = StopRule()
-        masks = {}
+        masks, unc = {}, {}
         if first.sum() >= rule.min_area:
             result = propagate(segment, len(frames), start, first, rule=rule, get_plane=lambda k: frames[k])
             masks = {k: p.mask for k, p in result.planes.items()}
+            unc = {k: p.mean_uncertainty for k, p in result.planes.items()}
         later = own[1:]  # the click's own frame says nothing about following
         first_areas.append(int(first.sum()))
         areas += [int(masks[t].sum()) for t in later if t in masks]
         got = [followed(masks.get(t), tid, by_frame[t]) for t in later]
+        for t, ok in zip(later, got):
+            if t in unc and np.isfinite(unc[t]):
+                frame_unc.append(unc[t])
+                frame_lost.append(not ok)
         still = [followed(first, tid, by_frame[t]) for t in later]
         n_frames += len(later)
         hits += sum(got)
@@ -91,7 +100,8 @@ def evaluate(model, frames: np.ndarray, tracks: np.ndarray) -> dict:
         scored += bool(later)
     return {"tracks": scored, "frames": n_frames, "followed": hits / max(n_frames, 1),
             "held_still": still_hits / max(n_frames, 1), "whole": whole,
-            "first_area": float(np.median(first_areas)), "area": float(np.median(areas)) if areas else 0.0}
+            "first_area": float(np.median(first_areas)), "area": float(np.median(areas)) if areas else 0.0,
+            "lost_with_mask": int(sum(frame_lost)), "auroc": auroc(np.array(frame_unc), np.array(frame_lost, bool))}
 
 
 def main() -> int:
@@ -102,13 +112,15 @@ def main() -> int:
 
     frames, tracks = load_target()
     print("| model | tracks | frames after the click | followed | first mask held still | tracks followed in every frame "
-          "| median mask area: first frame / later frames (px) | seconds |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| median mask area: first frame / later frames (px) | lost frames with a mask | AUROC of its mean uncertainty "
+          "for lost | seconds |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.models:
         t0 = time.perf_counter()
         r = evaluate(load_model(name), frames, tracks)
         print(f"| {name} | {r['tracks']} | {r['frames']} | {r['followed']:.3f} | {r['held_still']:.3f} "
-              f"| {r['whole']} | {r['first_area']:.0f} / {r['area']:.0f} | {time.perf_counter() - t0:.0f} |", flush=True)
+              f"| {r['whole']} | {r['first_area']:.0f} / {r['area']:.0f} | {r['lost_with_mask']} | {r['auroc']:.3f} "
+              f"| {time.perf_counter() - t0:.0f} |", flush=True)
     return 0
 
 
