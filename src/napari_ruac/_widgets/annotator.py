@@ -762,7 +762,9 @@ class AnnotatorWidget(QWidget):
         obj_id, new = (self._reprompt_id, False) if self._reprompt_id else (self._next_id(), True)
         self._reprompt_id = None
         for part, mask, objs in pieces:
-            self.objects.data[part] = np.where(mask, np.asarray(obj_id, objs.dtype), objs)
+            objs[mask] = obj_id
+            if not isinstance(self.objects.data, np.ndarray):  # objs was a copy: write it back
+                self.objects.data[part] = objs
         self.objects.refresh()
         ious = [r.iou for r in self._current_preds.values()]
         prompts = {plane: r.prompt for plane, r in self._current_preds.items()}
