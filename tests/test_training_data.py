@@ -18,7 +18,7 @@ from napari_ruac.training.data import (AnnotatedImages, BatchMaker, DataConfig, 
 from napari_ruac.training.losses import LossConfig, calibration_loss, dice_loss, multimask_loss, segmentation_loss
 from napari_ruac.training.prompts import (KIND_BACKGROUND, KIND_BOX, PromptConfig, correction_clicks,
                                          sample_prompts)
-from napari_ruac.training.synthetic import MODES, SyntheticMicroscopy
+from napari_ruac.training.synthetic import MODES, SynthConfig, SyntheticMicroscopy
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -58,6 +58,27 @@ def test_synthetic_nuclei_touch_and_vary_in_size():
     diam = 2 * np.sqrt(np.array(sizes) / np.pi)
     assert diam.min() < 12 and diam.max() > 40
     assert touching >= 3
+
+
+def test_synthetic_elongation_makes_nuclei_longer_and_its_default_changes_nothing():
+    from dataclasses import replace
+
+    from skimage.measure import regionprops
+
+    base = SynthConfig(edge_level=(0.35, 0.65))
+    same, default = SyntheticMicroscopy(replace(base, elongation=None), seed=2), SyntheticMicroscopy(base, seed=2)
+    assert np.array_equal(same.sample(4, 96).image, default.sample(4, 96).image)
+
+    def axis_ratios(gen):
+        out = []
+        for i in range(10):
+            lab = gen.sample(i, 160, mode="fluorescence").labels
+            out += [p.axis_major_length / max(p.axis_minor_length, 1) for p in regionprops(lab) if p.area >= 30]
+        return np.array(out)
+
+    usual, long = axis_ratios(default), axis_ratios(SyntheticMicroscopy(replace(base, elongation=2.6), seed=2))
+    assert np.median(long) > np.median(usual) + 0.2
+    assert long.max() < 2.6 * 1.6  # the wobble on top of the ellipse stays bounded
 
 
 def test_batches_are_deterministic_per_step_and_prompts_lie_on_their_objects():

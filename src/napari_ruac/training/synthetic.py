@@ -54,6 +54,10 @@ class SynthConfig:
     # (on DSB2018 and the confocal stack the ground truth's edge lies between the pixels at
     # ~0.6 and ~0.4 of their nucleus's peak above the background). Fluorescence and H&E nuclei.
     edge_level: tuple[float, float] | None = None
+    # None: an object's axis ratio squared (its "eccentricity") is drawn from 1 to 1.2 + 0.8 x
+    # the image's irregularity (0.2-1.5), so few nuclei are long. A number: from 1 to this, for
+    # every nucleus (fluorescence, brightfield and H&E); the same draws otherwise.
+    elongation: float | None = None
     photons: tuple[float, float] = (15.0, 2000.0)  # peak photon count (log-uniform)
     read_noise: tuple[float, float] = (0.0, 0.04)
     blur: tuple[float, float] = (0.3, 2.0)
@@ -149,10 +153,10 @@ def _place_centres(rng, shape, radii, touching, overlap=None):
     return np.asarray(kept_c, float).reshape(-1, 2), np.asarray(kept_r, float)
 
 
-def _blob(rng, radius, irregularity):
+def _blob(rng, radius, irregularity, elongation=None):
     """A random star-shaped blob around (0, 0): returns a function rho(dy, dx) whose value
     is < 1 inside, plus the bounding radius. Ellipse x radial harmonics."""
-    ecc = rng.uniform(1.0, 1.0 + 0.8 * irregularity + 0.2)
+    ecc = rng.uniform(1.0, elongation if elongation is not None else 1.0 + 0.8 * irregularity + 0.2)
     theta = rng.uniform(0, math.pi)
     a, b = radius * math.sqrt(ecc), radius / math.sqrt(ecc)
     ks = np.arange(2, 6)
@@ -171,7 +175,7 @@ def _blob(rng, radius, irregularity):
     return rho, max(a, b) * (1.0 + np.abs(amps).sum()) + 2
 
 
-def _paint_objects(rng, shape, centres, radii, irregularity, profile_power, edge_level=None):
+def _paint_objects(rng, shape, centres, radii, irregularity, profile_power, edge_level=None, elongation=None):
     """Paint objects in order (later ones occlude earlier ones in the label map).
 
     An object's intensity is ``(1 - rho**2) ** profile_power`` inside its outline (rho < 1);
@@ -190,7 +194,7 @@ def _paint_objects(rng, shape, centres, radii, irregularity, profile_power, edge
     signal = np.zeros(shape, np.float32)
     next_label = 1
     for (cy, cx), r in zip(centres, radii):
-        rho_fn, reach = _blob(rng, r, irregularity)
+        rho_fn, reach = _blob(rng, r, irregularity, elongation)
         r0, r1 = int(max(0, math.floor(cy - reach))), int(min(h, math.ceil(cy + reach) + 1))
         c0, c1 = int(max(0, math.floor(cx - reach))), int(min(w, math.ceil(cx + reach) + 1))
         if r1 <= r0 or c1 <= c0:
@@ -285,7 +289,8 @@ def _edge_level(rng, cfg):
 def _fluorescence(rng, shape, cfg):
     centres, radii = _object_set(rng, shape, cfg, cfg.diameter)
     level = _edge_level(rng, cfg)
-    labels, signal = _paint_objects(rng, shape, centres, radii, rng.uniform(0.2, 1.5), rng.uniform(0.0, 0.8), level)
+    labels, signal = _paint_objects(rng, shape, centres, radii, rng.uniform(0.2, 1.5), rng.uniform(0.0, 0.8), level,
+                                    cfg.elongation)
     labels, signal = _ensure_object(rng, shape, labels, signal)
     texture = _smooth_noise(rng, shape, rng.uniform(0.8, 3.0))
     signal = signal * (1.0 + rng.uniform(0.05, 0.4) * texture)
@@ -330,7 +335,8 @@ def _brightfield(rng, shape, cfg):
     halo of opposite sign (difference of Gaussians of the object mask)."""
     diam = cfg.diameter if rng.random() < 0.6 else cfg.cell_diameter
     centres, radii = _object_set(rng, shape, cfg, diam)
-    labels, signal = _paint_objects(rng, shape, centres, radii, rng.uniform(0.3, 1.5), rng.uniform(0.0, 0.5))
+    labels, signal = _paint_objects(rng, shape, centres, radii, rng.uniform(0.3, 1.5), rng.uniform(0.0, 0.5),
+                                    elongation=cfg.elongation)
     labels, signal = _ensure_object(rng, shape, labels, signal)
     fg = (labels > 0).astype(np.float32)
     s = rng.uniform(1.0, 3.0)
@@ -352,7 +358,8 @@ def _histology(rng, shape, cfg):
     """H&E-like colour by Beer-Lambert: RGB = exp(-(c_H * OD_H + c_E * OD_E))."""
     centres, radii = _object_set(rng, shape, cfg, cfg.diameter)
     level = _edge_level(rng, cfg)
-    labels, signal = _paint_objects(rng, shape, centres, radii, rng.uniform(0.3, 1.5), rng.uniform(0.0, 0.4), level)
+    labels, signal = _paint_objects(rng, shape, centres, radii, rng.uniform(0.3, 1.5), rng.uniform(0.0, 0.4), level,
+                                    cfg.elongation)
     labels, signal = _ensure_object(rng, shape, labels, signal)
     fine = _smooth_noise(rng, shape, rng.uniform(0.8, 2.0))
     coarse = _smooth_noise(rng, shape, rng.uniform(8.0, 25.0))
