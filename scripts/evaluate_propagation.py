@@ -14,15 +14,11 @@ propagation worked before 2026-12-07), zoom 1 with it, and each plane at its own
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
 
-ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = (("zoom 1, no contrast rule", 1.0, False), ("zoom 1", 1.0, True), ("zoom auto", "auto", True))
 
 
@@ -66,9 +62,10 @@ def main() -> int:
     from napari_ruac.io.imageio import read_image
     from napari_ruac.model import load_model
 
-    fetched = subprocess.run([sys.executable, str(ROOT / "scripts" / "fetch_targets.py")], check=True,
-                             capture_output=True, text=True).stdout.strip().splitlines()[-1]
-    cache = Path(fetched.split(": ", 1)[1]).parent
+    from fetch_targets import default_cache, fetch  # scripts/, beside this one
+
+    cache = default_cache()
+    fetch(cache)
     print("| target | model | objects | " + " | ".join(f"3D IoU, {label}" for label, _, _ in SETTINGS) + " | seconds |")
     print("|---|---|---|" + "---|" * len(SETTINGS) + "---|")
     for target in args.targets:

@@ -56,38 +56,29 @@ run stardist3d stardist3d_zoomauto_scales3 --zoom auto --scales 3 --prompts $thr
 # one click on DSB2018 over five draws of the clicks (--seed 0-4), at one and three scales, and two corrections at one: on
 # one image which pixel is clicked moves mIoU by ~0.01, so a target that close is judged on the
 # spread (scripts/seed_spread.py)
-spread=()
-for scales in 1 3; do
-  prompts=point1
-  [ "$scales" = 1 ] && prompts=point1,point3  # corrections at three scales: ~5 min a run on one core
+draws() {  # target, file tag, prompts, extra args...: every model at --seed 0-4, files added to $spread
+  local target=$1 tag=$2 prompts=$3; shift 3
   for m in "${models[@]}"; do
     name=$(basename "$m" .pt)
     for seed in 0 1 2 3 4; do
-      json=$out/dsb2018_seed${seed}_scales${scales}-$name.json
+      json=$out/${target}_seed${seed}${tag}-$name.json
       spread+=("$json")
       fresh "$json" "$m" && continue
-      OMP_NUM_THREADS=${EVAL_THREADS:-1} .venv/bin/napari-ruac evaluate --images "$cache/dsb2018/images" \
-        --masks "$cache/dsb2018/masks" --model "$m" --json "$json" --prompts $prompts --seed $seed \
-        --scales $scales --no-baselines > /dev/null
+      OMP_NUM_THREADS=${EVAL_THREADS:-1} .venv/bin/napari-ruac evaluate --images "$cache/$target/images" \
+        --masks "$cache/$target/masks" --model "$m" --json "$json" --prompts $prompts --seed $seed \
+        --no-baselines "$@" > /dev/null
     done
   done
-done
+}
+spread=()
+draws dsb2018 _scales1 point1,point3 --scales 1
+draws dsb2018 _scales3 point1 --scales 3  # corrections at three scales: ~5 min a run on one core
 echo "**dsb2018, one click (and corrections at one scale) over five draws**"
 echo
 .venv/bin/python scripts/seed_spread.py "${spread[@]}"
 # the same for the confocal stack at zoom 1 (590 nuclei: the draws move it less)
 spread=()
-for m in "${models[@]}"; do
-  name=$(basename "$m" .pt)
-  for seed in 0 1 2 3 4; do
-    json=$out/nuclei3d_seed${seed}-$name.json
-    spread+=("$json")
-    fresh "$json" "$m" && continue
-    OMP_NUM_THREADS=${EVAL_THREADS:-1} .venv/bin/napari-ruac evaluate --images "$cache/nuclei3d/images" \
-      --masks "$cache/nuclei3d/masks" --model "$m" --json "$json" --prompts point1,point3 --seed $seed \
-      --no-baselines > /dev/null
-  done
-done
+draws nuclei3d "" point1,point3
 echo "**nuclei3d, one click and corrections over five draws**"
 echo
 .venv/bin/python scripts/seed_spread.py "${spread[@]}"

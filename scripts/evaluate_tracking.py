@@ -18,23 +18,17 @@ that frame not being followed. Prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_target() -> tuple[np.ndarray, np.ndarray]:
     """The time-lapse (T, H, W) and its tracks (N, 4: track id, frame, row, col)."""
+    from fetch_targets import default_cache, fetch  # scripts/, beside this one
     from napari_ruac.io.imageio import read_image
 
-    fetched = subprocess.run([sys.executable, str(ROOT / "scripts" / "fetch_targets.py")], check=True,
-                             capture_output=True, text=True).stdout.strip().splitlines()[-1]
-    folder = Path(fetched.split(": ", 1)[1]).parent / "timelapse2d"
+    folder = fetch(default_cache())["timelapse2d"]
     frames = np.asarray(read_image(folder / "images" / "timelapse2d.tif"))
     tracks = np.load(folder / "tracks" / "timelapse2d.npy")  # plain numbers: no pickle
     if frames.ndim != 3 or tracks.ndim != 2 or tracks.shape[1] != 4:

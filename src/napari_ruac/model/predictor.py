@@ -259,8 +259,7 @@ class Predictor:
     def is_cached(self, image) -> bool:
         """Whether ``set_image(image)`` needs no encoder pass. A ``set_image`` of the same array
         object right after it reuses its check and hash (a UI asks this before every click)."""
-        arr = validate_plane(image)
-        content = content_key(arr)
+        arr, content = _keyed(image)
         self._checked_last = (image, arr, content)
         zoom = self._zoom_of(arr, content)
         if self._needs_windows(arr.shape[:2], zoom):
@@ -273,22 +272,20 @@ class Predictor:
         last, self._checked_last = self._checked_last, None
         if last is not None and last[0] is image:
             return last[1], last[2]
-        arr = validate_plane(image)
-        return arr, content_key(arr)
+        return _keyed(image)
 
     def plane_zoom(self, image) -> float:
         """The zoom ``image`` is (or would be) seen at, without embedding it: the predictor's, or
         with ``zoom="auto"`` the plane's own, estimated now and remembered with the plane's
         content. Safe to call from another thread while this predictor predicts, so that a UI
         can estimate a plane when it is shown, before the first click on it."""
-        arr = validate_plane(image)
-        return self._zoom_of(arr, content_key(arr))
+        return self._zoom_of(*_keyed(image))
 
     def knows_zoom(self, image) -> bool:
         """Whether ``image``'s zoom is known without an estimate (fixed zoom, or remembered)."""
         if not self.auto_zoom:
             return True
-        content = content_key(validate_plane(image))  # hashing needs no lock
+        _, content = _keyed(image)  # hashing needs no lock
         with self._zoom_lock:
             return content in self._plane_zooms
 
@@ -1083,6 +1080,12 @@ def _window_1d(lo: float, hi: float, n: int, side: float, margin: float, step: i
     if lo < start + margin / 2 or hi > start + size - margin / 2:  # snapping must keep context
         start = min(max(int(math.floor(centre - size / 2)), 0), n - size)
     return start, start + size
+
+
+def _keyed(image) -> tuple[np.ndarray, str]:
+    """``image`` validated as a plane, and its content key."""
+    arr = validate_plane(image)
+    return arr, content_key(arr)
 
 
 def content_key(arr: np.ndarray) -> str:
