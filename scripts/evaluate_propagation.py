@@ -8,7 +8,8 @@ section, propagated through the stack in both directions as the annotator's *Pro
 result with the object. Three settings side by side: zoom 1 without the contrast stop rule (how
 propagation worked before 2026-12-07), zoom 1 with it, and each plane at its own zoom with it
 (what the annotator does now). Prints a markdown table; fetches the targets first
-(scripts/fetch_targets.py, cache outside git).
+(scripts/fetch_targets.py, cache outside git). The measure is
+napari_ruac.evaluate_propagation.propagation_ious (tested there).
 """
 
 from __future__ import annotations
@@ -17,41 +18,8 @@ import argparse
 import time
 
 import numpy as np
-from scipy import ndimage as ndi
 
 SETTINGS = (("zoom 1, no contrast rule", 1.0, False), ("zoom 1", 1.0, True), ("zoom auto", "auto", True))
-
-
-def objects_3d(labels: np.ndarray) -> list[tuple[int, int, tuple[int, int]]]:
-    """(id, plane of its largest section, innermost pixel there) for every object."""
-    out = []
-    for i in (int(v) for v in np.unique(labels) if v):
-        obj = labels == i
-        z = int(np.argmax(obj.sum((1, 2))))
-        dist = ndi.distance_transform_edt(obj[z])
-        out.append((i, z, tuple(int(v) for v in np.unravel_index(int(np.argmax(dist)), dist.shape))))
-    return out
-
-
-def evaluate(model, image: np.ndarray, labels: np.ndarray, objects: list, zoom, contrast: bool) -> list[float]:
-    from napari_ruac import Predictor
-    from napari_ruac.model.propagation import StopRule, predictor_segmenter, propagate
-
-    predictor = Predictor(model, zoom=zoom, cache_size=2 * len(image))
-    segment = predictor_segmenter(predictor, lambda k: image[k])
-    rule = StopRule() if contrast else StopRule(min_contrast_ratio=None)
-    ious = []
-    for i, z, point in objects:
-        predictor.set_image(image[z])
-        mask = predictor.predict(points=[point]).mask
-        truth = labels == i
-        if mask.sum() < rule.min_area:
-            ious.append(0.0)
-            continue
-        result = propagate(segment, len(image), z, mask, rule=rule, get_plane=lambda k: image[k])
-        vol = result.to_volume(len(image), image.shape[1:])
-        ious.append(float((vol & truth).sum() / (vol | truth).sum()))
-    return ious
 
 
 def main() -> int:
@@ -59,8 +27,10 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=["micro", "micro-bayes", "micro-det"])
     parser.add_argument("--targets", nargs="+", default=["nuclei3d", "stardist3d"])
     args = parser.parse_args()
+    from napari_ruac.evaluate_propagation import objects_3d, propagation_ious
     from napari_ruac.io.imageio import read_image
     from napari_ruac.model import load_model
+    from napari_ruac.model.propagation import StopRule
 
     from fetch_targets import default_cache, fetch  # scripts/, beside this one
 
@@ -76,7 +46,8 @@ def main() -> int:
             for model_name in args.models:
                 model = load_model(model_name)
                 t0 = time.perf_counter()
-                means = [np.mean(evaluate(model, image, labels, objects, zoom, contrast))
+                means = [np.mean(propagation_ious(model, image, labels, objects, zoom=zoom,
+                                                  rule=StopRule() if contrast else StopRule(min_contrast_ratio=None)))
                          for _, zoom, contrast in SETTINGS]
                 print(f"| {target} | {model_name} | {len(objects)} | " + " | ".join(f"{m:.3f}" for m in means)
                       + f" | {time.perf_counter() - t0:.0f} |", flush=True)
