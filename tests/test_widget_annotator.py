@@ -594,7 +594,8 @@ def test_on_a_plane_larger_than_the_window_the_layers_hold_exactly_the_newest_ma
     """Clicks on a plane larger than the model's window rewrite the layers only where the last
     maps and the new ones can be non-zero (their extents); the layers must still equal the new
     prediction everywhere: after a click far from the last one, and after the user painted on
-    the current-object layer outside both extents (which makes the next click rewrite it all)."""
+    the current-object layer outside both extents (the next click covers the painted box too,
+    and so does every later one: napari's undo and redo of the paint write there silently)."""
     viewer = make_napari_viewer()
     image = np.random.default_rng(0).random((640, 640), dtype=np.float32)
     viewer.add_image(image, name="big")
@@ -623,11 +624,19 @@ def test_on_a_plane_larger_than_the_window_the_layers_hold_exactly_the_newest_ma
     row = (a[2] + b[0]) // 2  # between the two extents
     widget.current.paint((row, 5), 1)
     assert widget.current.data[row, 5] == 1
+    assert widget._known  # a paint it can read keeps the writes regional
     n = widget.predictions_applied
     widget.add_point((590, 610))  # a second click on the same object: a new prediction
     wait_predictions(qtbot, widget, n + 1)
     third = shown()  # the painted pixel is gone too
     assert third.extent[0] > row
+    widget.current.undo()
+    widget.current.redo()  # the painted pixel is back, and no event said so
+    assert widget.current.data[row, 5] == 1
+    n = widget.predictions_applied
+    widget.add_point((600, 590))
+    wait_predictions(qtbot, widget, n + 1)
+    assert shown().extent[0] > row
 
 
 def test_commits_on_a_plane_larger_than_the_window_write_and_measure_exactly_the_current_object(
@@ -645,7 +654,7 @@ def test_commits_on_a_plane_larger_than_the_window_write_and_measure_exactly_the
         n = widget.predictions_applied
         widget.add_point(point)
         wait_predictions(qtbot, widget, n + 1)
-        if k == 3:  # painted far from every extent: the layer is no longer known, all of it counts
+        if k == 3:  # painted far from every extent: commit looks there too
             widget.current.paint((320, 5), 1)
         current = widget.current.data > 0
         assert current.any()
@@ -659,3 +668,31 @@ def test_commits_on_a_plane_larger_than_the_window_write_and_measure_exactly_the
         np.testing.assert_allclose(rec.centroid, full.centroid)
         assert rec.mean_uncertainty == pytest.approx(full.mean_uncertainty)
     assert expected[320, 5] == 3
+
+
+def test_painted_boxes_reads_every_kind_of_napari_paint():
+    """The widget keeps its writes regional after a paint only if it knows where the paint went:
+    brush, bucket fill, polygon and data_setitem, as a real Labels layer reports them."""
+    from napari.layers import Labels
+
+    from napari_ruac._widgets.annotator import painted_boxes
+
+    layer = Labels(np.zeros((4, 40, 50), np.uint8))
+    got = []
+    layer.events.paint.connect(lambda e: got.append(painted_boxes(e.value, layer.data.shape, 1)))
+    layer.brush_size = 5
+    layer.paint((2, 10, 20), 1)
+    layer.fill((1, 30, 30), 2)  # the whole (empty) plane 1
+    layer.data_setitem((np.array([0, 3]), np.array([5, 7]), np.array([6, 9])), 3)
+    layer.paint_polygon([(2, 30, 30), (2, 35, 30), (2, 35, 40)], 4)
+    assert len(got) == 4
+    for boxes, value in zip(got, (1, 2, 3, 4)):
+        painted = np.argwhere(layer.data == value)
+        for plane in np.unique(painted[:, 0]):  # every painted pixel lies in its plane's box
+            (r0, c0, r1, c1), = [box for p, box in boxes if p == (plane,)]
+            rows, cols = painted[painted[:, 0] == plane, 1:].T
+            assert r0 <= rows.min() and rows.max() < r1 and c0 <= cols.min() and cols.max() < c1
+    assert [p for p, _ in got[0]] == [(2,)] and got[1] == [((1,), (0, 0, 40, 50))]
+    assert got[0][0][1][2] - got[0][0][1][0] <= 6  # the brush's box, not the plane
+    assert painted_boxes([object()], layer.data.shape, 1) is None  # unreadable: assume the worst
+    assert painted_boxes([((np.array([1]), np.array([2])), 0, 1)], layer.data.shape, 1) is None

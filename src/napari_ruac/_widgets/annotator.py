@@ -58,6 +58,41 @@ PRECOMPUTE_STEPS = 100  # progress steps per plane: precomputing one large plane
 CACHE_WINDOWS = 16  # windows (or whole planes) a predictor keeps per view and test-time scale
 
 
+Box = tuple[int, int, int, int]  # (row0, col0, row1, col1) in a plane, stops exclusive
+
+
+def _box_union(*boxes: Box | None) -> Box:
+    """The smallest box holding every given box (None entries are skipped; one is required)."""
+    given = [b for b in boxes if b is not None]
+    return (min(b[0] for b in given), min(b[1] for b in given), max(b[2] for b in given), max(b[3] for b in given))
+
+
+def painted_boxes(atoms, shape: tuple[int, ...], n_lead: int) -> list[tuple[Plane, Box]] | None:
+    """The planes and boxes a napari Labels ``paint`` event's history atoms touched: each atom is
+    a mask edit with a ``slice_key`` (brush, fill and polygon since napari 0.6) or an
+    ``(indices, old values, new values)`` tuple of index arrays (``data_setitem``, and every
+    paint before). None when an atom is neither, so that the caller assumes the worst."""
+    out = []
+    try:
+        for atom in atoms:
+            key = getattr(atom, "slice_key", None)
+            index = key if key is not None else atom[0]
+            if len(index) != len(shape):
+                return None
+            if key is not None:
+                spans = [s.indices(n)[:2] for s, n in zip(key, shape)]
+            else:
+                arrays = [np.asarray(a).ravel() for a in index]
+                spans = [(int(a.min()), int(a.max()) + 1) if a.size else (0, 0) for a in arrays]
+            if any(stop <= start for start, stop in spans):
+                continue  # touched nothing
+            lead, (r0, r1), (c0, c1) = spans[:n_lead], spans[-2], spans[-1]
+            out += [(plane, (r0, c0, r1, c1)) for plane in itertools.product(*(range(a, b) for a, b in lead))]
+    except (TypeError, ValueError, IndexError, AttributeError):
+        return None
+    return out
+
+
 @dataclass(frozen=True)
 class PlanePrompt:
     """The prompts of one plane, hashable so a result can be matched to the prompts it used."""
@@ -112,8 +147,12 @@ class AnnotatorWidget(QWidget):
         self._shown_prompts: dict[Plane, PlanePrompt] = {}
         # per plane: where the current-object, uncertainty and overlay layers can be non-zero
         # (the extent of the maps _show_maps wrote last); a plane not listed is all zero there
-        # when _known, else anything (reused layers, a paint, a replaced layer)
+        # when _known, else anything (reused layers, a replaced layer)
         self._extents: dict[Plane, tuple[int, int, int, int]] = {}
+        # per plane: the box the user painted on the current-object layer (brush, fill, polygon).
+        # It stays with the extents until the image is bound again: napari's undo and redo of a
+        # paint write there again, after later predictions, and send no event.
+        self._painted: dict[Plane, tuple[int, int, int, int]] = {}
         self._known = False
         self._history: list[str] = []  # "point" / "box", for undo
         self._negative_click = False
@@ -344,6 +383,7 @@ class AnnotatorWidget(QWidget):
         self._current_preds.clear()
         self._shown_prompts.clear()
         self._extents.clear()
+        self._painted.clear()
         self._history.clear()
         self.records.clear()
         self._propagation.clear()
@@ -398,13 +438,14 @@ class AnnotatorWidget(QWidget):
         if self._remember_modifiers not in self.prompts.mouse_drag_callbacks:
             # first in the list: runs before the add-mode callback creates the point
             self.prompts.mouse_drag_callbacks.insert(0, self._remember_modifiers)
-        # painted or replaced by someone else: the next prediction rewrites whole planes
+        # replaced by someone else: the next prediction rewrites whole planes; painted: there too
         for emitter in self._result_layer_events():
             emitter.connect(self._forget_extents)
+        if self.current is not None:
+            self.current.events.paint.connect(self._on_current_painted)
 
     def _result_layer_events(self) -> list:
-        layers = [x for x in (self.current, self.uncertainty, self.overlay) if x is not None]
-        return [x.events.data for x in layers] + ([self.current.events.paint] if self.current is not None else [])
+        return [x.events.data for x in (self.current, self.uncertainty, self.overlay) if x is not None]
 
     def _unwire_prompt_layers(self) -> None:
         """Stop listening to the previous image's prompt layers (they stay in the viewer)."""
@@ -416,6 +457,8 @@ class AnnotatorWidget(QWidget):
             self.boxes.events.data.disconnect(self._on_box_data)
         for emitter in self._result_layer_events():
             emitter.disconnect(self._forget_extents)
+        if self.current is not None:
+            self.current.events.paint.disconnect(self._on_current_painted)
 
     def _remember_modifiers(self, layer, event) -> None:
         mods = {str(getattr(m, "name", m)) for m in event.modifiers}
@@ -685,7 +728,8 @@ class AnnotatorWidget(QWidget):
         old, new = self._extents.pop(plane, None), pred.extent or whole
         if old is None:
             old = new if self._known else whole  # (a plane not listed is zero when known)
-        part = (slice(min(old[0], new[0]), max(old[2], new[2])), slice(min(old[1], new[1]), max(old[3], new[3])))
+        r0, c0, r1, c1 = _box_union(old, new, self._painted.get(plane))
+        part = (slice(r0, r1), slice(c0, c1))
         index = tuple(plane) + part
         self.current.data[index] = pred.mask[part]
         unc = pred.uncertainty[part]
@@ -694,16 +738,31 @@ class AnnotatorWidget(QWidget):
         self._extents[plane] = new
 
     def _forget_extents(self, event=None) -> None:
-        """The layers were changed other than by the widget (painted, replaced): until the
-        widget has zeroed them again, each plane's next prediction rewrites all of it."""
+        """The layers were changed other than by the widget (replaced, or a paint it cannot
+        read): until the widget has zeroed them again, each plane's next prediction rewrites
+        all of it."""
         self._extents.clear()
+        self._painted.clear()
         self._known = False
+
+    def _on_current_painted(self, event) -> None:
+        """The user painted the current object: its next prediction and commit cover the box."""
+        boxes = painted_boxes(getattr(event, "value", None), self.current.data.shape, self.n_lead)
+        if boxes is None:
+            self._forget_extents()
+            return
+        for plane, box in boxes:
+            self._painted[plane] = _box_union(box, self._painted.get(plane))
 
     def _current_parts(self) -> list[tuple]:
         """Indices of the current-object layer that hold every non-zero pixel it can have."""
         if not self._known:
             return [(...,)]
-        return [tuple(plane) + (slice(r0, r1), slice(c0, c1)) for plane, (r0, c0, r1, c1) in self._extents.items()]
+        parts = []
+        for plane in self._extents.keys() | self._painted.keys():
+            r0, c0, r1, c1 = _box_union(self._extents.get(plane), self._painted.get(plane))
+            parts.append(tuple(plane) + (slice(r0, r1), slice(c0, c1)))
+        return parts
 
     def _clear_current_plane(self, plane: Plane) -> None:
         if not self._plane_in_range(plane):
