@@ -248,3 +248,34 @@ def test_evaluate_with_auto_zoom_sees_each_plane_at_its_objects_size(micro):
     assert reports["auto"].zoom == "auto" and reports[1.0].zoom == 1.0
     one, auto = reports[1.0].results["point1"]["miou"], reports["auto"].results["point1"]["miou"]
     assert auto > 0.85 and auto > one + 0.2, (one, auto)
+
+
+def test_point2_is_the_click_and_its_first_correction(micro):
+    """``point2`` (on request): the point1 click and the first of point3's two corrections."""
+    from napari_ruac import Predictor
+
+    image, labels = _two_nuclei()
+    labels[disk(labels.shape, (30, 52), 9)] = 1  # nucleus 1 with a lobe: a click misses part of it
+    image = (20 + 200 * (labels > 0)).astype(np.uint8)
+    report = ev.evaluate_model(micro, [("cell", image, labels)], prompt_modes=("point1", "point2", "point3"),
+                               baselines=False)
+    assert {r: report.results[r]["n_objects"] for r in ("point1", "point2", "point3")} == {
+        "point1": 2, "point2": 2, "point3": 2}
+    got = {(r.label, r.prompt): r.iou for r in report.rows}
+    p = Predictor(micro)
+    p.set_image(image)
+    rng = np.random.default_rng([0, 0, len("cell")])  # the draws evaluate_model makes
+    for obj in (1, 2):
+        truth = labels == obj
+        point = ev.random_point_inside(truth, rng)
+        points, kinds = [point], [1]
+        mask = p.predict(points=points).mask
+        assert got[obj, "point1"] == pytest.approx(ev.iou(mask, truth))
+        fix = ev.correction_click(mask, truth)
+        if fix is not None:
+            points.append(fix[0])
+            kinds.append(fix[1])
+            mask = p.predict(points=points, labels=kinds).mask
+        assert got[obj, "point2"] == pytest.approx(ev.iou(mask, truth))
+    with pytest.raises(ValueError, match="unknown prompt mode"):
+        ev.evaluate_model(micro, [("cell", image, labels)], prompt_modes=("point4",))

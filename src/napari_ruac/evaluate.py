@@ -2,7 +2,8 @@
 
 Prompts come from the ground truth with a fixed seed (DESIGN.md): ``point1`` one point uniform
 inside the object; ``point3`` that point, then two correction clicks, each at the centre of the
-largest error region (positive on a miss, negative on a false positive); ``box`` the tight box.
+largest error region (positive on a miss, negative on a false positive); ``box`` the tight box;
+``point2`` (on request) the point and the first of those corrections.
 
 Per object: IoU (J), boundary F-measure (F), J&F, and inside the object's dilated region
 (ground truth union prediction, dilated by ``REGION_DILATION`` px) the Pearson correlation of
@@ -39,7 +40,8 @@ from ._cli_options import (BOX_MARGIN_HELP, BOX_SIZE_HELP, RECENTRE_HELP, SCALES
                            window_step_value, zoom_value)
 from .io.stacks import stack_stem
 
-PROMPT_MODES = ("point1", "point3", "box")
+PROMPT_MODES = ("point1", "point3", "box")  # the default set
+CORRECTIONS = {"point1": 0, "point2": 1, "point3": 2}  # correction clicks after the first point
 AUTOMATIC = "automatic"
 MATCH_IOU = 0.5
 REGION_DILATION = 5
@@ -329,8 +331,8 @@ def evaluate_model(
     from .model import Predictor
 
     for p in prompt_modes:
-        if p not in PROMPT_MODES + (AUTOMATIC,):
-            raise ValueError(f"unknown prompt mode {p!r}; expected some of {PROMPT_MODES + (AUTOMATIC,)}")
+        if p not in (*CORRECTIONS, "box", AUTOMATIC):
+            raise ValueError(f"unknown prompt mode {p!r}; expected some of {(*CORRECTIONS, 'box', AUTOMATIC)}")
     automatic = AUTOMATIC in prompt_modes
     prompt_modes = [p for p in prompt_modes if p != AUTOMATIC]
     predictor = Predictor(model, zoom=zoom, window=window, box_size=box_size,
@@ -484,14 +486,13 @@ def _predict(predictor, prompt, gt, point, box, mode, mc_samples):
         return predictor.predict(box=box, **kw)
     points, labels = [point], [1]
     pred = predictor.predict(points=points, labels=labels, **kw)
-    if prompt == "point3":
-        for _ in range(2):
-            click = correction_click(pred.mask, gt)
-            if click is None:
-                break
-            points.append(click[0])
-            labels.append(click[1])
-            pred = predictor.predict(points=points, labels=labels, **kw)
+    for _ in range(CORRECTIONS[prompt]):
+        click = correction_click(pred.mask, gt)
+        if click is None:
+            break
+        points.append(click[0])
+        labels.append(click[1])
+        pred = predictor.predict(points=points, labels=labels, **kw)
     return pred
 
 
@@ -536,8 +537,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", default=None, help="weights file for an official SAM2.1 model")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--prompts", default="point1,point3,box",
-                        help="comma list of point1, point3, box and automatic (automatic segmentation of every "
-                             "plane, matched to the ground truth; slower)")
+                        help="comma list of point1, point2, point3, box and automatic (automatic segmentation of "
+                             "every plane, matched to the ground truth; slower)")
     parser.add_argument("--mode", choices=["analytic", "mc"], default=None, help="uncertainty mode")
     parser.add_argument("--samples", type=int, default=20, help="MC samples (--mode mc)")
     parser.add_argument("--seed", type=int, default=0)

@@ -159,8 +159,12 @@ class Predictor:
     the centre no longer moves. A small model's mask for a click off an object's centre is the
     part of the object around the click; from the centre it is the whole object, and each round
     moves the click closer to it (DSB2018 one click, stage-1c ``micro``: mIoU 0.524 without,
-    0.575 / 0.591 / 0.596 / 0.595 after 1 / 2 / 3 / 4 rounds). ``"auto"`` (default): on for
-    native-scale models (ours), off for models that resize every image.
+    0.575 / 0.591 / 0.596 / 0.595 after 1 / 2 / 3 / 4 rounds). A prompt set of several points
+    (no box), such as a click and its corrections, gets the centre its first positive click
+    alone was re-centred to as one more positive point, so that corrections refine the mask the
+    first click showed (as given, one correction left 81 of DSB2018's 125 nuclei worse than the
+    click alone, mIoU 0.706 -> 0.639 for ``micro``; with the centre 0.732). ``"auto"`` (default):
+    on for native-scale models (ours), off for models that resize every image.
 
     ``window_step``: windows start on a grid of this fraction of the window (default 1/2), and a
     prompt set takes the grid window whose centre is nearest its own, so each click lies at least
@@ -225,6 +229,8 @@ class Predictor:
         self._content: str | None = None
         self.image_key: str | None = None
         self._checked_last: tuple | None = None  # (image, validated array, content key)
+        # (plane, settings, click) -> the re-centred centre of that click alone, for its corrections
+        self._centres: OrderedDict[tuple, tuple[int, int] | None] = OrderedDict()
 
     # ------------------------------------------------------------------ image
     @property
@@ -545,6 +551,17 @@ class Predictor:
             for i, pred, _ in self._regions(prompts, mode, samples, multimask, seed):
                 yield i, pred
             return
+        for i, p in enumerate(prompts):  # a bad prompt is reported by its own index
+            self._check_prompt(i, p)
+        prompts = self._with_centres(prompts, mode, samples, seed)
+        for i, pred in self._recentred(prompts, mode, samples, multimask, seed):
+            click = _single_click(prompts[i])
+            if click is not None:  # remembered for the corrections that may follow
+                self._remember_centre(self._centre_key(click, mode, samples, seed), _recentred_click(prompts[i], pred))
+            yield i, pred
+
+    def _recentred(self, prompts: list[Prompt], mode, samples, multimask, seed) -> Iterator[tuple[int, Prediction]]:
+        """predict_regions with re-centring: single clicks decoded again from their centres."""
         pending: list[tuple[int, Prediction, tuple[int, int], tuple]] = []
         for i, pred, base in self._regions(prompts, mode, samples, multimask, seed):
             centre = _recentred_click(prompts[i], pred)
@@ -556,6 +573,43 @@ class Predictor:
                 yield from self._recentre(pending, prompts, mode, samples, multimask, seed)
                 pending = []
         yield from self._recentre(pending, prompts, mode, samples, multimask, seed)
+
+    def _centre_key(self, click: tuple[float, float], mode, samples, seed) -> tuple:
+        return (self.image_key, self._zoom, mode or self.model.default_mode, samples, seed, self.scales,
+                len(self.views), self.recentre_rounds, self.window_step, self.box_margin, click)
+
+    def _remember_centre(self, key: tuple, centre: tuple[int, int] | None) -> None:
+        self._centres[key] = centre
+        self._centres.move_to_end(key)
+        while len(self._centres) > CENTRES_KEPT:
+            self._centres.popitem(last=False)
+
+    def _with_centres(self, prompts: list[Prompt], mode, samples, seed) -> list[Prompt]:
+        """Prompt sets of several points (no box) with one more positive point first: where the
+        set's first positive click alone was re-centred to (the innermost pixel of its mask).
+        Corrections then refine the mask the first click gave, not the off-centre part a small
+        model gives for the raw click (DSB2018, ``micro``, one correction click: mIoU 0.639
+        without, 0.732 with, against 0.706 for the first click alone; see the README). The
+        centre is remembered from the first click's own prediction, or found now."""
+        firsts = {i: _first_positive(p) for i, p in enumerate(prompts)}
+        keys = {i: self._centre_key(c, mode, samples, seed) for i, c in firsts.items() if c is not None}
+        if not keys:
+            return prompts
+        missing = sorted({k[-1] for k in keys.values() if k not in self._centres})
+        if missing:
+            singles = [Prompt(points=[c]) for c in missing]
+            for j, pred in self._recentred(singles, mode, samples, False, seed):
+                self._remember_centre(self._centre_key(missing[j], mode, samples, seed),
+                                      _recentred_click(singles[j], pred))
+        out = list(prompts)
+        for i, key in keys.items():
+            centre = self._centres.get(key)
+            if centre is None:
+                continue
+            p = prompts[i]
+            labels = [1] * len(p.points) if p.labels is None else [int(v) for v in np.asarray(p.labels).ravel()]
+            out[i] = Prompt(points=[centre, *[tuple(q) for q in p.points]], labels=[1, *labels])
+        return out
 
     def _recentre(self, pending, prompts, mode, samples, multimask, seed) -> Iterator[tuple[int, Prediction]]:
         """Decode ``pending`` (index, prediction, centre, window) again from their centres, in the
@@ -903,6 +957,28 @@ def _cut_to(pred: Prediction, keep: tuple[int, int, int, int]) -> Prediction:
 
 # how many recentred clicks are decoded together (they share windows)
 RECENTRE_BATCH = 64
+# re-centred first clicks a predictor remembers for the corrections that follow them
+CENTRES_KEPT = 256
+
+
+def _single_click(prompt: Prompt) -> tuple[float, float] | None:
+    """The click of a prompt set that is one positive click (else None)."""
+    if prompt.box is not None or prompt.points is None or len(prompt.points) != 1:
+        return None
+    if prompt.labels is not None and int(np.asarray(prompt.labels).ravel()[0]) != 1:
+        return None
+    return tuple(float(v) for v in prompt.points[0])
+
+
+def _first_positive(prompt: Prompt) -> tuple[float, float] | None:
+    """The first positive click of a prompt set of several points and no box (else None)."""
+    if prompt.box is not None or prompt.points is None or len(prompt.points) < 2:
+        return None
+    labels = [1] * len(prompt.points) if prompt.labels is None else [int(v) for v in np.asarray(prompt.labels).ravel()]
+    for point, label in zip(prompt.points, labels):
+        if label == 1:
+            return tuple(float(v) for v in point)
+    return None
 
 
 def _mask_holds(pred: Prediction, point) -> bool:
@@ -915,9 +991,7 @@ def _mask_holds(pred: Prediction, point) -> bool:
 def _recentred_click(prompt: Prompt, pred: Prediction) -> tuple[int, int] | None:
     """Where a one-click prompt set is decoded again: the innermost pixel of the part of its
     mask that holds the click (None: not one positive click, or the mask misses the click)."""
-    if prompt.box is not None or prompt.points is None or len(prompt.points) != 1:
-        return None
-    if prompt.labels is not None and int(np.asarray(prompt.labels).ravel()[0]) != 1:
+    if _single_click(prompt) is None:
         return None
     from scipy import ndimage as ndi
 
