@@ -178,19 +178,33 @@ def test_evaluate_cli_checks_every_pair_before_it_starts(tmp_path, capsys):
     tifffile.imwrite(tmp_path / "msk" / "b.tif", good[:40])  # wrong shape
     tifffile.imwrite(tmp_path / "msk" / "c.tif", good.astype(np.float32) * 0.5)  # a probability map
     tifffile.imwrite(tmp_path / "msk" / "d.tif", good.astype(np.int16) - 1)  # negative ids
+    stack = np.stack([image, image, image]).astype(np.float32)
+    stack[2, 5, 5] = np.nan  # registration padding in one plane
+    tifffile.imwrite(tmp_path / "img" / "f.tif", stack)
+    tifffile.imwrite(tmp_path / "msk" / "f.tif", np.stack([good] * 3))
+    tifffile.imwrite(tmp_path / "img" / "g.tif", image)
+    tifffile.imwrite(tmp_path / "msk" / "g.tif", good)
+    whole = (tmp_path / "msk" / "g.tif").read_bytes()
+    (tmp_path / "msk" / "g.tif").write_bytes(whole[: len(whole) // 3])  # truncated
     args = ["evaluate", "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "msk"),
             "--model", "test-tiny", "--prompts", "box", "--no-baselines"]
     assert main(args) == 1
     captured = capsys.readouterr()
     assert "skipping 1 image(s) without a mask" in captured.out and "e.tif" in captured.out
     err = captured.err
-    assert "3 of 5 image/mask pairs cannot be evaluated" in err
+    assert "5 of 7 image/mask pairs cannot be evaluated" in err
     assert "b.tif / b.tif: image of shape (48, 48) and mask of shape (40, 48) do not match" in err
     assert "c.tif / c.tif: mask holds non-integer values" in err
     assert "d.tif / d.tif: mask holds negative values" in err
+    assert "f.tif / f.tif: image holds 1 NaN or infinite values in plane(s) 2" in err
+    assert "g.tif / g.tif: " in err  # unreadable: named with the others, not the first error alone
     assert "a.tif" not in err and "rgb.tif" not in err
-    for name in ("b", "c", "d"):
+    for name in ("b", "c", "d", "f", "g"):
         (tmp_path / "msk" / f"{name}.tif").unlink()
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("")
+    assert main(args + ["--json", str(blocker / "r.json")]) == 1  # refused before the run, not after it
+    assert "--json" in capsys.readouterr().err
     assert main(args + ["--json", str(tmp_path / "r.json")]) == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["n_images"] == 2 and report["results"]["box"]["n_objects"] == 2

@@ -504,3 +504,32 @@ def test_the_shipped_bayesian_models_are_certain_of_background_far_from_every_nu
             unc, prob = pred.uncertainty[near][far[near]], pred.probability[near][far[near]]
             assert unc.size > 1000
             assert np.median(unc) < 0.05 and np.percentile(prob, 99) < 0.01, (obj, mode, np.median(unc))
+
+
+def test_odd_but_valid_planes_and_a_zero_area_box(tiny_model):
+    """A plane one pixel high (mirrored views of it once reached torch with a negative stride),
+    float64 values beyond float32's range (they became inf), and a box of zero height: a clear
+    PromptError, not an empty mask."""
+    p = Predictor(tiny_model)
+    assert len(p.views) > 1  # mirrored test-time views
+    for plane in (np.linspace(0, 1, 64)[None], np.linspace(0, 1, 64)[:, None]):
+        p.set_image(plane)
+        pred = p.predict(points=[(0, 0)])
+        assert pred.mask.shape == plane.shape and np.isfinite(pred.uncertainty).all()
+    huge = np.random.default_rng(0).random((48, 48)) * 1e300
+    p.set_image(huge)
+    same = Predictor(tiny_model)
+    same.set_image(huge / 1e300)  # percentile normalisation: the scale does not matter
+    np.testing.assert_allclose(p.predict(points=[(20, 20)]).probability,
+                               same.predict(points=[(20, 20)]).probability, atol=1e-5)
+    import tifffile
+
+    from napari_ruac._sample_data import SAMPLE_DIR
+    from napari_ruac.model.scale import estimate_object_diameter
+
+    nuclei = tifffile.imread(SAMPLE_DIR / "nuclei2d.tif").astype(np.float64)  # the size estimate too
+    assert estimate_object_diameter(nuclei * 1e300) == pytest.approx(estimate_object_diameter(nuclei), rel=1e-3)
+    with pytest.raises(PromptError, match="zero height or width"):
+        p.predict(box=(10, 10, 10, 40))
+    with pytest.raises(PromptError, match="zero height or width"):
+        p.predict(box=(10, 30, 40, 30.5))

@@ -696,3 +696,16 @@ def test_painted_boxes_reads_every_kind_of_napari_paint():
     assert got[0][0][1][2] - got[0][0][1][0] <= 6  # the brush's box, not the plane
     assert painted_boxes([object()], layer.data.shape, 1) is None  # unreadable: assume the worst
     assert painted_boxes([((np.array([1]), np.array([2])), 0, 1)], layer.data.shape, 1) is None
+
+
+def test_a_box_drawn_past_the_image_edge_ends_at_it(make_napari_viewer, qtbot):
+    """Boxing a nucleus on the image border: the part past the edge is dropped, not refused
+    (a refused box would fail every later click on the plane until deleted)."""
+    viewer = make_napari_viewer()
+    viewer.add_image(stack(), name="cells")
+    widget = dock(viewer, qtbot)
+    h, w = widget.spatial_shape[-2:]
+    widget.add_box((0,), (-4, w - 20, 20, w + 6))
+    wait_predictions(qtbot, widget, 1)
+    assert widget._shown_prompts[(0,)].box == (0.0, w - 20.0, 20.0, float(w))
+    assert widget._current_preds[(0,)].prediction.mask.shape == (h, w)

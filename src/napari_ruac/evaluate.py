@@ -28,6 +28,7 @@ import argparse
 import csv
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -290,6 +291,14 @@ def pair_problem(image: np.ndarray, mask: np.ndarray) -> str | None:
         return f"mask has unsupported dtype {mask.dtype}; expected integer object ids, 0 = background"
     if mask.min() < 0:
         return "mask holds negative values; expected object ids >= 1 and 0 = background"
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        bad = ~np.isfinite(image)
+        where = ""
+        if mask.ndim == 3:
+            planes = np.flatnonzero(bad.reshape(len(bad), -1).any(1))
+            where = f" in plane(s) {', '.join(str(int(z)) for z in planes[:5])}{', ...' if len(planes) > 5 else ''}"
+        return (f"image holds {int(bad.sum())} NaN or infinite values{where}; replace them (e.g. with 0 or the "
+                "background level) first")
     return None
 
 
@@ -571,13 +580,25 @@ def run(args: argparse.Namespace) -> int:
         print(f"skipping {len(unmatched)} image(s) without a mask in {args.masks}: {shown}")
     samples, problems = [], []
     for name, img, msk in pairs:  # every pair checked before minutes of evaluation start
-        image, mask = read_image(img), read_image(msk)
+        try:
+            image, mask = read_image(img), read_image(msk)
+        except (ValueError, OSError) as exc:  # an unreadable file is one problem among the others
+            problems.append(f"  {img.name} / {msk.name}: {exc}")
+            continue
         problem = pair_problem(image, mask)
         if problem is not None:
             problems.append(f"  {img.name} / {msk.name}: {problem}")
         samples.append((name, image, mask))
     if problems:
         raise ValueError(f"{len(problems)} of {len(pairs)} image/mask pairs cannot be evaluated:\n" + "\n".join(problems))
+    if args.json:  # and where the results go is writable, before the run rather than after it
+        folder = Path(args.json).resolve().parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"cannot create the folder for --json {args.json}: {exc.strerror or exc}") from exc
+        if not os.access(folder, os.W_OK):
+            raise ValueError(f"cannot write --json {args.json}: folder {folder} is not writable")
     model = load_model(args.model, device=args.device, checkpoint=args.checkpoint)
     prompts = [p.strip() for p in args.prompts.split(",") if p.strip()]
     report = evaluate_model(model, samples, prompts, mode=args.mode, mc_samples=args.samples, seed=args.seed,

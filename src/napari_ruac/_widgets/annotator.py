@@ -531,7 +531,9 @@ class AnnotatorWidget(QWidget):
             if len(verts) < 2:
                 continue
             plane = tuple(int(round(v)) for v in verts[0, :k])
-            rows, cols = verts[:, k], verts[:, k + 1]
+            # a box drawn past the image's edge ends at it (a nucleus on the border)
+            h, w = self.spatial_shape[-2:]
+            rows, cols = np.clip(verts[:, k], 0, h), np.clip(verts[:, k + 1], 0, w)
             boxes[plane] = (float(rows.min()), float(cols.min()), float(rows.max()), float(cols.max()))
         out = {}
         for plane in set(points) | set(boxes):

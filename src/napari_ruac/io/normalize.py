@@ -62,11 +62,12 @@ def to_rgb_float(image, low: float = 1.0, high: float = 99.8) -> np.ndarray:
 
 def percentile_normalize(arr: np.ndarray, low: float = 1.0, high: float = 99.8) -> np.ndarray:
     """Map the ``low`` and ``high`` percentiles to 0 and 1 and clip; constant planes give 0."""
-    a = np.asarray(arr, dtype=np.float32)
+    # float64 planes are mapped in float64: values beyond float32's range would become inf
+    a = np.asarray(arr, dtype=np.float64 if np.asarray(arr).dtype == np.float64 else np.float32)
     lo, hi = np.percentile(a, [low, high])
     if hi <= lo:
         # nearly constant: fall back to the full range before giving up on contrast
         lo, hi = float(a.min()), float(a.max())
         if hi <= lo:
             return np.zeros_like(a, dtype=np.float32)
-    return np.clip((a - lo) / (hi - lo), 0.0, 1.0)
+    return np.clip((a - lo) / (hi - lo), 0.0, 1.0).astype(np.float32, copy=False)

@@ -904,6 +904,9 @@ class Predictor:
             c0, c1 = sorted((box[1], box[3]))
             self._check_inside(i, "box corner", r0, c0, edge=True)
             self._check_inside(i, "box corner", r1, c1, edge=True)
+            if r1 - r0 < 1 or c1 - c0 < 1:
+                raise PromptError(f"object {i}: box {tuple(float(v) for v in box)} has zero height or width "
+                                  "(row0, col0, row1, col1: the corners must differ by at least one pixel)")
             pts += [(r0, c0), (r1, c1)]
             labs += [LABEL_BOX_TL, LABEL_BOX_BR]
         if not pts:

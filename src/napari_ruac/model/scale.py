@@ -40,7 +40,8 @@ def estimate_object_diameter(plane: np.ndarray) -> float | None:
     central part of that size."""
     x = np.asarray(plane)
     r0, c0 = (max(0, (n - MAX_MEASURED_SIDE) // 2) for n in x.shape[:2])
-    x = np.asarray(x[r0 : r0 + MAX_MEASURED_SIDE, c0 : c0 + MAX_MEASURED_SIDE], dtype=np.float32)
+    wide = x.dtype == np.float64  # (values beyond float32's range would become inf)
+    x = np.asarray(x[r0 : r0 + MAX_MEASURED_SIDE, c0 : c0 + MAX_MEASURED_SIDE], dtype=np.float64 if wide else np.float32)
     if x.ndim == 3:
         x = x.mean(-1)
     if x.ndim != 2 or min(x.shape) < 8 or not np.isfinite(x).all():
@@ -48,7 +49,7 @@ def estimate_object_diameter(plane: np.ndarray) -> float | None:
     lo, hi = np.percentile(x, (1.0, 99.5))
     if not hi > lo:
         return None
-    x = np.clip((x - lo) / (hi - lo), 0.0, 1.0)
+    x = np.clip((x - lo) / (hi - lo), 0.0, 1.0).astype(np.float32, copy=False)
     if np.median(x) > 0.5:  # dark objects on a bright background (brightfield)
         x = 1.0 - x
     strengths = []

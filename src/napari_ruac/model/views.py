@@ -52,7 +52,9 @@ class View:
             crop = crop[::-1]
         if self.transpose:
             crop = np.swapaxes(crop, 0, 1)
-        return np.ascontiguousarray(crop)
+        # (a copy: ascontiguousarray keeps a mirrored axis of length 1 with its negative stride,
+        # which torch cannot take, e.g. a plane one pixel high)
+        return crop.copy() if self.hflip or self.vflip or self.transpose else np.ascontiguousarray(crop)
 
     def undo(self, maps: torch.Tensor) -> torch.Tensor:
         """(..., h, w) maps of the view's image -> maps in the window's orientation."""
