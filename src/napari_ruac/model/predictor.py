@@ -555,8 +555,8 @@ class Predictor:
             self._check_prompt(i, p)
         prompts = self._with_centres(prompts, mode, samples, seed)
         for i, pred in self._recentred(prompts, mode, samples, multimask, seed):
-            click = _single_click(prompts[i])
-            if click is not None:  # remembered for the corrections that may follow
+            click = _single_click(prompts[i]) if len(prompts) == 1 else None
+            if click is not None:  # a user's click: remembered for the corrections that may follow
                 self._remember_centre(self._centre_key(click, mode, samples, seed), _recentred_click(prompts[i], pred))
             yield i, pred
 
