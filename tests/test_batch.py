@@ -372,7 +372,10 @@ def test_output_folder_not_writable(tmp_path):
             _mount(["-u", str(ro)])
 
 
-def test_disk_full_fails_the_file_cleanly_and_frees_its_space(tmp_path):
+def test_disk_full_fails_the_file_cleanly_and_keeps_its_planes_for_a_rerun(tmp_path):
+    """A real full disk (a small tmpfs): the file fails with a message that says so, leaves no
+    final or temporary file, and keeps the planes it computed, so that the rerun after space
+    was freed resumes from them (an input that got no plane stored keeps nothing)."""
     out = tmp_path / "small_disk"
     out.mkdir()
     if not _mount(["-t", "tmpfs", "-o", "size=160k", "tmpfs", str(out)]):
@@ -383,9 +386,20 @@ def test_disk_full_fails_the_file_cleanly_and_frees_its_space(tmp_path):
         small = tmp_path / "small.tif"
         tifffile.imwrite(small, stack((24, 24)))
         summary = segment_files([big, small], out, **FAST)
-        assert [f.status for f in summary.files] == ["failed", "done"]
-        assert "disk full" in summary.files[0].reason
-        assert not (out / "big_labels.tif").exists() and leftovers(out) == []
+        assert summary.files[0].status == "failed"
+        assert "disk full (no space left on device)" in summary.files[0].reason
+        assert "a rerun resumes" in summary.files[0].reason
+        assert not (out / "big_labels.tif").exists()
+        assert [p.name for p in out.rglob("*.tmp")] == []
+        kept = len(list((out / ".ruac-work" / "big" / "planes").glob("*.json")))
+        assert 0 < kept < 12
+        assert _mount(["-o", "remount,size=8m", str(out)])
+        again = segment_files([big, small], out, **FAST)
+        assert again.ok and again.files[0].resumed_planes == kept, again.format()
+        assert leftovers(out) == []
+        segment_files([big], tmp_path / "ref", **FAST)
+        for kind, path in outputs(out, "big").items():
+            assert path.read_bytes() == outputs(tmp_path / "ref", "big")[kind].read_bytes(), kind
     finally:
         _mount(["-u", str(out)])
 

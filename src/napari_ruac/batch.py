@@ -5,14 +5,25 @@ For every input stack the planes (every t, z, ... at one (Y, X)) are segmented o
 chunked zarr work store ``OUTDIR/.ruac-work/<stem>/``. A plane counts as done when its
 objects file ``planes/<i>.json`` exists; it is written (atomically) after the plane's chunks,
 so a killed run resumes at the first missing plane. When all planes are done the final files
-are written atomically from the store, then the store is removed:
+are written from the store as one set: each under a temporary name beside its final one,
+flushed to disk, and only when all of them are written renamed into place, the metadata last.
+A failure before that (a full disk, say) removes the temporary files and leaves the earlier set
+untouched; the work store is kept, so a rerun only writes the files again. Then the store is
+removed:
 
 * ``<stem>_labels.tif`` int32 and ``<stem>_uncertainty.tif`` float32, shaped like the input
   without its colour axis;
 * ``<stem>_objects.csv`` with ``label, plane, area, mean_uncertainty, iou_score``
   (labels are numbered per plane; ``plane`` is the C-order index over the plane axes;
   ``iou_score`` is ``nan`` for a model whose IoU head is untrained, like our micro models);
-* ``<stem>_metadata.json``: model, versions, parameters, input axes and the fingerprint.
+* ``<stem>_metadata.json``: model, versions, parameters, input axes, the fingerprint and the
+  size and SHA-256 of each of the other three files (``output_files``).
+
+An input counts as complete when the metadata has its fingerprint *and* the three files are the
+ones it describes (a set mixed by a crash between the renames, or a file changed later, is
+redone). The results of another input with the same name (``day1/cell.tif`` then
+``day2/cell.tif``, one output folder) are not overwritten unless ``overwrite=True``
+(``--overwrite``).
 
 The store records a fingerprint of the input file, the model and every parameter that changes
 results; a store with another fingerprint is discarded rather than mixed in. Work runs in this
@@ -37,21 +48,23 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
 import threading
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import IO, Any, Callable, Iterable, Iterator
 
 import numpy as np
 
 from ._cli_options import zoom_value
 from ._versions import package_version
-from .io.imageio import atomic_file, atomic_write_bytes
+from .io.imageio import _create_temporary, atomic_write_bytes
 from .io.normalize import ImageError
 from .io.stacks import TIFF_SUFFIXES, ZARR_SUFFIXES, Stack, describe, open_stack, plane_name, stack_stem
 
@@ -64,7 +77,7 @@ SEGMENTER_OPTIONS = (
     "point_in_mask", "refine_rounds", "rank_by", "min_kept", "merge_overlap", "reclick", "views",
     "scales",
 )
-RUN_OPTIONS = ("axes", "channel", "checkpoint", "threads", "keep_work")
+RUN_OPTIONS = ("axes", "channel", "checkpoint", "threads", "keep_work", "overwrite")
 CSV_COLUMNS = ("label", "plane", "area", "mean_uncertainty", "iou_score")
 
 
@@ -177,7 +190,9 @@ def segment_files(
     (``points_per_side``, ``pred_iou_thresh``, ``max_mean_uncertainty``, ``tile_size``, ...) and
     ``axes`` (override the file's axes, e.g. ``"TZCYX"``), ``channel`` (pick one channel),
     ``checkpoint`` (weights file for ``model``), ``threads`` (torch threads per process),
-    ``keep_work`` (keep the work store of a cancelled file so a later run resumes it).
+    ``keep_work`` (keep the work store of a cancelled file so a later run resumes it),
+    ``overwrite`` (replace results in ``output_dir`` that another input with the same name wrote
+    there; by default such an input fails and those results stay).
 
     One bad input does not stop the batch: it is listed in ``BatchSummary.failures`` with the
     reason. An output folder that cannot be written raises :class:`BatchError`.
@@ -324,13 +339,86 @@ def _plan_jobs(files: list[Path], out: Path, run_options: dict) -> tuple[list[_J
             results[i] = FileResult(str(path), "failed", reason=_reason(exc))
             continue
         stems[stem] = path
+        other = None if run_options.get("overwrite") else _other_inputs_results(out, stem, path)
+        if other is not None:
+            results[i] = FileResult(
+                str(path), "failed",
+                reason=f"{out} already holds {other}; segmenting {path} there would overwrite them "
+                       f"(same name {stem!r}): choose another output folder (-o), rename one of the "
+                       f"inputs, or pass --overwrite (overwrite=True) to replace them",
+            )
+            continue
         jobs.append(_Job(i, path, n_planes))
     return jobs, results
 
 
+def _source(path: Path) -> dict:
+    """Where an input is and what it holds (see :func:`_input_identity`), for the metadata and
+    the work store: tells the same input (also moved or copied) from another of the same name."""
+    return {"path": str(Path(os.path.abspath(path)).resolve()), **_input_identity(path)}
+
+
+def _other_inputs_results(out: Path, stem: str, path: Path) -> str | None:
+    """What of another input's ``out`` holds under ``stem`` (its results, or the work store of
+    its unfinished run), or None when there is nothing or it is ``path``'s own."""
+    finals = _final_paths(out, stem)
+    stamp = out / WORK_DIR / stem / "fingerprint.json"
+    for record, what in ((finals["metadata"], "the results"), (stamp, "the unfinished run's work store")):
+        try:
+            data = json.loads(record.read_text())
+        except (OSError, ValueError):
+            continue  # none, or unreadable: nothing that says whose it is
+        if not isinstance(data, dict):
+            continue
+        source = data.get("source")
+        if not isinstance(source, dict):  # written before sources were recorded
+            given = data.get("input")
+            given = given.get("path") if isinstance(given, dict) else given
+            if not isinstance(given, str):
+                continue
+            source = {"path": str(Path(os.path.abspath(given)).resolve())}
+        if _same_source(source, path):
+            continue
+        return f"{what} of another input with the same name, {source.get('path')} (see {record.name})"
+    return None
+
+
+def _same_source(source: dict, path: Path) -> bool:
+    """Is ``path`` the input ``source`` describes: the same file, or one with the same content
+    and modification time (the input moved or copied elsewhere)?"""
+    try:
+        if Path(os.path.abspath(path)).resolve() == Path(str(source.get("path"))):
+            return True
+        if "digest" not in source:
+            return False
+        ident = _input_identity(path)
+    except OSError:
+        return False
+    return ident.get("digest") == source.get("digest") and ident.get("bytes") == source.get("bytes")
+
+
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")  # numpy's tofile; its OSError has no errno
+
+
+def _disk_full(exc: BaseException | None) -> str | None:
+    """'no space left on device' or 'disk quota exceeded' when ``exc`` (or what caused it) says
+    that the disk took no more, else None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError):
+            if exc.errno == errno.ENOSPC or (exc.errno is None and _SHORT_WRITE.search(str(exc))):
+                return "no space left on device"
+            if exc.errno == errno.EDQUOT:
+                return "disk quota exceeded"
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def _reason(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return f"disk full: {exc}"
+    full = _disk_full(exc)
+    if full is not None:
+        return f"disk full ({full}): {exc}"
     return str(exc) or type(exc).__name__
 
 
@@ -391,14 +479,16 @@ def model_identity(spec: ModelSpec) -> dict:
     return identity
 
 
-def _fingerprint(stack: Stack, spec: ModelSpec, identity: dict) -> str:
-    """Digest of the input's identity and content sample, the model and the parameters."""
+def _fingerprint(stack: Stack, spec: ModelSpec, identity: dict, source: dict | None = None) -> str:
+    """Digest of the input's identity and content sample, the model and the parameters
+    (``source``: the input's :func:`_source`, when already known)."""
     from . import __version__
 
+    ident = _input_identity(stack.path) if source is None else {k: source[k] for k in ("bytes", "digest")}
     h = hashlib.sha256()
     h.update(json.dumps({
         "version": __version__,
-        "input": _input_identity(stack.path),
+        "input": ident,
         "stack": describe(stack) | {"path": None},
         "model": identity,
         "device": spec.device,
@@ -451,39 +541,77 @@ def _run_job(job: _Job, out: Path, spec: ModelSpec, identity: dict, executor, re
 def _run_stack(job: _Job, stack: Stack, out: Path, spec: ModelSpec, identity: dict, executor, resume: bool,
                tracker: "_Tracker", cancel: threading.Event | None, run_options: dict) -> FileResult:
     stem = stack_stem(job.path)
-    fingerprint = _fingerprint(stack, spec, identity)
+    source = _source(stack.path)
+    fingerprint = _fingerprint(stack, spec, identity, source)
     finals = _final_paths(out, stem)
     work = out / WORK_DIR / stem
-    if resume and not work.exists() and _outputs_current(finals, fingerprint):
+    if resume and _outputs_current(finals, fingerprint):
+        # the files are the ones its metadata describes: a store left beside them (a run with
+        # other settings that failed, or one stopped between the renames and the clean-up) is
+        # superseded, as a run with these settings would discard it too
+        shutil.rmtree(work, ignore_errors=True)
         tracker.skip(stack.n_planes)
         meta = json.loads(finals["metadata"].read_text())
         return FileResult(str(job.path), "complete", {k: str(v) for k, v in finals.items()},
                           stack.n_planes, meta.get("n_objects", 0))
     try:
-        store = WorkStore.open(work, stack, fingerprint, resume)
+        store = _writing(WorkStore.open, work, stack, fingerprint, resume, source)
         todo = store.missing_planes()
         resumed = stack.n_planes - len(todo)
         tracker.skip(resumed)
         for result in executor.run(stack, todo, spec, cancel):
-            store.write_plane(result)
+            _writing(store.write_plane, result)
             tracker.plane_done()
         if cancel is not None and cancel.is_set():
             raise _Cancelled
-        n_objects = _finalize(store, stack, finals, spec, identity, fingerprint)
+        n_objects = _writing(_finalize, store, stack, finals, spec, identity, fingerprint, source)
         store.remove()
     except _Cancelled:
         if not run_options.get("keep_work"):
             shutil.rmtree(work, ignore_errors=True)
         return FileResult(str(job.path), "cancelled")
+    except _OutputError as err:
+        # the input is fine and the planes computed so far are good: keep them for a rerun
+        return FileResult(str(job.path), "failed", reason=_output_reason(err.error, out, work, err.changed))
     except (ImageError, OSError, ValueError, RuntimeError) as exc:
         # a damaged file stays damaged: drop its store so nothing partial is left behind
         shutil.rmtree(work, ignore_errors=True)
-        reason = _reason(exc)
-        if reason.startswith("disk full"):
-            reason = f"disk full while writing into {out}: {exc.strerror or exc}"
-        return FileResult(str(job.path), "failed", reason=reason)
+        return FileResult(str(job.path), "failed", reason=_reason(exc))
     return FileResult(str(job.path), "done", {k: str(v) for k, v in finals.items()},
                       stack.n_planes, n_objects, resumed)
+
+
+class _OutputError(Exception):
+    """Writing into the output folder (work store or final files) failed: not the input's fault.
+    ``changed``: some final files were already replaced (a failure between the renames)."""
+
+    def __init__(self, error: OSError, changed: bool = False) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.changed = changed
+
+
+def _writing(write: Callable, *args: Any) -> Any:
+    """Call ``write``; an OSError it raises (disk full, quota, I/O error) becomes an _OutputError."""
+    try:
+        return write(*args)
+    except OSError as exc:
+        raise _OutputError(exc) from exc
+
+
+def _output_reason(exc: OSError, out: Path, work: Path, changed: bool = False) -> str:
+    full = _disk_full(exc)
+    problem = f"disk full ({full})" if full else "could not write"
+    text = f"{problem} while writing into {out}: {exc}; "
+    text += ("some of its earlier results were already replaced, so that set is incomplete and will be redone"
+             if changed else "its earlier results there, if any, are unchanged")
+    done = len(list((work / "planes").glob("*.json"))) if (work / "fingerprint.json").is_file() else 0
+    if done:
+        text += f"; the {done} planes computed so far are kept in {work}, and a rerun resumes from them"
+        text += " once space is freed" if full else " (--no-resume starts over)"
+    else:  # nothing worth keeping: give its few bytes back
+        shutil.rmtree(work, ignore_errors=True)
+    return text
 
 
 def _final_paths(out: Path, stem: str) -> dict[str, Path]:
@@ -496,12 +624,33 @@ def _final_paths(out: Path, stem: str) -> dict[str, Path]:
 
 
 def _outputs_current(finals: dict[str, Path], fingerprint: str) -> bool:
+    """True when the metadata has ``fingerprint`` and the other files are byte for byte the ones
+    it describes (sizes first, then SHA-256: reading them costs ~1 s per 1.5 GB here)."""
     if not all(p.is_file() for p in finals.values()):
         return False
     try:
-        return json.loads(finals["metadata"].read_text()).get("fingerprint") == fingerprint
+        meta = json.loads(finals["metadata"].read_text())
+        if not isinstance(meta, dict) or meta.get("fingerprint") != fingerprint:
+            return False
+        records = meta.get("output_files")
+        if not isinstance(records, dict):
+            return False  # written before the files were recorded: nothing vouches for them
+        kinds = [k for k in finals if k != "metadata"]
+        if any(not isinstance(records.get(k), dict) for k in kinds):
+            return False
+        if any(finals[k].stat().st_size != records[k].get("bytes") for k in kinds):
+            return False
+        return all(_file_sha256(finals[k]) == records[k].get("sha256") for k in kinds)
     except (OSError, ValueError):
         return False
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 class WorkStore:
@@ -516,7 +665,8 @@ class WorkStore:
         self.n_planes = n_planes
 
     @classmethod
-    def open(cls, path: Path, stack: Stack, fingerprint: str, resume: bool) -> "WorkStore":
+    def open(cls, path: Path, stack: Stack, fingerprint: str, resume: bool,
+             source: dict | None = None) -> "WorkStore":
         import zarr
 
         stamp = path / "fingerprint.json"
@@ -537,7 +687,10 @@ class WorkStore:
                             dtype="int32", fill_value=0)
             zarr.open_array(str(path / "uncertainty.zarr"), mode="w", shape=(n, h, w), chunks=chunks,
                             dtype="float32", fill_value=0.0)
-            atomic_write_bytes(stamp, json.dumps({"fingerprint": fingerprint, "input": str(stack.path)}).encode())
+            # the source says whose store this is (see _other_inputs_results)
+            stamp_data = {"fingerprint": fingerprint, "input": str(stack.path),
+                          "source": source or _source(stack.path)}
+            atomic_write_bytes(stamp, json.dumps(stamp_data).encode())
         labels = zarr.open_array(str(path / "labels.zarr"), mode="r+")
         unc = zarr.open_array(str(path / "uncertainty.zarr"), mode="r+")
         return cls(path, labels, unc, n)
@@ -569,63 +722,142 @@ class WorkStore:
 
 
 def _finalize(store: WorkStore, stack: Stack, finals: dict[str, Path], spec: ModelSpec,
-              identity: dict, fingerprint: str) -> int:
-    """Write the final files from the store, each atomically, metadata last (its fingerprint
-    marks the set as complete). Returns the number of objects."""
+              identity: dict, fingerprint: str, source: dict | None = None) -> int:
+    """Write the final files from the store as one set (see :class:`_NewOutputs`): all of them
+    under temporary names first, then renamed into place, metadata last (its fingerprint and
+    the other files' sizes and digests mark the set as complete). Returns the number of objects."""
+    import tifffile
+
     from . import __version__
     from .io.calibration import tiff_write_kwargs
-    from .io.imageio import write_tiff_atomic
 
     shape, axes = stack.output_shape, stack.output_axes
     n = stack.n_planes
     # the input's calibration, so labels measure in its units in Fiji and beside it
     calibration = tiff_write_kwargs(stack.pixel_size)
     calibration["metadata"] = {"axes": axes, **calibration["metadata"]}
-    # label images are mostly runs of one value: deflate makes them ~70x smaller (a 20-plane
-    # 256^2 stack: 5.2 MB -> 75 kB, 55 ms) and every TIFF reader (Fiji, napari, tifffile,
-    # skimage) reads it; uncertainty maps are float noise that deflate shrinks by only ~12 %
-    for name, array, dtype, compression in (("labels", store.labels, np.int32, "zlib"),
-                                            ("uncertainty", store.uncertainty, np.float32, None)):
-        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-        write_tiff_atomic(
-            finals[name], data=_iter_planes(array, n), shape=shape, dtype=dtype,
-            bigtiff=nbytes > 2**31 - 2**25, compression=compression, **calibration,
-        )
-    n_objects = _write_objects_csv(store, n, finals["objects"])
-    import torch
+    new = _NewOutputs()
+    try:
+        # label images are mostly runs of one value: deflate makes them ~70x smaller (a 20-plane
+        # 256^2 stack: 5.2 MB -> 75 kB, 55 ms) and every TIFF reader (Fiji, napari, tifffile,
+        # skimage) reads it; uncertainty maps are float noise that deflate shrinks by only ~12 %
+        for name, array, dtype, compression in (("labels", store.labels, np.int32, "zlib"),
+                                                ("uncertainty", store.uncertainty, np.float32, None)):
+            nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+            with new.open(finals[name]) as f:
+                # grey pages: a stack of 3 or 4 planes must not become one RGB(A) page
+                tifffile.imwrite(f, _iter_planes(array, n), shape=shape, dtype=dtype, photometric="minisblack",
+                                 bigtiff=nbytes > 2**31 - 2**25, compression=compression, **calibration)
+        with new.open(finals["objects"], "w", newline="") as f:
+            n_objects = _write_objects_csv(store, n, f)
+        import torch
 
-    meta = {
-        "napari_ruac_version": __version__,
-        "torch_version": torch.__version__,
-        "sam2_version": package_version("sam2"),
-        "model": identity,
-        "device": spec.device,
-        "parameters": spec.options,
-        "input": describe(stack),
-        "plane_axes": stack.plane_axes,
-        "plane_dims": list(stack.plane_dims),
-        "outputs": {k: p.name for k, p in finals.items() if k != "metadata"},
-        "csv_columns": list(CSV_COLUMNS),
-        "n_objects": n_objects,
-        # what each plane was seen at (differs between planes with --zoom auto)
-        "plane_zooms": [store.plane_zoom(i) for i in range(n)],
-        "fingerprint": fingerprint,
-    }
-    atomic_write_bytes(finals["metadata"], (json.dumps(meta, indent=2, default=str) + "\n").encode())
+        meta = {
+            "napari_ruac_version": __version__,
+            "torch_version": torch.__version__,
+            "sam2_version": package_version("sam2"),
+            "model": identity,
+            "device": spec.device,
+            "parameters": spec.options,
+            "input": describe(stack),
+            "source": source or _source(stack.path),
+            "plane_axes": stack.plane_axes,
+            "plane_dims": list(stack.plane_dims),
+            "outputs": {k: p.name for k, p in finals.items() if k != "metadata"},
+            # what vouches for the files: a set mixed by a failure between the renames, or a
+            # file changed since, does not match and is redone
+            "output_files": {k: new.record(p) for k, p in finals.items() if k != "metadata"},
+            "csv_columns": list(CSV_COLUMNS),
+            "n_objects": n_objects,
+            # what each plane was seen at (differs between planes with --zoom auto)
+            "plane_zooms": [store.plane_zoom(i) for i in range(n)],
+            "fingerprint": fingerprint,
+        }
+        with new.open(finals["metadata"]) as f:
+            f.write((json.dumps(meta, indent=2, default=str) + "\n").encode())
+        new.commit()
+    finally:
+        new.discard()
     return n_objects
 
 
-def _write_objects_csv(store: WorkStore, n: int, path: Path) -> int:
-    """Stream every plane's objects into ``path`` (via a temporary file and a rename)."""
+class _NewOutputs:
+    """New versions of a set of files, each written under a temporary name beside its final
+    one (same folder, so the rename cannot copy) and flushed to disk; :meth:`commit` renames
+    them into place in the order they were opened, :meth:`discard` removes those not renamed.
+
+    Until ``commit`` the old set is untouched: a full disk fails while writing a temporary file,
+    never halfway through the set. A failure during the renames themselves (which need no
+    space) leaves some files new and the old metadata, which does not describe them: the set
+    is not taken for complete, and the failure says so."""
+
+    def __init__(self) -> None:
+        self.temps: dict[Path, Path] = {}
+
+    @contextmanager
+    def open(self, final: Path, mode: str = "wb", **open_kwargs) -> Iterator[IO]:
+        # exclusive, with the mode a plain open (or the file it replaces) would have
+        tmp = Path(_create_temporary(final))
+        self.temps[final] = tmp
+        # opened by name (not os.fdopen): writers such as tifffile use the file's name
+        with open(tmp, mode, **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+
+    def record(self, final: Path) -> dict:
+        """Size and SHA-256 of the file written for ``final`` (what its metadata vouches for)."""
+        tmp = self.temps[final]
+        return {"bytes": tmp.stat().st_size, "sha256": _file_sha256(tmp)}
+
+    def commit(self) -> None:
+        folders = {final.parent for final in self.temps}
+        renamed = 0
+        try:
+            for final, tmp in list(self.temps.items()):
+                os.replace(tmp, final)
+                del self.temps[final]
+                renamed += 1
+        except OSError as exc:
+            if renamed:
+                raise _OutputError(exc, changed=True) from exc
+            raise
+        for folder in folders:
+            _fsync_dir(folder)
+
+    def discard(self) -> None:
+        for tmp in self.temps.values():
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+        self.temps.clear()
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the renames in ``folder`` durable (where the OS allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_objects_csv(store: WorkStore, n: int, f: IO) -> int:
+    """Stream every plane's objects into the open text file ``f``."""
     n_objects = 0
-    with atomic_file(path, "w", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(CSV_COLUMNS)
-        for i in range(n):
-            for obj in store.plane_objects(i):
-                writer.writerow([obj["label"], i, obj["area"], f"{obj['mean_uncertainty']:.6f}",
-                                 f"{obj['iou_score']:.6f}"])
-                n_objects += 1
+    writer = csv.writer(f, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for i in range(n):
+        for obj in store.plane_objects(i):
+            writer.writerow([obj["label"], i, obj["area"], f"{obj['mean_uncertainty']:.6f}",
+                             f"{obj['iou_score']:.6f}"])
+            n_objects += 1
     return n_objects
 
 
@@ -857,6 +1089,9 @@ def add_arguments(parser) -> None:
     where.add_argument("--scheduler", default=None, metavar="ADDRESS", help="use an existing dask scheduler")
     parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                         help="continue an interrupted run from its work store (default: on)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace results in OUTDIR that another input with the same file name wrote there "
+                             "(default: that input fails and they stay); re-running the same input never needs it")
     parser.add_argument("--axes", default=None, help="axes of the inputs, e.g. TZCYX (default: from the file)")
     parser.add_argument("--channel", type=int, default=None, help="channel to segment when there are more than 4")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per process")
