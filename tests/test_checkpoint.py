@@ -274,3 +274,69 @@ def test_hand_fetched_official_file_with_wrong_content_is_refused(tmp_path, monk
     (tmp_path / spec.filename).write_bytes(content[:100])
     with pytest.raises(CheckpointError, match="truncated"):
         load_model("sam2.1_hiera_tiny", download=False)
+
+
+def _poisoned(model, value: float):
+    """A copy of ``model`` with one weight set to ``value`` (what a diverged training leaves)."""
+    import copy
+
+    bad = copy.deepcopy(model)
+    name, param = next((n, p) for n, p in bad.named_parameters() if n.startswith("sam_mask_decoder."))
+    with torch.no_grad():
+        param.view(-1)[0] = value
+    return bad, name
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_neither_saved_nor_loaded(tiny_model, tmp_path, value):
+    """Non-finite weights and a valid digest loaded before; predictions were then an all-NaN
+    uncertainty map and an empty mask reported as 'mean uncertainty 0.000'."""
+    from napari_ruac.model.checkpoint import state_digest
+
+    bad, name = _poisoned(tiny_model, value)
+    path = tmp_path / "diverged.pt"
+    with pytest.raises(CheckpointError, match=rf"refusing to save {path}: the model's weight {name} holds"):
+        save_checkpoint(bad, path)
+    assert not path.exists() and not list(tmp_path.iterdir())
+    # such a file written by an older version (the digest matches the weights it holds)
+    good = tmp_path / "good.pt"
+    save_checkpoint(tiny_model, good)
+    obj = torch.load(good, weights_only=True)
+    obj["model"] = {k: v.detach().clone() for k, v in bad.state_dict().items()}
+    obj["digest"] = state_digest(obj["model"])
+    torch.save(obj, path)
+    kind = "NaN values" if value != value else "infinite values"
+    with pytest.raises(CheckpointError, match=rf"checkpoint {path} is unusable: its weight {name} holds {kind}"):
+        load_model(path)
+
+
+def test_weights_beyond_fp16_are_not_saved_in_fp16(tiny_model, tmp_path):
+    bad, name = _poisoned(tiny_model, 1e6)
+    with pytest.raises(CheckpointError, match=f"in fp16: the model's weight {name} holds values beyond"):
+        save_checkpoint(bad, tmp_path / "half.pt", half=True)
+    save_checkpoint(bad, tmp_path / "full.pt")  # finite in fp32: fine
+    assert not (tmp_path / "half.pt").exists()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("format_version", "1", r"malformed field 'format_version': expected an integer, got '1' \(str\)"),
+    ("format_version", 1.0, r"malformed field 'format_version': expected an integer, got 1.0 \(float\)"),
+    ("model", "extra", r"malformed field 'model': expected entry 'extra' to be a tensor, got 3 \(int\)"),
+    ("digest", None, r"field 'digest' is missing"),
+    ("digest", 5, r"malformed field 'digest': expected a SHA-256 hex string, got 5 \(int\)"),
+    ("config", "micro", r"malformed field 'config': expected a mapping of model config fields, got 'micro'"),
+    ("metadata", [1], r"malformed field 'metadata': expected a mapping, got \[1\] \(list\)"),
+])
+def test_malformed_fields_are_named(saved, field, value, message):
+    """A hand-edited or foreign file: a string format_version raised a TypeError, a non-tensor
+    in the state dict an AttributeError in state_digest. Files stay weights_only-loadable."""
+    obj = torch.load(saved, weights_only=True)
+    if field == "model":
+        obj["model"][value] = 3
+    elif value is None:
+        del obj[field]
+    else:
+        obj[field] = value
+    torch.save(obj, saved)
+    with pytest.raises(CheckpointError, match=rf"{saved} is not a valid napari-ruac checkpoint: {message}"):
+        load_model(saved)

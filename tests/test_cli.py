@@ -1,6 +1,7 @@
 """The napari-ruac command line: info and predict."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -238,3 +239,111 @@ def test_predict_with_auto_zoom_says_the_zoom_it_chose(tmp_path, capsys):
         main(["predict", str(tmp_path / "big.tif"), "--point", "115,90", "--zoom", "big", "-o", str(tmp_path)])
     assert exit_.value.code == 2
     assert "--zoom must be a number or 'auto'" in capsys.readouterr().err
+
+
+def _predict_argv(image, out, point="45,60"):
+    return ["predict", str(image), "--point", point, "--model", "test-tiny", "-o", str(out)]
+
+
+def _fail_second_write(monkeypatch, error):
+    """Fault injection: the second TIFF written (the uncertainty map) fails with ``error``, as
+    the one low-level write does on a full disk; the first (the mask) is written for real."""
+    real = tifffile.imwrite
+    calls = []
+
+    def imwrite(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tifffile, "imwrite", imwrite)
+    return calls
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
+                                   OSError("16384 requested and 5052 written")])  # numpy's short write
+def test_predict_on_a_full_disk_keeps_the_old_pair_and_says_so(image_file, tmp_path, capsys, monkeypatch, error):
+    """A full disk while the uncertainty map is written (fault-injected: tifffile.imwrite raises
+    at the second file; for numpy's short write, which has no errno, the disk is reported full
+    too). The old code left the NEW mask beside the OLD uncertainty map, with a traceback."""
+    out = tmp_path / "out"
+    assert main(_predict_argv(image_file, out)) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    calls = _fail_second_write(monkeypatch, error)
+    if error.errno is None:
+        monkeypatch.setattr("napari_ruac._cli_predict._free_bytes", lambda folder: 100)
+    assert main(_predict_argv(image_file, out, point="10,10")) == 1
+    assert len(calls) == 2
+    err = capsys.readouterr().err
+    assert f"no space left on device writing {out / 'cells_uncertainty.tif'}" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old pair, no temporaries
+
+    # a first run into an empty folder leaves nothing at all (the old code left the mask)
+    _fail_second_write(monkeypatch, OSError(28, "No space left on device"))
+    assert main(_predict_argv(image_file, tmp_path / "new")) == 1
+    assert not (tmp_path / "new").exists() or not any((tmp_path / "new").iterdir())
+
+
+def test_predict_writes_both_files_only_when_both_are_complete(image_file, tmp_path, monkeypatch):
+    """Neither file is renamed into place before the second is written."""
+    seen = []
+    real = tifffile.imwrite
+
+    def imwrite(f, *args, **kwargs):
+        seen.append(sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")))
+        return real(f, *args, **kwargs)
+
+    (tmp_path / "out").mkdir()
+    monkeypatch.setattr(tifffile, "imwrite", imwrite)
+    assert main(_predict_argv(image_file, tmp_path / "out")) == 0
+    assert seen == [[], []]
+
+
+@pytest.mark.parametrize("where, message", [
+    ("file", "output folder {out} is a file, not a folder"),
+    ("under a file", "output folder {out} cannot be created: {file} is a file, not a folder"),
+    ("read-only", "output folder {out} is not writable: read-only file system"),
+    ("sys", "output folder {out} is not writable: "),
+])
+def test_predict_output_folder_problems_are_one_line_messages(image_file, tmp_path, capsys, monkeypatch, where,
+                                                              message):
+    """-o on an existing file, under a file, on a read-only file system (fault-injected: the
+    probe file cannot be created; tests may run as root) or under /sys: the old code printed an
+    OSError traceback (FileExistsError, NotADirectoryError, OSError) after the prediction."""
+    file = tmp_path / "cells.ome.tif"
+    out = {"file": file, "under a file": file / "sub", "read-only": tmp_path / "ro",
+           "sys": "/sys/napari-ruac-test"}[where]
+    if where == "sys" and not os.path.isdir("/sys/kernel"):
+        pytest.skip("no /sys here")
+    if where == "read-only":
+        def mkstemp(*args, **kwargs):
+            raise OSError(30, "Read-only file system", str(out))
+
+        monkeypatch.setattr("napari_ruac._cli_predict.tempfile.mkstemp", mkstemp)
+    before = file.read_bytes()
+    assert main(_predict_argv(image_file, out)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("napari-ruac predict: error: " + message.format(out=out, file=file)), err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert file.read_bytes() == before and not (tmp_path / "ro").exists()
+
+
+def test_system_errors_of_every_subcommand_name_the_path_and_the_problem(tmp_path, capsys):
+    """An OSError from the system is a one-line message with the path and the problem, not a
+    traceback, for every subcommand (here: train into a --run-dir that is a file)."""
+    from napari_ruac.cli import error_message
+
+    assert error_message(PermissionError(13, "Permission denied", "/data/x")) == "/data/x: Permission denied"
+    assert error_message(FileNotFoundError("image file not found: a.tif")) == "image file not found: a.tif"
+    assert error_message(OSError(28, "No space left on device")) == "No space left on device"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {spec: test-tiny, init: scratch}\noptim: {steps: 1, warmup: 1}\n"
+                      "data: {workers: 0, batch_size: 1, crop_size: 64, p_large: 0.0}\n"
+                      "val: {images: 1, size: 64, batch_size: 1}\ntrain: {val_every: 0, threads: 1}\n")
+    (tmp_path / "run").write_text("not a folder")
+    assert main(["train", str(recipe), "--run-dir", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert f"napari-ruac train: error: {tmp_path / 'run'}: File exists" in err, err
+    assert (tmp_path / "run").read_text() == "not a folder"

@@ -496,3 +496,39 @@ def test_trainable_prefixes_train_only_those_parameters(tmp_path):
 def test_a_trainable_prefix_that_trains_nothing_is_an_error(tmp_path, variant, trainable, problem):
     with pytest.raises(ValueError, match=problem):
         Trainer(tiny_recipe(variant, steps=1, optim={"trainable": trainable}), tmp_path / "run", quiet=True)
+
+
+def test_a_diverged_run_stops_with_a_message_and_writes_no_nan_checkpoint_or_model(tmp_path, monkeypatch, capsys):
+    """A weight turned NaN (fault-injected in the third step: a real divergence takes long) stops
+    the run at its next checkpoint with a message; last.pt keeps the last good step and no model
+    is exported. Before, the NaN weights were checkpointed and exported with a valid digest, and
+    the model predicted an empty mask with 'mean uncertainty 0.000'."""
+    torch.set_num_threads(1)
+    monkeypatch.setattr("napari_ruac.training.cli.install_stop_signals", lambda stop: None)  # in-process
+    real_step = Trainer.train_step
+
+    def train_step(self, batch):
+        row = real_step(self, batch)
+        if self.step == 2:
+            with torch.no_grad():
+                next(p for p in self.model.parameters() if p.requires_grad).view(-1)[0] = float("nan")
+        return row
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe("det", steps=4, train={"checkpoint_every": 2})))
+    run, model = tmp_path / "run", tmp_path / "model.pt"
+    assert main(["train", str(recipe), "--run-dir", str(run), "--output", str(model)]) == 1
+    err = capsys.readouterr().err
+    assert "napari-ruac train: error: training diverged: by step 4 the weight " in err and "Traceback" not in err
+    last = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    assert last["step"] == 2 and all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+    assert not model.exists()
+    # a run whose last.pt an older version wrote with NaN weights is not exported
+    key = next(k for k, v in last["model"].items() if v.is_floating_point())
+    last["model"][key].view(-1)[0] = float("nan")
+    torch.save(last, run / "last.pt")
+    assert main(["train", str(recipe), "--run-dir", str(run), "--export", str(model)]) == 1
+    err = capsys.readouterr().err
+    assert f"training diverged: by step 2 the weight {key} is NaN or infinite; no model ({model}) was written" in err
+    assert not model.exists()

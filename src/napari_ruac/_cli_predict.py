@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
+import os
 import platform
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -128,28 +132,32 @@ def _read_plane(args):
 
 
 def _predict(args) -> int:
-    from .io.calibration import PixelSize, tiff_write_kwargs
-    from .io.imageio import write_tiff_atomic
     from .io.normalize import validate_plane
-    from .io.stacks import stack_stem
-    from .model import Predictor, load_model
-    from .model.automatic import reported_iou
 
     points = [_parse_pair(p, "--point") for p in args.point]
     negatives = [_parse_pair(p, "--negative") for p in args.negative]
-    box = None
-    if args.box:
-        try:
-            box = tuple(float(v) for v in args.box.split(","))
-        except ValueError:
-            raise ValueError(f"--box must be ROW0,COL0,ROW1,COL1, got {args.box!r}") from None
-        if len(box) != 4:
-            raise ValueError(f"--box must have 4 numbers, got {args.box!r}")
+    box = _parse_box(args.box)
     if not points and not negatives and box is None:
         raise ValueError("give at least one --point or a --box")
 
     image, plane, size = _read_plane(args)
     validate_plane(image, name=f"{args.image}, {plane}")  # bad pixels: name the file and plane first
+    out = Path(args.output)
+    created = _prepare_output_folder(out)  # before the model and the prediction: fail early
+    try:
+        return _predict_into(args, out, image, plane, size, points, negatives, box)
+    except BaseException:
+        if created:  # a failed run leaves no empty folder behind
+            _remove_if_empty(out)
+        raise
+
+
+def _predict_into(args, out: Path, image, plane: str, size, points, negatives, box) -> int:
+    from .io.calibration import PixelSize, tiff_write_kwargs
+    from .io.stacks import stack_stem
+    from .model import Predictor, load_model
+    from .model.automatic import reported_iou
+
     model = load_model(args.model, device=args.device, checkpoint=args.checkpoint)
     predictor = Predictor(model, zoom=args.zoom, window=args.window,
                           box_size=args.box_size, views=args.views, box_margin=args.box_margin,
@@ -159,13 +167,13 @@ def _predict(args) -> int:
     labels = [1] * len(points) + [0] * len(negatives)
     pred = predictor.predict(points=pts or None, labels=labels or None, box=box, mode=args.mode, samples=args.samples)
 
-    out = Path(args.output)
     # "a.2024-01-05.ome.tif" -> "a.2024-01-05"; one file per plane, so planes do not overwrite
     stem = stack_stem(args.image) + ("" if args.plane is None else f"_plane{args.plane}")
     # the input's pixel size, so the mask measures in its units (a plane: no Z spacing)
     calibration = tiff_write_kwargs(size and PixelSize(size.x, size.y))
-    mask_path = write_tiff_atomic(out / f"{stem}_mask.tif", pred.mask.astype(np.uint8), **calibration)
-    unc_path = write_tiff_atomic(out / f"{stem}_uncertainty.tif", pred.uncertainty.astype(np.float32), **calibration)
+    mask_path, unc_path = out / f"{stem}_mask.tif", out / f"{stem}_uncertainty.tif"
+    write_tiffs_together({mask_path: pred.mask.astype(np.uint8),
+                          unc_path: pred.uncertainty.astype(np.float32)}, **calibration)
     iou = reported_iou(model, pred.iou_score)
     print(
         f"{stem}" + (f" ({plane})" if args.plane is not None else "") + f": mask area {int(pred.mask.sum())} px, "
@@ -175,3 +183,96 @@ def _predict(args) -> int:
     )
     print(f"wrote {mask_path} and {unc_path}")
     return 0
+
+
+def _parse_box(text: str | None) -> tuple[float, ...] | None:
+    if not text:
+        return None
+    try:
+        box = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--box must be ROW0,COL0,ROW1,COL1, got {text!r}") from None
+    if len(box) != 4:
+        raise ValueError(f"--box must have 4 numbers, got {text!r}")
+    return box
+
+
+def _prepare_output_folder(out: Path) -> bool:
+    """Create ``out`` if needed and check that files can be created in it (as ``segment``
+    does); returns whether it was created here. Raises ValueError naming the folder."""
+    for folder in (out, *out.parents):  # the nearest that exists must be a folder
+        if folder.exists():
+            if folder == out and not folder.is_dir():
+                raise ValueError(f"output folder {out} is a file, not a folder")
+            if not folder.is_dir():
+                raise ValueError(f"output folder {out} cannot be created: {folder} is a file, not a folder")
+            break
+    existed = out.is_dir()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".ruac-probe-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        if not existed:
+            _remove_if_empty(out)
+        raise ValueError(f"output folder {out} is not writable: {_os_reason(exc)}") from exc
+    return not existed
+
+
+def _remove_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):  # AttributeError: no statvfs on Windows
+        return 1 << 62
+    return st.f_bavail * st.f_frsize
+
+
+def _os_reason(exc: OSError) -> str:
+    """What the system says went wrong, as part of a sentence: 'no space left on device'."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return reason[:1].lower() + reason[1:]
+
+
+def write_tiffs_together(files: dict[Path, np.ndarray], **kwargs) -> None:
+    """Write several TIFFs as one result: each first to a temporary file beside it, and only
+    when all are complete (flushed and fsynced) are they renamed into place. On any failure
+    (a full disk) every temporary is removed and files of an earlier run stay as they were,
+    so a mask never sits beside the uncertainty of another prediction.
+
+    Raises OSError with a message naming the file and the problem."""
+    import tifffile
+
+    from .io.imageio import atomic_file
+
+    kwargs.setdefault("photometric", "minisblack")  # grey pages, as write_tiff_atomic writes them
+    current = None
+    try:
+        with contextlib.ExitStack() as stack:
+            for path, data in files.items():
+                current = path
+                f = stack.enter_context(atomic_file(path))
+                try:
+                    tifffile.imwrite(f, data, **kwargs)
+                    f.flush()
+                    os.fsync(f.fileno())
+                except OSError as exc:
+                    # numpy's tofile reports a short write without errno ("N requested and M
+                    # written"): on a full disk, say so (checked before the temporaries go)
+                    if exc.errno is None and _free_bytes(path.parent) < data.nbytes:
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
+                    raise
+            current = None  # every file is complete: the renames follow as the stack unwinds
+    except OSError as exc:
+        names = " and ".join(p.name for p in files)
+        if current is None:  # the files were complete; a rename failed
+            raise OSError(exc.errno, f"{_os_reason(exc)} moving {names} into {next(iter(files)).parent}") from exc
+        raise OSError(exc.errno, f"{_os_reason(exc)} writing {current}; nothing was written ({names} of an "
+                                 f"earlier run, if any, are unchanged)") from exc

@@ -56,10 +56,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        # user-facing problems (bad file, bad prompt, missing weights): a message, not a trace
-        print(f"napari-ruac {name}: error: {exc}", file=sys.stderr)
+    except (OSError, ValueError, RuntimeError) as exc:
+        # user-facing problems (bad file, bad prompt, missing weights, a read-only or full
+        # disk, an output path that is a file): a message, not a trace
+        print(f"napari-ruac {name}: error: {error_message(exc)}", file=sys.stderr)
         return 1
+
+
+def error_message(exc: BaseException) -> str:
+    """One line for the user. An OSError from the system reads as the path and the problem
+    ("/data/out: Read-only file system"), without Python's "[Errno 30]"."""
+    if isinstance(exc, OSError) and exc.strerror:
+        paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+        return f"{' -> '.join(paths)}: {exc.strerror}" if paths else exc.strerror
+    return str(exc) or type(exc).__name__
 
 
 def _takes_name(func) -> bool:

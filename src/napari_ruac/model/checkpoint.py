@@ -1,7 +1,9 @@
 """Checkpoints: our format (state dict + metadata + digest) and official SAM2.1 files.
 
 Every load uses ``torch.load(..., weights_only=True)``. Ours carry a SHA-256 digest of the
-weights, so an edited file is told apart from a corrupt one; writes are atomic.
+weights, so an edited file is told apart from a corrupt one; writes are atomic. Weights that
+hold NaN or infinity (what a diverged training leaves) are refused both ways: a digest only
+says the file is what was saved, not that it is usable.
 """
 
 from __future__ import annotations
@@ -45,6 +47,20 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def first_nonfinite(state: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor of ``state`` holding NaN or +-inf, else None."""
+    for key, t in state.items():
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            return key
+    return None
+
+
+def _nonfinite_kind(t: torch.Tensor) -> str:
+    nan = bool(torch.isnan(t).any())
+    inf = bool(torch.isinf(t).any())
+    return "NaN and infinite values" if nan and inf else "NaN values" if nan else "infinite values"
+
+
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -72,8 +88,20 @@ def save_checkpoint(
 ) -> None:
     """Save ``model`` (a RuacSam) in our format; ``half=True`` stores floats as fp16."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    bad = first_nonfinite(state)
+    if bad is not None:
+        raise CheckpointError(
+            f"refusing to save {path}: the model's weight {bad} holds {_nonfinite_kind(state[bad])} "
+            f"(a diverged training?); a model with such weights predicts nothing"
+        )
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+        bad = first_nonfinite(state)
+        if bad is not None:
+            raise CheckpointError(
+                f"refusing to save {path} in fp16: the model's weight {bad} holds values beyond fp16's range "
+                f"(+-65504); save it in full precision"
+            )
     ckpt = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -123,7 +151,11 @@ def read_checkpoint(
             f"{path} is not a SAM2 or napari-ruac checkpoint (no 'model' state dict inside)"
         )
     state = obj["model"]
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(_malformed(path, "model", f"entry {key!r} to be a tensor", value))
     if obj.get("format") == FORMAT:
+        _check_fields(obj, path)
         if obj.get("format_version", 0) > FORMAT_VERSION:
             raise CheckpointError(
                 f"checkpoint {path} has format version {obj['format_version']}; this napari-ruac "
@@ -149,8 +181,47 @@ def read_checkpoint(
     else:
         config = official_config or infer_official_config(state, path)
         info = CheckpointInfo(config=config, variant="sam2.1", official=True)
+    bad = first_nonfinite(state)
+    if bad is not None:
+        raise CheckpointError(
+            f"checkpoint {path} is unusable: its weight {bad} holds {_nonfinite_kind(state[bad])} "
+            f"(what a diverged training leaves); a model with such weights predicts nothing"
+        )
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     return state, info
+
+
+# fields of our format besides "model" and "format": (type, what is expected); "format_version"
+# may be missing in files of the first version
+_FIELDS = {
+    "format_version": (int, "an integer"),
+    "digest": (str, "a SHA-256 hex string"),
+    "config": (dict, "a mapping of model config fields"),
+    "variant": (str, "a name"),
+    "recipe": (dict, "a mapping"),
+    "metadata": (dict, "a mapping"),
+}
+_REQUIRED = ("digest", "config")
+
+
+def _check_fields(obj: dict, path: Path) -> None:
+    """Our format's fields have the types it writes (a hand-edited or foreign file may not)."""
+    for name, (kind, what) in _FIELDS.items():
+        if name not in obj:
+            if name in _REQUIRED:
+                raise CheckpointError(f"{path} is not a valid napari-ruac checkpoint: field {name!r} is missing")
+            continue
+        value = obj[name]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CheckpointError(_malformed(path, name, what, value))
+
+
+def _malformed(path: Path, name: str, what: str, value) -> str:
+    shown = repr(value) if not isinstance(value, torch.Tensor) else f"tensor {tuple(value.shape)}"
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return (f"{path} is not a valid napari-ruac checkpoint: malformed field {name!r}: expected {what}, "
+            f"got {shown} ({type(value).__name__})")
 
 
 def _unpickler_reason(exc: BaseException) -> str:

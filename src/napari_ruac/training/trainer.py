@@ -36,11 +36,12 @@ from torch import nn
 
 from ..model.automatic import trained_heads
 from ..model.build import build_model, load_model
-from ..model.checkpoint import atomic_torch_save, save_checkpoint
+from ..model.checkpoint import atomic_torch_save, first_nonfinite, save_checkpoint
 from ..model.config import MODEL_SPECS, ModelConfig
 from ..model.sam import RuacSam, tie_query_key
 from ..model.weibull import binary_entropy_from_logit, probit_logit
 from .adversaries import AdversaryConfig, Adversaries
+from .config import check_recipe
 from .data import AnnotatedImages, BatchMaker, DataConfig, close_batches, make_loader, received_batches
 from .losses import (LossConfig, calibration_loss, distill_weight_at, fg_weight_at, mask_iou, multimask_loss,
                      segmentation_loss, upsample_logits)
@@ -112,15 +113,21 @@ def load_config(path_or_dict) -> dict:
         path = Path(path_or_dict)
         if not path.is_file():
             raise FileNotFoundError(f"training config not found: {path}")
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+        where = str(path)
+        with open(path, "rb") as f:  # bytes: YAML finds the encoding itself
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as exc:
+                raise ValueError(f"{path} is not valid YAML: {_yaml_problem(exc)}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: a training config must be a YAML mapping")
     else:
+        where = "training config"
         raw = dict(path_or_dict)
-    unknown = sorted(set(raw) - set(DEFAULTS))
+    unknown = sorted(set(raw) - set(DEFAULTS), key=str)
     if unknown:
         raise ValueError(f"unknown training config sections {unknown}; expected some of {sorted(DEFAULTS)}")
+    raw = check_recipe(raw, DEFAULTS, where)
     cfg = merge(DEFAULTS, raw)
     if cfg["variant"] not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {cfg['variant']!r}")
@@ -129,6 +136,17 @@ def load_config(path_or_dict) -> dict:
                                   or not all(isinstance(t, str) and t for t in trainable)):
         raise ValueError(f"optim.trainable must be a non-empty list of parameter-name prefixes, got {trainable!r}")
     return cfg
+
+
+def _yaml_problem(exc) -> str:
+    """What a YAML error says went wrong, and where (line and column counted from 1)."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if not problem:
+        return " ".join(str(exc).split())
+    context = getattr(exc, "context", None)
+    return (f"{context + ', ' if context else ''}{problem}"
+            + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""))
 
 
 # ---------------------------------------------------------------------------------- model
@@ -565,8 +583,20 @@ class Trainer:
         }
 
     def save(self) -> None:
+        self.check_finite("checkpoint")  # on every rank: DDP replicas diverge together
         if self.rank == 0:
             atomic_torch_save(self.state(), self.run_dir / "last.pt")
+
+    def check_finite(self, what: str) -> None:
+        """Stop, rather than write a checkpoint or model whose weights hold NaN or inf: such a
+        model predicts nothing, and its file would replace the last good one."""
+        bad = first_nonfinite(self.model.state_dict())
+        if bad is not None:
+            raise TrainingDiverged(
+                f"training diverged: by step {self.step} the weight {bad} is NaN or infinite; no {what} "
+                f"was written ({self.run_dir / 'last.pt'} keeps the last good step, if any); try a lower "
+                f"optim.lr or optim.clip"
+            )
 
     def _load(self, path: Path) -> None:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -751,8 +781,13 @@ class Trainer:
             "torch": str(torch.__version__),
             "trained_heads": self.trained_heads,
         }
+        self.check_finite(f"model ({path})")
         save_checkpoint(self.model, path, variant=self.cfg["name"], recipe=self.cfg, metadata=metadata, half=half)
         return Path(path)
+
+
+class TrainingDiverged(RuntimeError):
+    """The weights became NaN or infinite: nothing more is saved from this run."""
 
 
 def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
