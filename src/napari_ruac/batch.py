@@ -423,6 +423,9 @@ def _reason(exc: BaseException) -> str:
 
 
 def _check_writable(out: Path) -> None:
+    for part in (out, *out.parents):  # "File exists" would not say which file is in the way
+        if part.exists() and not part.is_dir():
+            raise BatchError(f"output folder {out} cannot be made: {part} is a file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".ruac-probe-", dir=out)
