@@ -148,3 +148,30 @@ def test_a_folder_lists_what_segment_would_take_and_a_zarr_store_is_one_input(ma
     widget.file_list.clear()
     widget.add_inputs([src / "cells.zarr"])  # a store picked as a folder is one image, not a folder of them
     assert widget.inputs() == [str(src / "cells.zarr")]
+
+
+def test_another_input_of_the_same_name_fails_unless_replacing_is_ticked(make_napari_viewer, qtbot, tmp_path):
+    """Two days' `stack0.tif` into one output folder: the second run fails that input and keeps
+    the first day's results, unless the widget's overwrite box is ticked."""
+    day1, day2 = tmp_path / "day1", tmp_path / "day2"
+    day1.mkdir()
+    day2.mkdir()
+    write_stacks(day1, 1)
+    tifffile.imwrite(day2 / "stack0.tif", (np.random.default_rng(9).random((3, 32, 40)) * 1000).astype(np.uint16))
+    out = tmp_path / "out"
+    viewer = make_napari_viewer()
+    widget = dock(viewer, out)
+    widget.open_check.setChecked(False)
+    for folder, tick, ok in ((day1, False, True), (day2, False, False), (day2, True, True)):
+        widget.file_list.clear()
+        widget.add_inputs([folder / "stack0.tif"])
+        widget.overwrite_check.setChecked(tick)
+        widget.run_button.click()
+        qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
+        assert widget.error is None, widget.error
+        assert widget.summary.ok == ok
+        source = json.loads((out / "stack0_metadata.json").read_text())["input"]
+        source = source.get("path") if isinstance(source, dict) else source
+        assert str(day1 if not tick else day2) in str(source)
+        if not ok:
+            assert "same name" in widget.summary.failures[0].reason

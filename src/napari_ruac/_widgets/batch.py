@@ -86,6 +86,10 @@ class BatchWidget(QWidget):
         out_row.addWidget(browse_out)
         self.open_check = QCheckBox("open results as layers")
         self.open_check.setChecked(True)
+        self.overwrite_check = QCheckBox("replace results of other inputs with the same name")
+        self.overwrite_check.setToolTip(
+            "off: an input whose name matches results another input left in the output folder fails, "
+            "and those results stay (re-running the same input resumes or skips it either way)")
         self.points_spin = QSpinBox()
         self.points_spin.setRange(1, 64)
         self.points_spin.setValue(16)
@@ -127,6 +131,7 @@ class BatchWidget(QWidget):
         form.addRow("max mean uncertainty", self.max_unc_spin)
         form.addRow("output", out_row)
         form.addRow(self.open_check)
+        form.addRow(self.overwrite_check)
         layout = QVBoxLayout(self)
         layout.addWidget(QLabel("inputs (TIFF stacks)"))
         layout.addWidget(self.file_list)
@@ -194,7 +199,8 @@ class BatchWidget(QWidget):
         self.cancel_button.setEnabled(True)
         options = {"points_per_side": self.points_spin.value(),
                    "max_mean_uncertainty": self.max_unc_spin.value(), "zoom": zoom_of(self.zoom_spin),
-                   "scales": int(self.scales_combo.currentText()), **self.extra_options}
+                   "scales": int(self.scales_combo.currentText()), "overwrite": self.overwrite_check.isChecked(),
+                   **self.extra_options}
         if choice.checkpoint:
             options["checkpoint"] = choice.checkpoint
         self.worker = create_worker(self._job, inputs, output, choice, self.cancel_event, options,
