@@ -18,7 +18,6 @@ from napari_ruac.training.synthetic import SyntheticMicroscopy
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 WAIT_MS = 150_000
-TG_BEFORE = "torch_geometric" in sys.modules  # conftest imports triton only, not torch_geometric
 
 
 @pytest.fixture
@@ -53,13 +52,15 @@ def errors_since(start: int) -> list[str]:
     return [str(n.message) for n in notification_manager.records[start:] if n.severity == "error"]
 
 
-def assert_no_training_stack_here():
-    # the trainer (and torch_geometric, which imports triton) ran in the child only
-    if not TG_BEFORE:
+def assert_no_training_stack_here(before: bool):
+    # the trainer (and torch_geometric, which imports triton) ran in the child only; ``before``:
+    # whether an earlier test of the session had imported it in this process already
+    if not before:
         assert "torch_geometric" not in sys.modules
 
 
 def test_finetune_trains_reports_progress_and_exports_a_model(annotated_viewer, qtbot, tmp_path):
+    tg_before = "torch_geometric" in sys.modules
     from napari_ruac import load_model
 
     widget = make_widget(annotated_viewer, tmp_path, steps=4)
@@ -83,10 +84,11 @@ def test_finetune_trains_reports_progress_and_exports_a_model(annotated_viewer, 
     assert widget.process.pid != os.getpid() and widget.process.returncode == 0
     assert sorted(p.name for p in (tmp_path / "run" / "data" / "images").iterdir()) == ["0000.tif"]
     assert (tmp_path / "run" / "recipe.yaml").is_file()
-    assert_no_training_stack_here()
+    assert_no_training_stack_here(tg_before)
 
 
 def test_full_ruac_trains_with_the_attackers_in_the_child(annotated_viewer, qtbot, tmp_path):
+    tg_before = "torch_geometric" in sys.modules
     from napari_ruac import load_model
     from napari_ruac.training.trainer import read_log
 
@@ -103,7 +105,7 @@ def test_full_ruac_trains_with_the_attackers_in_the_child(annotated_viewer, qtbo
     assert [r["adv_seg"] != "" for r in rows] == [False, True, True]  # attackers from step 2 (adv_start 1)
     assert load_model(tmp_path / "tuned.pt").info["metadata"]["variant"] == "ruac"
     assert widget.process.pid != os.getpid()
-    assert_no_training_stack_here()
+    assert_no_training_stack_here(tg_before)
 
 
 def test_cancel_stops_between_steps_and_keeps_what_was_learned(annotated_viewer, qtbot, tmp_path):

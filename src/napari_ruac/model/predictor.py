@@ -551,6 +551,8 @@ class Predictor:
             for i, pred, _ in self._regions(prompts, mode, samples, multimask, seed):
                 yield i, pred
             return
+        if self._plane is None:
+            raise RuntimeError("no image set: call set_image() before predict()")
         for i, p in enumerate(prompts):  # a bad prompt is reported by its own index
             self._check_prompt(i, p)
         prompts = self._with_centres(prompts, mode, samples, seed)
