@@ -34,7 +34,7 @@ run() {  # target, tag, extra args...
   echo
 }
 all=point1,point3,box,automatic  # automatic: automatic segmentation, matched to the truth
-run dsb2018 dsb2018 --prompts $all
+run dsb2018 dsb2018 --prompts point1,point2,point3,box,automatic  # point2: the first correction alone
 # the model's own values beyond a tight box (not cut at it: --box-margin off)
 run dsb2018 dsb2018_boxoff --prompts box --box-margin off --no-baselines
 run nuclei3d nuclei3d --prompts $all
