@@ -93,6 +93,22 @@ def painted_boxes(atoms, shape: tuple[int, ...], n_lead: int) -> list[tuple[Plan
     return out
 
 
+def ignored_clicks(mask: np.ndarray, points, labels) -> tuple[int, int]:
+    """(positive clicks outside ``mask``, negative clicks inside it): the clicks the model did
+    not follow (points (row, col) in the plane's pixels; those off the plane are not counted)."""
+    h, w = mask.shape
+    outside = inside = 0
+    for (r, c), label in zip(points, labels):
+        r, c = int(round(r)), int(round(c))
+        if not (0 <= r < h and 0 <= c < w):
+            continue
+        if label == 1 and not mask[r, c]:
+            outside += 1
+        elif label == 0 and mask[r, c]:
+            inside += 1
+    return outside, inside
+
+
 @dataclass(frozen=True)
 class PlanePrompt:
     """The prompts of one plane, hashable so a result can be matched to the prompts it used."""
@@ -690,11 +706,17 @@ class AnnotatorWidget(QWidget):
             self._current_preds[res.plane] = res
             self._shown_prompts[res.plane] = res.prompt
             iou = res.iou
+            outside, inside = ignored_clicks(pred.mask, res.prompt.points, res.prompt.labels)
+            ignored = [f"{n} {kind} click{'s' if n > 1 else ''} {where}" for n, kind, where in (
+                (outside, "positive", "outside the mask"), (inside, "negative", "inside it")) if n]
             self.status.setText(
                 f"plane {res.plane or 'image'}: {pred.area} px, "
                 + ("" if np.isnan(iou) else f"predicted IoU {iou:.2f}, ")
                 + f"mean uncertainty {pred.mean_uncertainty:.2f}"
-                + (f" ({res.scales} scales)" if res.scales > 1 else ""))
+                + (f" ({res.scales} scales)" if res.scales > 1 else "")
+                # the small models do not always follow a click (a negative one most often)
+                + (f"; the model did not follow {' and '.join(ignored)}: add a click, draw a box or "
+                   "paint the mask" if ignored else ""))
         self.current.refresh()
         self.uncertainty.refresh()
         if self.overlay.visible:
