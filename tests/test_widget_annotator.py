@@ -199,14 +199,19 @@ def test_threshold_navigation_delete_and_reprompt(make_napari_viewer, qtbot):
     assert widget.next_uncertain_object() == ranked[1].id
     assert widget.next_uncertain_object() == ranked[0].id  # wraps round
 
-    # re-prompt: the object leaves the objects layer, its prompts come back, commit reuses its id
+    # re-prompt: its prompts come back, it stays until a commit replaces it with its id
     widget.focus_object(ranked[1].id)
     target = ranked[1].id
+    before = widget.objects.data.copy()
     n = widget.predictions_applied
     widget.reprompt_selected()
-    assert not (widget.objects.data == target).any() and len(widget.prompts.data) == 1
+    np.testing.assert_array_equal(widget.objects.data, before)
+    assert target in widget.records and len(widget.prompts.data) == 1
     wait_predictions(qtbot, widget, n + 1)
     assert widget.commit() == target
+    plane = widget.records[target].worst_plane
+    np.testing.assert_array_equal(widget.objects.data[plane] == target,
+                                  (before[plane] == target) | ((before[plane] == 0) & (widget.objects.data[plane] == target)))
     widget.focus_object(target)
     widget.delete_selected()
     assert not (widget.objects.data == target).any() and target not in widget.records
@@ -709,6 +714,8 @@ def test_a_box_drawn_past_the_image_edge_ends_at_it(make_napari_viewer, qtbot):
     wait_predictions(qtbot, widget, 1)
     assert widget._shown_prompts[(0,)].box == (0.0, w - 20.0, 20.0, float(w))
     assert widget._current_preds[(0,)].prediction.mask.shape == (h, w)
+    widget.add_box((1,), (-30, 5, -10, 25))  # wholly outside: refused, naming what was drawn
+    assert widget.prompts_by_plane()[(1,)].box == (-30.0, 5.0, -10.0, 25.0)
 
 
 def test_clicks_the_mask_does_not_follow_are_counted_and_reported(make_napari_viewer, qtbot):
@@ -755,3 +762,70 @@ def test_result_layers_from_an_earlier_session_are_rewritten_whole_unless_known_
     assert not widget._known
     widget.current.undo()  # (what it guards against: the erased stroke comes back, silently)
     assert widget.current.data.any()
+
+
+def test_reprompt_never_loses_the_object(make_napari_viewer, qtbot):
+    """Re-prompting keeps the object until a commit replaces it, on the planes prompted only:
+    Clear (or binding another image) leaves it as it was, and its id is not given to another."""
+    viewer = make_napari_viewer()
+    viewer.add_image(stack(n=5), name="cells")
+    widget = dock(viewer, qtbot)
+    viewer.dims.set_point(0, 1)
+    widget.add_point((1, 15, 18))
+    wait_predictions(qtbot, widget, 1)
+    assert widget.commit() == 1
+    widget.objects.data[3, 5:9, 5:9] = 1  # (as if propagated to another plane)
+    widget._record(1, float("nan"), widget.records[1].prompts)
+    before = widget.objects.data.copy()
+    widget.focus_object(1)
+    widget.reprompt_selected()
+    wait_predictions(qtbot, widget, 2)
+    widget.clear_prompts()  # changed one's mind
+    np.testing.assert_array_equal(widget.objects.data, before)
+    assert 1 in widget.records
+    n = widget.predictions_applied
+    widget.add_point((2, 30, 40))  # an unrelated object gets a new id
+    wait_predictions(qtbot, widget, n + 1)
+    assert widget.commit() == 2
+    widget.focus_object(1)
+    widget.reprompt_selected()
+    n = widget.predictions_applied
+    widget.add_point((1, 16, 19))
+    wait_predictions(qtbot, widget, n + 1)
+    current = widget.current.data[1] > 0
+    assert widget.commit() == 1
+    after = widget.objects.data
+    np.testing.assert_array_equal(after[3], before[3])  # the plane not prompted stays
+    assert not ((after[1] == 1) & ~current).any()  # the prompted plane is the new mask...
+    assert ((after[1] == 1) == (current & ((before[1] == 0) | (before[1] == 1)))).all()  # ...where free
+    assert (after == 2).sum() > 0  # the other object is untouched
+
+
+def test_a_bad_plane_fails_alone_and_commit_waits_for_the_newest_mask(make_napari_viewer, qtbot):
+    """A click outside the image (or on a NaN plane) fails that plane only: the other planes'
+    prompts still predict, and the error is not repeated on every later click. Commit refuses
+    while the newest prompts' mask is still being computed."""
+    from napari.utils.notifications import notification_manager
+
+    image = stack(n=4).astype(np.float32)
+    image[3, 4, 4] = np.nan
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="cells")
+    widget = dock(viewer, qtbot)
+    start = len(notification_manager.records)
+    widget.add_point((1, -3, 18))  # just above the image
+    wait_predictions(qtbot, widget, 1)
+    assert "no mask" in widget.status.text() and widget.progress.maximum() > 0
+    widget.add_point((3, 15, 18))  # a NaN plane
+    wait_predictions(qtbot, widget, 2)
+    widget.add_point((2, 15, 18))  # a good plane
+    wait_predictions(qtbot, widget, 3)
+    assert widget.current.data[2].any() and not widget.current.data[1].any()
+    errors = [str(r.message) for r in notification_manager.records[start:] if r.severity == "error"]
+    assert len(errors) == 2, errors  # once per bad plane, not again on the good click
+    assert any("plane (1,)" in e and "outside the image" in e for e in errors)
+    assert any("plane (3,)" in e and "NaN" in e for e in errors)
+    widget.add_point((2, 20, 22))
+    assert widget.commit() is None  # its mask is not shown yet
+    wait_predictions(qtbot, widget, 4)
+    assert widget.commit() == 1

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from napari.layers import Image, Labels, Points, Shapes
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import Qt
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
@@ -142,7 +142,22 @@ class PlanePrediction:
     refined: bool = False  # a refinement of a result already shown (not a response to a prompt)
 
 
+@dataclass(frozen=True)
+class PlaneFailure:
+    """A plane whose prompts could not be decoded (a click outside the image, a NaN plane):
+    reported for that plane alone, so the other planes' prompts still predict."""
+
+    plane: Plane
+    prompt: PlanePrompt
+    message: str
+
+
 REFINE = "1, then 3"  # the test-time scales setting that refines each result
+
+
+class _TaskStopped(Exception):
+    """Raised in a task's worker when its stop flag is set (not a ValueError: propagation's
+    loop takes those for a bad plane)."""
 
 
 class AnnotatorWidget(QWidget):
@@ -173,9 +188,23 @@ class AnnotatorWidget(QWidget):
         self._history: list[str] = []  # "point" / "box", for undo
         self._negative_click = False
         self._reprompt_id: int | None = None
+        self._reprompt_objects = None  # the objects layer the re-prompted object lives in
         self._focused_id: int | None = None
         self._propagation: dict[int, dict] = {}
         self._cancelled = False
+        # the running Precompute/Propagate: its number (what it sends back under an older one,
+        # after a stop, is dropped), its stop flag (read by its worker), the image it reads and
+        # the object it propagates (None for Precompute); stale: stopped, its worker winding down
+        self._task_token = 0
+        self._task_stop = threading.Event()
+        self._task_image: Image | None = None
+        self._task_obj: int | None = None
+        self._task_stale = False
+        # binds the image the combo shows, a moment after the bound one was removed
+        self._rebind_timer = QTimer(self)
+        self._rebind_timer.setSingleShot(True)
+        self._rebind_timer.timeout.connect(self._rebind_after_removal)
+        self._removal_note = ""
         # Precompute keeps embeddings up to this share of the free memory (then stops, saying so)
         self.precompute_memory_fraction = 0.25
         self._precompute_full: float | None = None  # the budget it stopped at
@@ -185,7 +214,7 @@ class AnnotatorWidget(QWidget):
         self._model_lock = threading.Lock()
         self.predictions_applied = 0
         self.last_latency_s: float | None = None
-        self.predict_runner = LatestOnlyRunner(name="prediction")
+        self.predict_runner = LatestOnlyRunner(name="prediction", on_error=self._on_prediction_error)
         self.task_runner = LatestOnlyRunner(name="task")
         # with zoom "auto": the object-size estimate of the plane on screen, before a click
         self.zoom_runner = LatestOnlyRunner(name="object-size estimate")
@@ -335,14 +364,50 @@ class AnnotatorWidget(QWidget):
     def _on_layer_removed(self, event=None) -> None:
         # never create layers here: closing the viewer removes every layer, one event each
         if self.image_layer is not None and self.image_layer not in self.viewer.layers:
+            stopped = self._stop_task("the image was removed")
             self._unwire_prompt_layers()
             self.image_layer = None
+            # its objects are not the widget's any more (the next image's are listed on binding)
+            self.records.clear()
+            self._propagation.clear()
+            self._focused_id = None
+            self._fill_object_table()
+            self.plane_table.setRowCount(0)
+            self._refresh_image_choices(bind=False)
+            self.status.setText(f"{stopped}; choose an image" if stopped else "the image was removed: choose an image")
+            if self.image_combo.count():
+                # bind the image the combo now shows, once this event is over: by then a closing
+                # viewer has no layers left (and a closed widget's timer is gone with it); an
+                # action before that binds it at once (_ensure_layers)
+                self._removal_note = stopped or ""
+                self._rebind_timer.start(0)
+            return
         self._refresh_image_choices(bind=False)
+
+    def _rebind_after_removal(self) -> None:
+        if self.image_layer is None:
+            self._bind_shown_image()
+
+    def _bind_shown_image(self) -> None:
+        """Bind the image the combo shows (the bound one was removed); nothing when it shows none."""
+        note, self._removal_note = self._removal_note, ""
+        self._on_image_chosen(self.image_combo.currentText())
+        if note and self.image_layer is not None:
+            self.status.setText(f"{note}; {self.status.text()}")
+
+    def _need_image(self) -> bool:
+        """:meth:`_ensure_layers` for a button: False, with a warning, when there is no image."""
+        if self._ensure_layers():
+            return True
+        show_warning("choose an image in the annotator first")
+        return False
 
     def _ensure_layers(self) -> bool:
         """Before acting: make again any of our layers the user deleted. False without an image."""
         if self.image_layer is None:
-            return False
+            self._bind_shown_image()  # the bound image was removed: the one the combo shows now
+            if self.image_layer is None:
+                return False
         ours = [self.prompts, self.boxes, self.current, self.uncertainty, self.objects, self.overlay]
         if any(layer not in self.viewer.layers for layer in ours):
             image, self.image_layer = self.image_layer, None
@@ -394,6 +459,9 @@ class AnnotatorWidget(QWidget):
         shape = tuple(layer.data.shape[:-1] if layer.rgb else layer.data.shape)
         if len(shape) < 2:
             raise ValueError(f"the image has shape {layer.data.shape}: need at least rows and columns")
+        # a running Precompute/Propagate works on the layers about to be replaced (and their records)
+        stopped = self._stop_task("the image changed" if layer is not self._task_image
+                                  else "the annotator's layers were made again")
         self._unwire_prompt_layers()
         self.image_layer = layer
         self._current_preds.clear()
@@ -435,7 +503,8 @@ class AnnotatorWidget(QWidget):
         self._rebuild_records()
         self.viewer.layers.selection.active = self.prompts
         self.prompts.mode = "add"
-        self.status.setText(f"annotating {name!r} {shape}: click to add points; draw a box on '{name} box'")
+        self.status.setText((f"{stopped}; " if stopped else "")
+                            + f"annotating {name!r} {shape}: click to add points; draw a box on '{name} box'")
         self._on_plane_shown()  # a model is loaded already when a second image is bound
 
     def _reuse(self, name: str, kind: type, shape: tuple | None = None):
@@ -553,6 +622,8 @@ class AnnotatorWidget(QWidget):
             # a box drawn past the image's edge ends at it (a nucleus on the border)
             h, w = self.spatial_shape[-2:]
             rows, cols = np.clip(verts[:, k], 0, h), np.clip(verts[:, k + 1], 0, w)
+            if rows.max() - rows.min() < 1 or cols.max() - cols.min() < 1:  # (nearly) all outside:
+                rows, cols = verts[:, k], verts[:, k + 1]  # the predictor names the corner outside
             boxes[plane] = (float(rows.min()), float(cols.min()), float(rows.max()), float(cols.max()))
         out = {}
         for plane in set(points) | set(boxes):
@@ -635,14 +706,17 @@ class AnnotatorWidget(QWidget):
             predictor = self._ensure_predictor(choice)
             for plane, prompt in jobs:
                 arr = self._plane_array(plane)
-                if not predictor.is_cached(arr):
-                    yield f"computing the embedding of plane {plane or 'image'}…"
-                predictor.set_image(arr)
-                if self._refines(predictor):  # a refinement with nothing to encode: at once
-                    predictor.scales = self._refine_scales
-                    if not predictor.is_encoded(**prompt.as_kwargs()):
-                        predictor.scales = self._scales
-                results.append(self._predict_plane(predictor, plane, prompt, mode, submitted, False))
+                try:  # a bad plane or prompt fails that plane alone
+                    if not predictor.is_cached(arr):
+                        yield f"computing the embedding of plane {plane or 'image'}…"
+                    predictor.set_image(arr)
+                    if self._refines(predictor):  # a refinement with nothing to encode: at once
+                        predictor.scales = self._refine_scales
+                        if not predictor.is_encoded(**prompt.as_kwargs()):
+                            predictor.scales = self._scales
+                    results.append(self._predict_plane(predictor, plane, prompt, mode, submitted, False))
+                except (ValueError, RuntimeError) as exc:  # ImageError, PromptError, ...
+                    results.append(PlaneFailure(plane, prompt, str(exc)))
         return results
 
     def _refines(self, predictor) -> bool:
@@ -691,6 +765,14 @@ class AnnotatorWidget(QWidget):
                                len(predictor.scales), refined=refined)
 
     # ================================================================== results (UI thread)
+    def _on_prediction_error(self, exc: BaseException) -> None:
+        """A prediction job failed as a whole (the model did not load): the busy bar and the
+        'loading…' or 'computing…' status line must not stay."""
+        if not self.task_runner.busy:
+            self.progress.setRange(0, 1)
+            self.progress.setValue(0)
+        self.status.setText(f"prediction failed: {exc}")
+
     def _on_progress_message(self, message) -> None:
         if isinstance(message, str):
             self.status.setText(message)
@@ -704,6 +786,13 @@ class AnnotatorWidget(QWidget):
         for res in results:
             if wanted.get(res.plane) != res.prompt:
                 continue  # the prompts changed (or were cleared) after this was submitted
+            if isinstance(res, PlaneFailure):  # no mask for these prompts; not retried until they change
+                self._clear_current_plane(res.plane)
+                self._shown_prompts[res.plane] = res.prompt
+                where = f"plane {res.plane}" if res.plane else "the image"
+                show_error(f"prediction failed on {where}: {res.message}")
+                self.status.setText(f"{where}: no mask ({res.message}); undo or move the prompt")
+                continue
             pred = res.prediction
             self._show_maps(res.plane, pred)
             self._current_preds[res.plane] = res
@@ -724,7 +813,7 @@ class AnnotatorWidget(QWidget):
         self.uncertainty.refresh()
         if self.overlay.visible:
             self.overlay.refresh()
-        first = [r for r in results if not r.refined]
+        first = [r for r in results if isinstance(r, PlanePrediction) and not r.refined]
         if first:  # prompt change -> layers updated (what the click-latency benchmark reports)
             self.last_latency_s = time.perf_counter() - first[0].submitted_at
         self.predictions_applied += 1
@@ -740,8 +829,8 @@ class AnnotatorWidget(QWidget):
         decoded at three scales at once and there is nothing to refine.)"""
         if self._predictor is None or not self._refines(self._predictor):
             return
-        jobs = [(r.plane, r.prompt) for r in results
-                if not r.refined and r.scales == 1 and wanted.get(r.plane) == r.prompt]
+        jobs = [(r.plane, r.prompt) for r in results if isinstance(r, PlanePrediction)
+                and not r.refined and r.scales == 1 and wanted.get(r.plane) == r.prompt]
         if jobs:  # a newer prompt stops it (it would be stale): interruptible
             self.predict_runner.submit(
                 self._refine_job, self.model_picker.choice(), jobs, self.mode_combo.currentText(),
@@ -827,27 +916,36 @@ class AnnotatorWidget(QWidget):
         self.current.refresh()
         self._current_preds.clear()
         self._shown_prompts.clear()
+        self._reprompt_id = None  # an object being re-prompted stays as it was
 
     def commit(self) -> int | None:
         """Write the current object into the objects layer with a new id (or the id being
         re-prompted) and clear the prompts. Returns the id, or None when there is nothing."""
         if not self._ensure_layers():
             return None
-        # committed objects are protected: a new mask only fills unlabelled pixels (re-prompt
-        # or delete an object to change it), so a sloppy click never erases earlier work.
+        wanted = self.prompts_by_plane()
+        if any(wanted.get(p) != self._shown_prompts.get(p) for p in set(wanted) | set(self._shown_prompts)
+               if self._plane_in_range(p) and not (wanted.get(p) is None or wanted[p].empty)):
+            show_warning("the mask of the latest prompts is still being computed: commit when it shows")
+            return None
+        reprompt = self._reprompt_id if self._reprompt_objects is self.objects else None
+        # committed objects are protected: a new mask only fills unlabelled pixels (and those of
+        # the object being re-prompted), so a sloppy click never erases earlier work.
         # Only where the current object can be (its planes' extents), not the whole stack.
         pieces = []
         for part in self._current_parts():
             objs = np.asarray(self.objects.data[part])
-            mask = (np.asarray(self.current.data[part]) > 0) & (objs == 0)
+            free = objs == 0 if reprompt is None else (objs == 0) | (objs == reprompt)
+            mask = (np.asarray(self.current.data[part]) > 0) & free
             if mask.any():
                 pieces.append((part, mask, objs))
         if not pieces:
             show_warning("nothing to commit: click on an object first (or wait for its mask); "
                          "pixels of committed objects are not overwritten")
             return None
-        obj_id, new = (self._reprompt_id, False) if self._reprompt_id else (self._next_id(), True)
-        self._reprompt_id = None
+        obj_id, new = (reprompt, False) if reprompt is not None else (self._next_id(), True)
+        if reprompt is not None:  # it is replaced on the planes it was prompted on; its others stay
+            self._drop_pixels_outside_current(reprompt, self._planes_of(pieces))
         for part, mask, objs in pieces:
             objs[mask] = obj_id
             if not isinstance(self.objects.data, np.ndarray):  # objs was a copy: write it back
@@ -855,6 +953,8 @@ class AnnotatorWidget(QWidget):
         self.objects.refresh()
         ious = [r.iou for r in self._current_preds.values()]
         prompts = {plane: r.prompt for plane, r in self._current_preds.items()}
+        if reprompt is not None and reprompt in self.records:  # its other planes' prompts stay
+            prompts = {**(self.records[reprompt].prompts or {}), **prompts}
         # a new id has no pixels but these: measure it on the rows and columns they span
         where = None
         if new and self._known:
@@ -867,6 +967,27 @@ class AnnotatorWidget(QWidget):
         self.objects.selected_label = obj_id
         self.status.setText(f"committed object {obj_id}; {len(self.records)} objects")
         return obj_id
+
+    def _planes_of(self, pieces: list) -> set[Plane]:
+        """The planes (leading indices) commit's ``pieces`` write to."""
+        planes: set[Plane] = set()
+        for part, mask, _ in pieces:
+            if part == (...,):  # the whole stack: the planes where the mask has pixels
+                lead = mask.reshape(*mask.shape[: self.n_lead], -1).any(-1)
+                planes |= {tuple(int(v) for v in i) for i in np.argwhere(lead)} if self.n_lead else {()}
+            else:
+                planes.add(tuple(int(v) for v in part[: self.n_lead]))
+        return planes
+
+    def _drop_pixels_outside_current(self, obj_id: int, planes: set[Plane]) -> None:
+        """Unlabel ``obj_id``'s pixels on ``planes`` that the current object does not cover."""
+        for plane in planes:
+            objs = np.asarray(self.objects.data[plane])
+            stale = (objs == obj_id) & ~(np.asarray(self.current.data[plane]) > 0)
+            if stale.any():
+                objs[stale] = 0
+                if not isinstance(self.objects.data, np.ndarray):
+                    self.objects.data[plane] = objs
 
     def _next_id(self) -> int:
         top = int(self.objects.data.max()) if self.objects.data.size else 0
@@ -957,6 +1078,8 @@ class AnnotatorWidget(QWidget):
         self.viewer.camera.center = tuple(float(v) for v in world[-2:])
 
     def next_uncertain_object(self) -> int | None:
+        if not self._need_image():
+            return None
         rec = next_uncertain(list(self.records.values()), self._focused_id)
         if rec is None:
             show_info("no committed objects yet")
@@ -965,36 +1088,44 @@ class AnnotatorWidget(QWidget):
         return rec.id
 
     def delete_selected(self) -> None:
+        if not self._need_image():
+            return
         obj_id = self.selected_object()
         if obj_id is None:
             show_warning("select an object in the table first")
             return
+        # a propagation of it would write its later planes back
+        self.stop_propagation_of(obj_id, f"object {obj_id} was deleted")
         self.objects.data[self.objects.data == obj_id] = 0
         self.objects.refresh()
         self.records.pop(obj_id, None)
+        self._propagation.pop(obj_id, None)
         self._focused_id = None
         self._fill_object_table()
 
     def reprompt_selected(self) -> None:
         """Take the selected object back into editing: its prompts return to the prompt layers,
-        it leaves the objects layer, and the next commit gives it back its id."""
+        and the next commit replaces it, keeping its id, on the planes prompted (its other
+        planes, e.g. propagated ones, stay); until then, and after Clear, it stays as it was."""
         obj_id = self.selected_object()
         rec = self.records.get(obj_id) if obj_id is not None else None
         if rec is None:
             show_warning("select an object in the table first")
             return
+        self.stop_propagation_of(obj_id, f"object {obj_id} is re-prompted")
         self.clear_prompts()
-        self.objects.data[self.objects.data == obj_id] = 0
-        self.objects.refresh()
-        self.records.pop(obj_id)
-        self._fill_object_table()
-        self._reprompt_id = obj_id
-        for plane, prompt in rec.prompts.items():
+        # it stays in the objects layer and the table until a commit replaces it (Clear, or
+        # binding another image, leaves it as it was)
+        self._reprompt_id, self._reprompt_objects = obj_id, self.objects
+        prompts = rec.prompts or {}
+        for plane, prompt in prompts.items():
             for (r, c), lab in zip(prompt.points, prompt.labels):
                 self.add_point((*plane, r, c), positive=bool(lab))
             if prompt.box is not None:
                 self.add_box(plane, prompt.box)
-        self.status.setText(f"re-prompting object {obj_id}: edit the prompts, then commit")
+        self.status.setText(
+            f"re-prompting object {obj_id}: " + ("edit its prompts" if prompts else "it has no stored prompts: click it")
+            + "; commit replaces it on the planes prompted (its other planes stay), Clear keeps it as it was")
 
     # ================================================================== threshold overlay
     @property
@@ -1014,7 +1145,8 @@ class AnnotatorWidget(QWidget):
 
     # ================================================================== precompute / propagate
     def _start_task(self, label: str, total: int) -> bool:
-        if self.task_runner.busy:
+        # (a stopped task still winding down does not count: the new one starts after it)
+        if self.task_runner.busy and not self._task_stale:
             show_warning("another task is running: wait for it or cancel it")
             return False
         self.progress.setRange(0, max(1, total))
@@ -1028,10 +1160,55 @@ class AnnotatorWidget(QWidget):
         self.progress.setRange(0, 1)
         self.progress.setValue(1)
 
+    def _new_task(self, obj_id: int | None = None) -> tuple[int, threading.Event]:
+        """(UI thread, before submitting) A new task on the bound image: its token (what the
+        callbacks compare with ``_task_token``) and its stop flag (what its worker reads)."""
+        self._task_token += 1
+        self._task_stop = threading.Event()
+        self._task_image, self._task_obj, self._task_stale = self.image_layer, obj_id, False
+        self._cancelled = False
+        return self._task_token, self._task_stop
+
+    def _task_running(self) -> bool:
+        return self.task_runner.busy and not self._task_stale
+
+    def _stop_task(self, reason: str) -> str | None:
+        """Stop the running Precompute or Propagate at once, because the image or object it
+        works on changed: its worker stops at its next plane, whatever it still sends is
+        dropped, and the bar and Cancel are reset. The status line it set; None when none ran."""
+        if not self._task_running():
+            return None
+        what = "precompute" if self._task_obj is None else "propagation"
+        self._task_stop.set()
+        self._task_stale = True
+        self._task_token += 1
+        self.task_runner.quit()  # (drops a task queued behind a stopped one, unstarted)
+        self._task_done()
+        text = f"{what} stopped: {reason}"
+        self.status.setText(text)
+        return text
+
+    def stop_propagation_of(self, obj_id: int, reason: str | None = None) -> bool:
+        """Stop the running propagation of ``obj_id``, if any, before the object is changed
+        (deleted, re-prompted): the planes it has not written yet are dropped, those written
+        stay. True when one was stopped."""
+        if self._task_obj != obj_id or not self._task_running():
+            return False
+        self._stop_task(reason or f"object {obj_id} changed")
+        return True
+
     def cancel_task(self) -> None:
         """Stop precompute/propagation after the plane in progress; finished planes are kept."""
         self._cancelled = True
+        self._task_stop.set()
+        queued = self.task_runner._pending is not None  # behind a stopped task: never started
         self.task_runner.quit()
+        if queued:
+            self._task_stale = True
+            self._task_token += 1
+            self._task_done()
+            self.status.setText("cancelled")
+            return
         self.status.setText("cancelling…")
 
     def precompute_all(self) -> None:
@@ -1039,27 +1216,37 @@ class AnnotatorWidget(QWidget):
         the whole plane, or on planes larger than the model's window every window a click can
         use, at the scales a click and its refinement decode; up to
         ``precompute_memory_fraction`` of the free memory."""
-        if not self._ensure_layers():
+        if not self._need_image():
             return
         planes = list(itertools.product(*(range(n) for n in self.spatial_shape[:-2])))
         if not self._start_task(f"embedding {len(planes)} planes…", len(planes) * PRECOMPUTE_STEPS):
             return
-        self._cancelled = False
+        token, stop = self._new_task()
         self._precompute_full = None
-        self.task_runner.submit(self._precompute_job, self.model_picker.choice(), planes,
-                                on_yield=self._on_task_progress, on_finished=self._on_precompute_done)
+        self.task_runner.submit(self._precompute_job, self.model_picker.choice(), planes, self.image_layer.data, stop,
+                                on_yield=lambda value: self._on_task_progress(value, token),
+                                on_finished=lambda: self._on_precompute_done(token))
 
-    def _precompute_job(self, choice: ModelChoice, planes: list):
+    @staticmethod
+    def _plane_of(data, plane: Plane) -> np.ndarray:
+        """``data[plane]`` (the whole of a 2D image) as an array."""
+        return np.asarray(data[plane] if plane else data)
+
+    def _precompute_job(self, choice: ModelChoice, planes: list, data=None, stop: threading.Event | None = None):
+        """Worker: embed ``planes`` of ``data`` (the image it was started on, whatever is bound
+        meanwhile) until ``stop`` is set."""
         from ..model.predictor import embedding_budget
 
+        data = self.image_layer.data if data is None else data
+        stop = threading.Event() if stop is None else stop
         scales = self._refine_scales or self._scales  # those a click and its refinement decode at
         budget, per_window, windows_done = None, None, 0
         for i, plane in enumerate(planes):
-            arr = self._plane_array(plane)  # read outside the lock: the disk may be slow
+            arr = self._plane_of(data, plane)  # read outside the lock: the disk may be slow
             if self._predictor is not None and self._predictor.auto_zoom:
                 self._zoom_job(self._predictor, arr, ())  # the size estimate, outside the lock too
             with self._model_lock:
-                if self._cancelled:  # set on the UI thread; quit() only acts at a yield
+                if stop.is_set():  # set on the UI thread; quit() only acts at a yield
                     break
                 # a plane that fits the window is embedded whole here (at every scale)
                 predictor = self._scaled_predictor(choice, arr, scales)
@@ -1074,7 +1261,7 @@ class AnnotatorWidget(QWidget):
                     self._precompute_full = budget
                     break
                 with self._model_lock:
-                    if self._cancelled:
+                    if stop.is_set():
                         break
                     predictor = self._scaled_predictor(choice, arr, scales, key)
                     windows_done += 1
@@ -1084,17 +1271,21 @@ class AnnotatorWidget(QWidget):
                     if before is not None and predictor.cache_bytes > before:
                         per_window = predictor.cache_bytes - before  # every window takes the same
                 stored += per_window or 0
-            if self._cancelled or self._precompute_full is not None:
+            if stop.is_set() or self._precompute_full is not None:
                 break
             yield (i + 1) * PRECOMPUTE_STEPS
 
-    def _on_task_progress(self, value) -> None:
+    def _on_task_progress(self, value, token: int | None = None) -> None:
+        if token is not None and token != self._task_token:
+            return  # from a task stopped since (the image or its object changed)
         if isinstance(value, int):
             self.progress.setValue(value)
         elif isinstance(value, dict):
             self._apply_propagated_plane(value)
 
-    def _on_precompute_done(self) -> None:
+    def _on_precompute_done(self, token: int | None = None) -> None:
+        if token is not None and token != self._task_token:
+            return  # stopped since: the bar and status were reset then
         done, total = self.progress.value() // PRECOMPUTE_STEPS, self.progress.maximum() // PRECOMPUTE_STEPS
         self._task_done()
         word = "cancelled after embedding" if self._cancelled else "embedded"
@@ -1107,7 +1298,9 @@ class AnnotatorWidget(QWidget):
 
     def propagate(self) -> None:
         """Carry the current (committed first) or selected object through the chosen axis."""
-        if not self._ensure_layers() or self.n_lead == 0:
+        if not self._need_image():
+            return
+        if self.n_lead == 0:
             show_warning("propagation needs a stack (z or t axis)")
             return
         plane = self.current_plane()
@@ -1127,40 +1320,54 @@ class AnnotatorWidget(QWidget):
             self.uncertainty.data[plane][start_mask].mean())}, "stops": []}
         self.plane_table.setRowCount(0)
         self._add_plane_row(plane[axis], int(start_mask.sum()), self._propagation[obj_id]["planes"][plane[axis]])
-        self._cancelled = False
+        token, stop = self._new_task(obj_id)
         self.task_runner.submit(self._propagate_job, self.model_picker.choice(), obj_id, axis, plane, start_mask,
-                                self.mode_combo.currentText(), on_yield=self._on_task_progress,
-                                on_finished=lambda: self._on_propagate_done(obj_id))
+                                self.mode_combo.currentText(), n, self.image_layer.data, stop,
+                                on_yield=lambda value: self._on_task_progress(value, token),
+                                on_finished=lambda: self._on_propagate_done(obj_id, token))
 
-    def _propagate_job(self, choice, obj_id, axis, plane, start_mask, mode):
+    def _propagate_job(self, choice, obj_id, axis, plane, start_mask, mode, n_planes: int | None = None,
+                       data=None, stop: threading.Event | None = None):
+        """Worker: carry ``obj_id`` through the ``n_planes`` planes of ``data`` (the image it was
+        started on, whatever is bound meanwhile) until the stop rule or ``stop``."""
         from ..model.propagation import iter_propagate
 
+        data = self.image_layer.data if data is None else data
+        n_planes = self.spatial_shape[axis] if n_planes is None else n_planes
+        stop = threading.Event() if stop is None else stop
         read: dict[int, np.ndarray] = {}  # the plane read last, for the segmenter and the stop rule
 
         def get_plane(index):
             if index not in read:
                 read.clear()
-                read[index] = self._plane_array(plane[:axis] + (index,) + plane[axis + 1:])
+                read[index] = self._plane_of(data, plane[:axis] + (index,) + plane[axis + 1:])
             return read[index]
 
         def segment(index, prompt):
             arr = get_plane(index)
             with self._model_lock:
+                if stop.is_set():  # set on the UI thread; quit() only acts at a yield
+                    raise _TaskStopped
                 predictor = self._ensure_predictor(choice)
                 predictor.set_image(arr)
                 return predictor.predict(points=prompt.points, labels=prompt.labels, box=prompt.box, mode=mode)
 
         done = 0
-        for direction, res, reason in iter_propagate(segment, self.spatial_shape[axis], plane[axis], start_mask,
-                                                     keep_uncertainty=True, get_plane=get_plane):
-            done += 1
-            yield {"obj_id": obj_id, "axis": axis, "plane": plane, "result": res, "reason": reason, "done": done}
+        try:
+            for direction, res, reason in iter_propagate(segment, n_planes, plane[axis], start_mask,
+                                                         keep_uncertainty=True, get_plane=get_plane):
+                done += 1
+                yield {"obj_id": obj_id, "axis": axis, "plane": plane, "result": res, "reason": reason, "done": done}
+        except _TaskStopped:
+            pass
         return obj_id
 
     def _apply_propagated_plane(self, msg: dict) -> None:
         obj_id, axis, res = msg["obj_id"], msg["axis"], msg["result"]
+        record = self._propagation.get(obj_id)
+        if record is None:  # forgotten since (the object was deleted)
+            return
         self.progress.setValue(min(self.progress.maximum(), msg["done"]))
-        record = self._propagation[obj_id]
         if msg["reason"]:
             record["stops"].append(msg["reason"])
         if res is None:
@@ -1189,9 +1396,14 @@ class AnnotatorWidget(QWidget):
         table.setSortingEnabled(True)
         table.sortItems(0)
 
-    def _on_propagate_done(self, obj_id: int) -> None:
+    def _on_propagate_done(self, obj_id: int, token: int | None = None) -> None:
+        if token is not None and token != self._task_token:
+            return  # stopped since (the image or the object changed): the bar and status were reset then
         self._task_done()
-        rec = self._propagation[obj_id]
+        rec = self._propagation.get(obj_id)
+        if rec is None:  # forgotten meanwhile (the object was deleted)
+            self.status.setText(f"propagation of object {obj_id} ended: the object is gone")
+            return
         self._record(obj_id, self.records[obj_id].iou_score if obj_id in self.records else float("nan"))
         planes = sorted(rec["planes"])
         why = "propagation cancelled" if self._cancelled else "; ".join(rec["stops"])

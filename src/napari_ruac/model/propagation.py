@@ -192,6 +192,7 @@ def iter_propagate(
     n_points: int = 1,
     keep_uncertainty: bool = False,
     get_plane: Callable[[int], np.ndarray] | None = None,
+    plane_errors: tuple[type[BaseException], ...] = (ValueError,),
 ) -> Iterator[tuple[int, PlaneResult | None, str | None]]:
     """Propagate from ``start`` (whose bool (H, W) mask is given) through planes
     ``0..n_planes-1``; yields ``(direction, plane_result, stop_reason)`` once per plane tried, so
@@ -201,6 +202,11 @@ def iter_propagate(
     ``plane_result=None`` and the reason, and that direction ends. ``get_plane(index)`` (the
     stack's planes, as the segmenter sees them) lets the rule check that the object still stands
     out from its surroundings (``StopRule.min_contrast_ratio``); without it that check is off.
+
+    A plane the segmenter fails on with one of ``plane_errors`` (``ValueError``: the image and
+    prompt checks, e.g. an all-NaN plane) ends that direction like the stop rule does, with the
+    reason ``"stopped at plane <i>: <message>"``; the other direction still runs. Any other
+    error (out of memory, a bug) ends the whole run.
     """
     if not 0 <= start < n_planes:
         raise IndexError(f"start plane {start} is outside the stack of {n_planes} planes")
@@ -216,7 +222,12 @@ def iter_propagate(
         strongest = start_contrast
         index = start + direction
         while 0 <= index < n_planes:
-            pred = segment(index, prompt_from_mask(previous, n_points=n_points))
+            prompt = prompt_from_mask(previous, n_points=n_points)
+            try:
+                pred = segment(index, prompt)
+            except plane_errors as exc:
+                yield direction, None, f"stopped at plane {index}: {str(exc) or type(exc).__name__}"
+                break
             mask = largest_component(pred.mask)
             reason = rule.why_stop(mask, previous)
             if reason is None and check_contrast:
