@@ -783,6 +783,10 @@ def test_reprompt_never_loses_the_object(make_napari_viewer, qtbot):
     widget.clear_prompts()  # changed one's mind
     np.testing.assert_array_equal(widget.objects.data, before)
     assert 1 in widget.records
+    widget.focus_object(1)
+    widget.reprompt_selected()
+    widget.bind_image(viewer.layers["cells"])  # bound again (the same layers): not re-prompting
+    assert widget._reprompt_id is None
     n = widget.predictions_applied
     widget.add_point((2, 30, 40))  # an unrelated object gets a new id
     wait_predictions(qtbot, widget, n + 1)

@@ -469,6 +469,7 @@ class AnnotatorWidget(QWidget):
         self._extents.clear()
         self._painted.clear()
         self._history.clear()
+        self._reprompt_id = None  # an object being re-prompted stays as it was
         self.records.clear()
         self._propagation.clear()
         tf = {"scale": layer.scale, "translate": layer.translate, "rotate": layer.rotate,
