@@ -493,10 +493,11 @@ class AnnotatorWidget(QWidget):
         self.overlay = reused["uncertain pixels"] or self.viewer.add_image(
             np.zeros(shape, np.uint8), name=f"{name} uncertain pixels", colormap="cyan",
             contrast_limits=(0, 1), blending="additive", opacity=0.8, visible=False, **tf)
-        # new layers are zero; a reused current-object layer with paint history is not known either
-        # (an undo or redo would write where no extent says)
-        self._known = not any(x.data.any() for x in reused.values() if x is not None) and not (
-            reused["current object"] is not None and getattr(reused["current object"], "_undo_history", None))
+        # new layers are zero; a reused current-object layer is not known even when empty: an
+        # undo or redo of an earlier paint would write where no extent says (and napari offers
+        # plugins no public way to ask whether it has such history)
+        self._known = reused["current object"] is None and not any(
+            x.data.any() for x in reused.values() if x is not None)
         self._wire_prompt_layers()
         self.axis_combo.clear()
         self.axis_combo.addItems([f"axis {i} ({n} planes)" for i, n in enumerate(shape[:-2])])
