@@ -716,6 +716,8 @@ def test_a_box_drawn_past_the_image_edge_ends_at_it(make_napari_viewer, qtbot):
     assert widget._current_preds[(0,)].prediction.mask.shape == (h, w)
     widget.add_box((1,), (-30, 5, -10, 25))  # wholly outside: refused, naming what was drawn
     assert widget.prompts_by_plane()[(1,)].box == (-30.0, 5.0, -10.0, 25.0)
+    wait_predictions(qtbot, widget, 2)
+    assert "outside the image" in widget.status.text()
 
 
 def test_clicks_the_mask_does_not_follow_are_counted_and_reported(make_napari_viewer, qtbot):
@@ -831,3 +833,19 @@ def test_a_bad_plane_fails_alone_and_commit_waits_for_the_newest_mask(make_napar
     assert widget.commit() is None  # its mask is not shown yet
     wait_predictions(qtbot, widget, 4)
     assert widget.commit() == 1
+
+
+def test_propagate_right_after_a_commit_carries_the_committed_object(make_napari_viewer, qtbot):
+    """Commit selects the new object, so Propagate (or Delete) right after acts on it instead
+    of asking for a selection."""
+    viewer = make_napari_viewer()
+    viewer.add_image(stack(n=5), name="cells")
+    widget = dock(viewer, qtbot)
+    viewer.dims.set_point(0, 2)
+    widget.add_point((2, 15, 18))
+    wait_predictions(qtbot, widget, 1)
+    assert widget.commit() == 1
+    assert widget.selected_object() == 1 and widget.object_table.selectionModel().selectedRows()
+    widget.propagate()
+    qtbot.waitUntil(lambda: not widget.task_runner.busy, timeout=WAIT_MS)
+    assert 2 in widget.propagation_curve(1)

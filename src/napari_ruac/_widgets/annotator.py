@@ -391,7 +391,11 @@ class AnnotatorWidget(QWidget):
     def _bind_shown_image(self) -> None:
         """Bind the image the combo shows (the bound one was removed); nothing when it shows none."""
         note, self._removal_note = self._removal_note, ""
-        self._on_image_chosen(self.image_combo.currentText())
+        try:
+            shown = self.image_combo.currentText()
+        except RuntimeError:  # the widget is being deleted with its viewer
+            return
+        self._on_image_chosen(shown)
         if note and self.image_layer is not None:
             self.status.setText(f"{note}; {self.status.text()}")
 
@@ -782,7 +786,7 @@ class AnnotatorWidget(QWidget):
                 self.progress.setRange(0, 0)  # busy while the model loads or embeds a plane
 
     def _apply_predictions(self, results: list[PlanePrediction]) -> None:
-        if not self._ensure_layers():
+        if self.image_layer is None or not self._ensure_layers():  # (a result is no reason to bind)
             return
         wanted = self.prompts_by_plane()
         for res in results:
@@ -967,6 +971,7 @@ class AnnotatorWidget(QWidget):
         self._record(obj_id, float(np.mean(ious)) if ious else float("nan"), prompts, where)
         self.clear_prompts()
         self.objects.selected_label = obj_id
+        self._select_row_of(obj_id)  # so that Propagate (or Delete) right after acts on it
         self.status.setText(f"committed object {obj_id}; {len(self.records)} objects")
         return obj_id
 
@@ -1053,6 +1058,14 @@ class AnnotatorWidget(QWidget):
             return self._row_id(rows[0].row())
         return self._focused_id
 
+    def _select_row_of(self, obj_id: int) -> None:
+        """Select ``obj_id`` in the objects table (what Propagate, Delete and Re-prompt act on)."""
+        self._focused_id = obj_id
+        for row in range(self.object_table.rowCount()):
+            if self._row_id(row) == obj_id:
+                self.object_table.selectRow(row)
+                return
+
     def focus_object(self, obj_id: int) -> None:
         """Show ``obj_id``: its least certain plane, centred, selected in layer and table."""
         rec = self.records.get(obj_id)
@@ -1064,10 +1077,7 @@ class AnnotatorWidget(QWidget):
         r, c = plane_centroid(mask)
         self._go_to((*plane, r, c))
         self.objects.selected_label = obj_id
-        for row in range(self.object_table.rowCount()):
-            if self._row_id(row) == obj_id:
-                self.object_table.selectRow(row)
-                break
+        self._select_row_of(obj_id)
         self.status.setText(
             f"object {obj_id}: mean uncertainty {rec.mean_uncertainty:.3f}, area {rec.area}, planes {rec.plane_text}")
 
