@@ -849,3 +849,27 @@ def test_propagate_right_after_a_commit_carries_the_committed_object(make_napari
     widget.propagate()
     qtbot.waitUntil(lambda: not widget.task_runner.busy, timeout=WAIT_MS)
     assert 2 in widget.propagation_curve(1)
+
+
+def test_prompts_left_on_an_image_are_shown_again_when_it_is_bound_again(make_napari_viewer, qtbot):
+    """Switching images and back: the first image's uncommitted prompts are predicted again (the
+    mask shown is what a commit takes, not a click merged with an invisible leftover) and can
+    be undone."""
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(0).random((48, 64), dtype=np.float32), name="a")
+    viewer.add_image(np.random.default_rng(1).random((40, 40), dtype=np.float32), name="b")
+    widget = dock(viewer, qtbot)
+    widget.image_combo.setCurrentText("a")
+    n = widget.predictions_applied
+    widget.add_point((20, 30))
+    wait_predictions(qtbot, widget, n + 1)
+    shown = widget.current.data.copy()
+    widget.image_combo.setCurrentText("b")
+    assert widget.image_layer.name == "b"
+    n = widget.predictions_applied
+    widget.image_combo.setCurrentText("a")
+    wait_predictions(qtbot, widget, n + 1)
+    assert widget._shown_prompts[()].points == ((20.0, 30.0),)
+    np.testing.assert_array_equal(widget.current.data, shown)
+    widget.undo()
+    assert len(widget.prompts.data) == 0

@@ -511,6 +511,11 @@ class AnnotatorWidget(QWidget):
         self.prompts.mode = "add"
         self.status.setText((f"{stopped}; " if stopped else "")
                             + f"annotating {name!r} {shape}: click to add points; draw a box on '{name} box'")
+        if len(self.prompts.data) or len(self.boxes.data):
+            # prompts left on reused layers (an object not committed before another image was
+            # bound): predicted again, so what is shown is what a commit takes, and undoable
+            self._history = ["point"] * len(self.prompts.data) + ["box"] * len(self.boxes.data)
+            self._schedule_prediction()
         self._on_plane_shown()  # a model is loaded already when a second image is bound
 
     def _reuse(self, name: str, kind: type, shape: tuple | None = None):
