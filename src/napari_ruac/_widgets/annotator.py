@@ -818,8 +818,8 @@ class AnnotatorWidget(QWidget):
                 + f"mean uncertainty {pred.mean_uncertainty:.2f}"
                 + (f" ({res.scales} scales)" if res.scales > 1 else "")
                 # the small models do not always follow a click (a negative one most often)
-                + (f"; the model did not follow {' and '.join(ignored)}: add a click, draw a box or "
-                   "paint the mask" if ignored else ""))
+                + (f"; the model did not follow {' and '.join(ignored)}: add a click, draw a box, or "
+                   "paint the mask and commit (a new prompt predicts it again)" if ignored else ""))
         self.current.refresh()
         self.uncertainty.refresh()
         if self.overlay.visible:
