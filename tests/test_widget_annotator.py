@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from annotator_helpers import WAIT_MS, clicked_object, dock, stack, wait_predictions
 from napari_ruac._widgets._testing import click
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-WAIT_MS = 60_000
 
 
 @pytest.fixture(autouse=True)
@@ -19,24 +19,7 @@ def _one_thread():
     torch.set_num_threads(1)
 
 
-def stack(n=4, shape=(48, 64)):
-    """A small float32 stack with two bright blobs."""
-    z, r, c = np.ogrid[:n, : shape[0], : shape[1]]
-    out = np.zeros((n, *shape), np.float32)
-    for cz, cr, cc, rad in [(n // 2, 15, 18, 8), (n // 2, 32, 45, 9)]:
-        out += (4 * (z - cz) ** 2 + (r - cr) ** 2 + (c - cc) ** 2 <= rad**2)
-    return out + 0.05 * np.random.default_rng(0).random(out.shape, dtype=np.float32)
 
-
-def dock(viewer, qtbot):
-    """The annotator docked via the manifest, set to the tiny test model."""
-    _, widget = viewer.window.add_plugin_dock_widget("napari-ruac", "RUAC annotator")
-    widget.model_picker.model_combo.setCurrentText("test-tiny")
-    return widget
-
-
-def wait_predictions(qtbot, widget, n):
-    qtbot.waitUntil(lambda: widget.predictions_applied >= n and not widget.predict_runner.busy, timeout=WAIT_MS)
 
 
 def test_layers_follow_a_scaled_translated_stack(make_napari_viewer, qtbot):
@@ -770,9 +753,7 @@ def test_reprompt_never_loses_the_object(make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
     viewer.add_image(stack(n=5), name="cells")
     widget = dock(viewer, qtbot)
-    viewer.dims.set_point(0, 1)
-    widget.add_point((1, 15, 18))
-    wait_predictions(qtbot, widget, 1)
+    clicked_object(viewer, qtbot, widget, 1)
     assert widget.commit() == 1
     widget.objects.data[3, 5:9, 5:9] = 1  # (as if propagated to another plane)
     widget._record(1, float("nan"), widget.records[1].prompts)
@@ -841,9 +822,7 @@ def test_propagate_right_after_a_commit_carries_the_committed_object(make_napari
     viewer = make_napari_viewer()
     viewer.add_image(stack(n=5), name="cells")
     widget = dock(viewer, qtbot)
-    viewer.dims.set_point(0, 2)
-    widget.add_point((2, 15, 18))
-    wait_predictions(qtbot, widget, 1)
+    clicked_object(viewer, qtbot, widget, 2)
     assert widget.commit() == 1
     assert widget.selected_object() == 1 and widget.object_table.selectionModel().selectedRows()
     widget.propagate()

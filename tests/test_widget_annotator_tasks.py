@@ -11,13 +11,13 @@ import traceback
 import numpy as np
 import pytest
 import torch
+from annotator_helpers import WAIT_MS, clicked_object, dock, stack, wait_predictions
 from napari.utils.notifications import notification_manager
 
 from napari_ruac.model.predictor import Prediction, Prompt
 from napari_ruac.model.propagation import iter_propagate, propagate
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-WAIT_MS = 60_000
 
 
 @pytest.fixture(autouse=True)
@@ -37,24 +37,7 @@ def excs(monkeypatch):
     return got
 
 
-def stack(n=4, shape=(48, 64)):
-    """A small float32 stack with two bright blobs."""
-    z, r, c = np.ogrid[:n, : shape[0], : shape[1]]
-    out = np.zeros((n, *shape), np.float32)
-    for cz, cr, cc, rad in [(n // 2, 15, 18, 8), (n // 2, 32, 45, 9)]:
-        out += (4 * (z - cz) ** 2 + (r - cr) ** 2 + (c - cc) ** 2 <= rad**2)
-    return out + 0.05 * np.random.default_rng(0).random(out.shape, dtype=np.float32)
 
-
-def dock(viewer, qtbot):
-    """The annotator docked via the manifest, set to the tiny test model."""
-    _, widget = viewer.window.add_plugin_dock_widget("napari-ruac", "RUAC annotator")
-    widget.model_picker.model_combo.setCurrentText("test-tiny")
-    return widget
-
-
-def wait_predictions(qtbot, widget, n):
-    qtbot.waitUntil(lambda: widget.predictions_applied >= n and not widget.predict_runner.busy, timeout=WAIT_MS)
 
 
 def idle(qtbot, widget):
@@ -65,11 +48,6 @@ def idle(qtbot, widget):
 def messages(since):
     return [f"{n.severity}: {n.message}" for n in notification_manager.records[since:]]
 
-
-def clicked_object(viewer, qtbot, widget, z):
-    viewer.dims.set_point(0, z)
-    widget.add_point((z, 15, 18))
-    wait_predictions(qtbot, widget, 1)
 
 
 # ---------------------------------------------------------------- A: the bound image changes
