@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import json
 import os
@@ -132,6 +131,7 @@ def _read_plane(args):
 
 
 def _predict(args) -> int:
+    from .io.imageio import remove_if_empty
     from .io.normalize import validate_plane
 
     points = [_parse_pair(p, "--point") for p in args.point]
@@ -148,7 +148,7 @@ def _predict(args) -> int:
         return _predict_into(args, out, image, plane, size, points, negatives, box)
     except BaseException:
         if created:  # a failed run leaves no empty folder behind
-            _remove_if_empty(out)
+            remove_if_empty(out)
         raise
 
 
@@ -200,6 +200,8 @@ def _parse_box(text: str | None) -> tuple[float, ...] | None:
 def _prepare_output_folder(out: Path) -> bool:
     """Create ``out`` if needed and check that files can be created in it (as ``segment``
     does); returns whether it was created here. Raises ValueError naming the folder."""
+    from .io.imageio import remove_if_empty
+
     for folder in (out, *out.parents):  # the nearest that exists must be a folder
         if folder.exists():
             if folder == out and not folder.is_dir():
@@ -215,16 +217,9 @@ def _prepare_output_folder(out: Path) -> bool:
         os.unlink(probe)
     except OSError as exc:
         if not existed:
-            _remove_if_empty(out)
+            remove_if_empty(out)
         raise ValueError(f"output folder {out} is not writable: {_os_reason(exc)}") from exc
     return not existed
-
-
-def _remove_if_empty(path: Path) -> None:
-    try:
-        path.rmdir()
-    except OSError:
-        pass
 
 
 def _free_bytes(folder: Path) -> int:
@@ -250,29 +245,30 @@ def write_tiffs_together(files: dict[Path, np.ndarray], **kwargs) -> None:
     Raises OSError with a message naming the file and the problem."""
     import tifffile
 
-    from .io.imageio import atomic_file
+    from .io.imageio import FileSet, PartlyReplaced
 
     kwargs.setdefault("photometric", "minisblack")  # grey pages, as write_tiff_atomic writes them
-    current = None
+    new, current = FileSet(), None
     try:
-        with contextlib.ExitStack() as stack:
-            for path, data in files.items():
-                current = path
-                f = stack.enter_context(atomic_file(path))
+        for path, data in files.items():
+            current = path
+            with new.open(path) as f:
                 try:
                     tifffile.imwrite(f, data, **kwargs)
-                    f.flush()
-                    os.fsync(f.fileno())
                 except OSError as exc:
                     # numpy's tofile reports a short write without errno ("N requested and M
                     # written"): on a full disk, say so (checked before the temporaries go)
                     if exc.errno is None and _free_bytes(path.parent) < data.nbytes:
                         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
                     raise
-            current = None  # every file is complete: the renames follow as the stack unwinds
-    except OSError as exc:
+        current = None  # every file is complete: the renames follow
+        new.commit()
+    except (OSError, PartlyReplaced) as caught:
+        exc = caught.error if isinstance(caught, PartlyReplaced) else caught
         names = " and ".join(p.name for p in files)
         if current is None:  # the files were complete; a rename failed
             raise OSError(exc.errno, f"{_os_reason(exc)} moving {names} into {next(iter(files)).parent}") from exc
         raise OSError(exc.errno, f"{_os_reason(exc)} writing {current}; nothing was written ({names} of an "
                                  f"earlier run, if any, are unchanged)") from exc
+    finally:
+        new.discard()

@@ -55,7 +55,6 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator
@@ -64,7 +63,7 @@ import numpy as np
 
 from ._cli_options import zoom_value
 from ._versions import package_version
-from .io.imageio import _create_temporary, atomic_write_bytes
+from .io.imageio import FileSet, PartlyReplaced, atomic_write_bytes, remove_if_empty
 from .io.normalize import ImageError
 from .io.stacks import TIFF_SUFFIXES, ZARR_SUFFIXES, Stack, describe, open_stack, plane_name, stack_stem
 
@@ -233,7 +232,7 @@ def segment_files(
     finally:
         if executor is not None:
             executor.close()
-        _remove_if_empty(out / WORK_DIR)
+        remove_if_empty(out / WORK_DIR)
     return BatchSummary([r for r in results if r is not None], str(out), cancelled, time.monotonic() - start)
 
 
@@ -433,13 +432,6 @@ def _check_writable(out: Path) -> None:
         os.unlink(probe)
     except OSError as exc:
         raise BatchError(f"output folder {out} is not writable: {exc.strerror or exc}") from exc
-
-
-def _remove_if_empty(path: Path) -> None:
-    try:
-        path.rmdir()
-    except OSError:
-        pass
 
 
 # ---------------------------------------------------------------------------- fingerprints
@@ -726,7 +718,7 @@ class WorkStore:
 
 def _finalize(store: WorkStore, stack: Stack, finals: dict[str, Path], spec: ModelSpec,
               identity: dict, fingerprint: str, source: dict | None = None) -> int:
-    """Write the final files from the store as one set (see :class:`_NewOutputs`): all of them
+    """Write the final files from the store as one set (see :class:`~.io.imageio.FileSet`): all of them
     under temporary names first, then renamed into place, metadata last (its fingerprint and
     the other files' sizes and digests mark the set as complete). Returns the number of objects."""
     import tifffile
@@ -739,7 +731,7 @@ def _finalize(store: WorkStore, stack: Stack, finals: dict[str, Path], spec: Mod
     # the input's calibration, so labels measure in its units in Fiji and beside it
     calibration = tiff_write_kwargs(stack.pixel_size)
     calibration["metadata"] = {"axes": axes, **calibration["metadata"]}
-    new = _NewOutputs()
+    new = FileSet()
     try:
         # label images are mostly runs of one value: deflate makes them ~70x smaller (a 20-plane
         # 256^2 stack: 5.2 MB -> 75 kB, 55 ms) and every TIFF reader (Fiji, napari, tifffile,
@@ -769,7 +761,7 @@ def _finalize(store: WorkStore, stack: Stack, finals: dict[str, Path], spec: Mod
             "outputs": {k: p.name for k, p in finals.items() if k != "metadata"},
             # what vouches for the files: a set mixed by a failure between the renames, or a
             # file changed since, does not match and is redone
-            "output_files": {k: new.record(p) for k, p in finals.items() if k != "metadata"},
+            "output_files": {k: _file_record(new.temps[p]) for k, p in finals.items() if k != "metadata"},
             "csv_columns": list(CSV_COLUMNS),
             "n_objects": n_objects,
             # what each plane was seen at (differs between planes with --zoom auto)
@@ -778,77 +770,18 @@ def _finalize(store: WorkStore, stack: Stack, finals: dict[str, Path], spec: Mod
         }
         with new.open(finals["metadata"]) as f:
             f.write((json.dumps(meta, indent=2, default=str) + "\n").encode())
-        new.commit()
+        try:
+            new.commit()
+        except PartlyReplaced as exc:
+            raise _OutputError(exc.error, changed=True) from exc.error
     finally:
         new.discard()
     return n_objects
 
 
-class _NewOutputs:
-    """New versions of a set of files, each written under a temporary name beside its final
-    one (same folder, so the rename cannot copy) and flushed to disk; :meth:`commit` renames
-    them into place in the order they were opened, :meth:`discard` removes those not renamed.
-
-    Until ``commit`` the old set is untouched: a full disk fails while writing a temporary file,
-    never halfway through the set. A failure during the renames themselves (which need no
-    space) leaves some files new and the old metadata, which does not describe them: the set
-    is not taken for complete, and the failure says so."""
-
-    def __init__(self) -> None:
-        self.temps: dict[Path, Path] = {}
-
-    @contextmanager
-    def open(self, final: Path, mode: str = "wb", **open_kwargs) -> Iterator[IO]:
-        # exclusive, with the mode a plain open (or the file it replaces) would have
-        tmp = Path(_create_temporary(final))
-        self.temps[final] = tmp
-        # opened by name (not os.fdopen): writers such as tifffile use the file's name
-        with open(tmp, mode, **open_kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-
-    def record(self, final: Path) -> dict:
-        """Size and SHA-256 of the file written for ``final`` (what its metadata vouches for)."""
-        tmp = self.temps[final]
-        return {"bytes": tmp.stat().st_size, "sha256": _file_sha256(tmp)}
-
-    def commit(self) -> None:
-        folders = {final.parent for final in self.temps}
-        renamed = 0
-        try:
-            for final, tmp in list(self.temps.items()):
-                os.replace(tmp, final)
-                del self.temps[final]
-                renamed += 1
-        except OSError as exc:
-            if renamed:
-                raise _OutputError(exc, changed=True) from exc
-            raise
-        for folder in folders:
-            _fsync_dir(folder)
-
-    def discard(self) -> None:
-        for tmp in self.temps.values():
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
-        self.temps.clear()
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the renames in ``folder`` durable (where the OS allows it)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _file_record(path: Path) -> dict:
+    """Size and SHA-256 of a written file (what the metadata vouches for)."""
+    return {"bytes": path.stat().st_size, "sha256": _file_sha256(path)}
 
 
 def _write_objects_csv(store: WorkStore, n: int, f: IO) -> int:

@@ -187,6 +187,85 @@ def _create_temporary(path: Path) -> str:
     raise FileExistsError(f"could not create a temporary file beside {path}")
 
 
+class PartlyReplaced(Exception):
+    """:meth:`FileSet.commit` renamed some files into place, then a rename failed (``error``):
+    the set on disk is mixed."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class FileSet:
+    """New versions of a set of files that belong together (a mask and its uncertainty, a
+    batch result and its metadata), each written under a temporary name beside its final one
+    (same folder, so the rename cannot copy) and flushed to disk; :meth:`commit` renames them
+    into place in the order they were opened, :meth:`discard` removes those not renamed.
+
+    Until ``commit`` the old set is untouched: a full disk fails while writing a temporary file,
+    never halfway through the set. A rename failing after others succeeded (renames need no
+    space) raises :class:`PartlyReplaced`."""
+
+    def __init__(self) -> None:
+        self.temps: dict[Path, Path] = {}
+
+    @contextmanager
+    def open(self, final: Path, mode: str = "wb", **open_kwargs):
+        # exclusive, with the mode a plain open (or the file it replaces) would have
+        tmp = Path(_create_temporary(final))
+        self.temps[final] = tmp
+        # opened by name (not os.fdopen): writers such as tifffile use the file's name
+        with open(tmp, mode, **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+
+    def commit(self) -> None:
+        folders = {final.parent for final in self.temps}
+        renamed = 0
+        try:
+            for final, tmp in list(self.temps.items()):
+                os.replace(tmp, final)
+                del self.temps[final]
+                renamed += 1
+        except OSError as exc:
+            if renamed:
+                raise PartlyReplaced(exc) from exc
+            raise
+        for folder in folders:
+            _fsync_dir(folder)
+
+    def discard(self) -> None:
+        for tmp in self.temps.values():
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+        self.temps.clear()
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the renames in ``folder`` durable (where the OS allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_if_empty(path: Path) -> None:
+    """Remove the folder ``path`` if it is empty (anything else: leave it)."""
+    try:
+        path.rmdir()
+    except OSError:
+        pass
+
+
 def write_tiff_atomic(path: str | os.PathLike, data: np.ndarray, **kwargs) -> Path:
     """Write ``data`` as a TIFF without ever leaving a half-written ``path``.
 
