@@ -609,8 +609,7 @@ class Predictor:
             if centre is None:
                 continue
             p = prompts[i]
-            labels = [1] * len(p.points) if p.labels is None else [int(v) for v in np.asarray(p.labels).ravel()]
-            out[i] = Prompt(points=[centre, *[tuple(q) for q in p.points]], labels=[1, *labels])
+            out[i] = Prompt(points=[centre, *[tuple(q) for q in p.points]], labels=[1, *_point_labels(p)])
         return out
 
     def _recentre(self, pending, prompts, mode, samples, multimask, seed) -> Iterator[tuple[int, Prediction]]:
@@ -966,11 +965,18 @@ RECENTRE_BATCH = 64
 CENTRES_KEPT = 256
 
 
+def _point_labels(prompt: Prompt) -> list[int]:
+    """The labels of a prompt set's points (all 1 when not given)."""
+    if prompt.labels is None:
+        return [1] * len(prompt.points)
+    return [int(v) for v in np.asarray(prompt.labels).ravel()]
+
+
 def _single_click(prompt: Prompt) -> tuple[float, float] | None:
     """The click of a prompt set that is one positive click (else None)."""
     if prompt.box is not None or prompt.points is None or len(prompt.points) != 1:
         return None
-    if prompt.labels is not None and int(np.asarray(prompt.labels).ravel()[0]) != 1:
+    if _point_labels(prompt)[0] != 1:
         return None
     return tuple(float(v) for v in prompt.points[0])
 
@@ -979,8 +985,7 @@ def _first_positive(prompt: Prompt) -> tuple[float, float] | None:
     """The first positive click of a prompt set of several points and no box (else None)."""
     if prompt.box is not None or prompt.points is None or len(prompt.points) < 2:
         return None
-    labels = [1] * len(prompt.points) if prompt.labels is None else [int(v) for v in np.asarray(prompt.labels).ravel()]
-    for point, label in zip(prompt.points, labels):
+    for point, label in zip(prompt.points, _point_labels(prompt)):
         if label == 1:
             return tuple(float(v) for v in point)
     return None
