@@ -320,6 +320,34 @@ def test_box_jitter_moves_corners_both_ways_or_only_outwards(inward):
     assert np.abs(y0 - 20).max() <= 3.0 + 1e-4  # 10 % of the 30-px side
 
 
+def test_neighbour_negatives_click_the_centre_of_the_nearest_other_object_and_default_off():
+    from napari_ruac.training.prompts import neighbour_point, sample_prompts
+
+    labels = np.zeros((60, 90), np.int32)
+    labels[10:30, 10:30] = 1
+    labels[10:30, 33:63] = 2  # 3 px from object 1; its deepest pixels lie 10 px inside
+    labels[10:30, 66:70] = 4  # 3 px from object 2 as well, but farther from object 1
+    labels[45:55, 10:20] = 3  # 15 px below object 1: beyond 6 px
+    x, y = neighbour_point(labels == 1, labels, 6.0)
+    assert labels[int(y), int(x)] == 2
+    assert min(y - 10, 29 - y, x - 33, 62 - x) >= 9  # its interior centre, not the near edge
+    assert neighbour_point(labels == 3, labels, 6.0) is None
+    assert labels[tuple(int(v) for v in neighbour_point(labels == 3, labels, 20.0)[::-1])] == 1
+
+    cfg = dict(objects_per_image=4, p_point=0, p_points=1, p_box=0, max_negative=0)
+    off = sample_prompts(np.random.default_rng(0), labels[None], PromptConfig(**cfg))
+    assert (off.labels != 0).all()  # no negatives unless asked for
+    on = sample_prompts(np.random.default_rng(0), labels[None], PromptConfig(**cfg, p_neighbour_negative=1.0))
+    for obj, coords, labs in zip(on.object_id, on.coords, on.labels):
+        negatives = coords[labs == 0]
+        if obj == 3:
+            assert len(negatives) == 0
+        else:
+            assert len(negatives) == 1
+            x, y = negatives[0]
+            assert labels[int(y), int(x)] not in (0, obj)  # on another object, not background
+
+
 def _alive(pid: int) -> bool:
     try:
         os.waitpid(pid, os.WNOHANG)  # reap it if it is our exited child

@@ -398,10 +398,11 @@ def test_every_recipe_loads_and_names_its_variant(path):
     assert cfg["variant"] == variant
     if cfg["model"]["init"] == "pretrained":
         # later stages start from the same variant's stage 1; stage 1d (-edge) from stage 1c,
-        # stages 1e (-more) and 1f (-calib) from stage 1d, the stage-1g and 1h experiments
-        # (-clicks, -elong, -elongctl) from stage 1f
-        start = {"edge": "stage1c", "more": "stage1d", "calib": "stage1d", "clicks": "stage1f",
-                 "elong": "stage1f", "elongctl": "stage1f"}.get(path.stem.split("-")[-1], "stage1")
+        # stages 1e (-more) and 1f (-calib) from stage 1d, the stage-1g, 1h and 1i experiments
+        # (-clicks, -elong, -elongctl, -negs, -negsctl, -negemb, -negembctl) from stage 1f
+        start = {"edge": "stage1c", "more": "stage1d", "calib": "stage1d",
+                 **dict.fromkeys(("clicks", "elong", "elongctl", "negs", "negsctl", "negemb", "negembctl"), "stage1f"),
+                 }.get(path.stem.split("-")[-1], "stage1")
         assert cfg["model"]["checkpoint"] == f"runs/micro-{variant}-{start}.pt"
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from ..model.sam import LABEL_BOX_BR, LABEL_BOX_TL, LABEL_NEG, LABEL_PAD, LABEL_POS
 
@@ -40,6 +41,12 @@ class PromptConfig:
     # object-score head only ever sees "yes" and cannot reject the background points of an
     # automatic segmentation grid
     background_per_image: int = 0
+    # probability that a several-points prompt gets one more negative click, at the centre of the
+    # nearest other object within ``neighbour_distance`` pixels of it: the correction a user makes
+    # when a mask runs into the next nucleus, which a negative in a ring around the object (where
+    # there is mostly background) rarely teaches
+    p_neighbour_negative: float = 0.0
+    neighbour_distance: float = 6.0
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "PromptConfig":
@@ -72,7 +79,7 @@ def sample_prompts(rng: np.random.Generator, label_maps: np.ndarray, cfg: Prompt
             continue
         chosen = rng.choice(ids, size=min(cfg.objects_per_image, len(ids)), replace=False)
         for obj in chosen:
-            rows.append((b, int(obj), *object_prompt(rng, labels == obj, cfg)))
+            rows.append((b, int(obj), *object_prompt(rng, labels == obj, cfg, labels)))
         if cfg.background_per_image > 0:
             rows += [(b, 0, *bg) for bg in background_prompts(rng, labels, cfg.background_per_image)]
     if not rows:
@@ -108,8 +115,10 @@ def background_prompts(rng: np.random.Generator, labels: np.ndarray, n: int) -> 
              np.array([LABEL_POS], np.int64), KIND_BACKGROUND) for i in pick]
 
 
-def object_prompt(rng: np.random.Generator, mask: np.ndarray, cfg: PromptConfig):
-    """One object's prompt: (points (N, 2) as (x, y), labels (N,), kind)."""
+def object_prompt(rng: np.random.Generator, mask: np.ndarray, cfg: PromptConfig,
+                  labels: np.ndarray | None = None):
+    """One object's prompt: (points (N, 2) as (x, y), labels (N,), kind). ``labels``, the image's
+    label map, is needed for ``cfg.p_neighbour_negative``."""
     p = np.array([cfg.p_point, cfg.p_points, cfg.p_box], float)
     kind = int(rng.choice(3, p=p / p.sum()))
     rr, cc = np.nonzero(mask)
@@ -126,7 +135,35 @@ def object_prompt(rng: np.random.Generator, mask: np.ndarray, cfg: PromptConfig)
             if neg is not None:
                 pts.append(neg)
                 lab.append(LABEL_NEG)
+        if labels is not None and cfg.p_neighbour_negative > 0 and rng.random() < cfg.p_neighbour_negative:
+            neg = neighbour_point(mask, labels, cfg.neighbour_distance)
+            if neg is not None:
+                pts.append(neg)
+                lab.append(LABEL_NEG)
     return np.array(pts, np.float32), np.array(lab, np.int64), kind
+
+
+def neighbour_point(mask: np.ndarray, labels: np.ndarray, distance: float):
+    """(x, y) of the interior centre (the pixel farthest from its edge) of the other object
+    nearest to ``mask``, if one lies within ``distance`` pixels of it; else None."""
+    rr, cc = np.nonzero(mask)
+    pad = int(np.ceil(distance)) + 1
+    h, w = mask.shape
+    win = (slice(max(0, rr.min() - pad), min(h, rr.max() + 1 + pad)),
+           slice(max(0, cc.min() - pad), min(w, cc.max() + 1 + pad)))
+    m, lab = mask[win], labels[win]
+    gap = ndimage.distance_transform_edt(~m)
+    near = (lab > 0) & ~m & (gap <= distance)
+    if not near.any():
+        return None
+    other = int(lab[near][np.argmin(gap[near])])
+    # the whole neighbour, not only its part inside the window
+    orr, occ = np.nonzero(labels == other)
+    r0, c0 = orr.min(), occ.min()
+    full = labels[r0:orr.max() + 1, c0:occ.max() + 1] == other
+    depth = ndimage.distance_transform_edt(np.pad(full, 1))[1:-1, 1:-1]
+    r, c = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    return (float(c0 + c), float(r0 + r))
 
 
 def _box(rng, rr, cc, shape, cfg):
