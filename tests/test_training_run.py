@@ -525,11 +525,15 @@ def test_a_diverged_run_stops_with_a_message_and_writes_no_nan_checkpoint_or_mod
     last = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
     assert last["step"] == 2 and all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
     assert not model.exists()
-    # a run whose last.pt an older version wrote with NaN weights is not exported
+    # a run whose last.pt an older version wrote with NaN weights is neither exported nor
+    # resumed (which would train on NaN for a whole checkpoint interval), and is left as it was
     key = next(k for k, v in last["model"].items() if v.is_floating_point())
     last["model"][key].view(-1)[0] = float("nan")
     torch.save(last, run / "last.pt")
-    assert main(["train", str(recipe), "--run-dir", str(run), "--export", str(model)]) == 1
-    err = capsys.readouterr().err
-    assert f"training diverged: by step 2 the weight {key} is NaN or infinite; no model ({model}) was written" in err
-    assert not model.exists()
+    before = (run / "last.pt").read_bytes()
+    for args in (["--export", str(model)], ["--resume"]):
+        assert main(["train", str(recipe), "--run-dir", str(run), *args]) == 1
+        err = capsys.readouterr().err
+        assert f"cannot resume {run / 'last.pt'}: its weight {key} is NaN or infinite (step 2;" in err
+        assert "Traceback" not in err
+        assert not model.exists() and (run / "last.pt").read_bytes() == before

@@ -600,6 +600,15 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        bad = first_nonfinite(ckpt["model"])
+        if bad is not None:
+            # an older version checkpointed diverged weights; training on from them would only
+            # spend a checkpoint interval before stopping
+            raise TrainingDiverged(
+                f"cannot resume {path}: its weight {bad} is NaN or infinite (step {int(ckpt['step'])}; it was "
+                f"saved after training diverged); nothing can be trained or exported from it. Restore an "
+                f"earlier copy of it, or start the run again in a new --run-dir with a lower optim.lr or optim.clip"
+            )
         self.model.load_state_dict(ckpt["model"])
         if self.adversaries is not None:
             self.adversaries.load_state_dict(ckpt["adversaries"])
