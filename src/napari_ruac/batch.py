@@ -568,6 +568,10 @@ def _run_stack(job: _Job, stack: Stack, out: Path, spec: ModelSpec, identity: di
     except _OutputError as err:
         # the input is fine and the planes computed so far are good: keep them for a rerun
         return FileResult(str(job.path), "failed", reason=_output_reason(err.error, out, work, err.changed))
+    except _ClusterLost as err:  # a dead worker or a lost scheduler: the stored planes are good
+        if len(store.missing_planes()) == stack.n_planes:
+            shutil.rmtree(work, ignore_errors=True)  # none stored: nothing to resume from
+        return FileResult(str(job.path), "failed", reason=str(err))
     except (ImageError, OSError, ValueError, RuntimeError) as exc:
         # a damaged file stays damaged: drop its store so nothing partial is left behind
         shutil.rmtree(work, ignore_errors=True)
@@ -893,6 +897,15 @@ class _LocalExecutor:
         pass
 
 
+class _ClusterLost(Exception):
+    """The dask cluster lost a plane (its worker died) or the scheduler: not the input's fault,
+    and the planes stored so far are good, so the file fails and its work store is kept."""
+
+
+#: seconds to wait for a dask scheduler to answer (also to come back) and to have a worker
+SCHEDULER_TIMEOUT_S = 30.0
+
+
 class _DaskExecutor:
     """Planes on a dask.distributed cluster; the client reads planes and sends them, so workers
     need no access to the input files, and keeps a few planes per worker in flight."""
@@ -903,11 +916,30 @@ class _DaskExecutor:
         from distributed import Client
 
         self.cluster = None
-        if scheduler is not None:
-            self.client = Client(scheduler, timeout="30s")
-        else:
-            self.cluster = local_cluster(workers, silence_logs=logging.ERROR)
-            self.client = Client(self.cluster)
+        self.client = None
+        self.lost: str | None = None  # why the scheduler is gone, once it is
+        timeout = f"{SCHEDULER_TIMEOUT_S:g}s"
+        try:
+            if scheduler is not None:
+                try:
+                    self.client = Client(scheduler, timeout=timeout)
+                except (OSError, ValueError, TypeError) as exc:  # refused, timed out, a malformed address
+                    raise BatchError(f"cannot reach the dask scheduler at {scheduler}: {exc}") from exc
+            else:
+                self.cluster = local_cluster(workers, silence_logs=logging.ERROR)
+                self.client = Client(self.cluster, timeout=timeout)
+            self.address = self.client.scheduler.address
+            try:
+                # planes sent to a cluster without workers would wait for ever
+                self.client.wait_for_workers(1, timeout=SCHEDULER_TIMEOUT_S)
+            except TimeoutError as exc:
+                raise BatchError(
+                    f"the dask scheduler at {self.address} has no workers (waited {SCHEDULER_TIMEOUT_S:g} s); "
+                    f"start some, e.g. `dask worker {self.address}`"
+                ) from exc
+        except BaseException:
+            self.close()
+            raise
         n = len(self.client.scheduler_info(n_workers=-1)["workers"]) if _takes_n_workers(self.client) \
             else len(self.client.scheduler_info()["workers"])
         self.window = max(2, 2 * n)
@@ -918,34 +950,60 @@ class _DaskExecutor:
     def run(self, stack: Stack, todo: list[int], spec: ModelSpec, cancel) -> Iterator[PlaneResult]:
         from distributed import as_completed
 
+        if self.lost is not None and todo:
+            raise _ClusterLost(f"not segmented: {self.lost}")
         pending = iter(todo)
         futures = as_completed()
+        planes = {}  # future key -> plane index, to name the plane a failure hit
         submitted = 0
         for i in pending:
-            futures.add(self._submit(stack, i, spec))
+            fut = self._submit(stack, i, spec)
+            planes[fut.key] = i
+            futures.add(fut)
             submitted += 1
             if submitted >= self.window:
                 break
         try:
             for fut in futures:
-                result = fut.result()
+                try:
+                    result = fut.result()
+                except Exception as exc:
+                    raise self._lost_plane(exc, stack, planes.get(fut.key)) from exc
+                planes.pop(fut.key, None)
                 fut.release()
                 yield result
                 if cancel is not None and cancel.is_set():
                     return
                 nxt = next(pending, None)
                 if nxt is not None:
-                    futures.add(self._submit(stack, nxt, spec))
+                    fut = self._submit(stack, nxt, spec)
+                    planes[fut.key] = nxt
+                    futures.add(fut)
         finally:
             for fut in list(futures.futures):
                 fut.cancel()
+
+    def _lost_plane(self, exc: Exception, stack: Stack, i: int | None) -> Exception:
+        """``exc`` from a plane's future as the batch reports it: the plane's own error (a NaN
+        plane, a bad checkpoint) as it is; a dead worker or a lost scheduler as _ClusterLost."""
+        from distributed import KilledWorker
+
+        where = f"{plane_name(stack, i) if i is not None else 'a plane'} of {stack.path}"
+        kept = "the planes finished so far are kept: a rerun resumes from them"
+        if isinstance(exc, KilledWorker):
+            return _ClusterLost(f"a dask worker died while segmenting {where} (killed, or out of memory?); {kept}")
+        if self.client.status in ("closing", "closed") or "scheduler-connection-lost" in str(exc):
+            self.lost = f"lost the connection to the dask scheduler at {self.address}"
+            return _ClusterLost(f"{self.lost} while segmenting {where}; {kept}")
+        return exc
 
     def _submit(self, stack: Stack, i: int, spec: ModelSpec):
         plane = stack.read_plane(i)
         return self.client.submit(segment_plane, plane, i, spec, plane_name(stack, i), pure=False)
 
     def close(self) -> None:
-        self.client.close()
+        if self.client is not None:
+            self.client.close()
         if self.cluster is not None:
             self.cluster.close()
 
