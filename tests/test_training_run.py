@@ -4,6 +4,7 @@ a 2-process gloo DDP run completes with agreeing replicas, export loads back."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -497,6 +498,53 @@ def test_trainable_prefixes_train_only_those_parameters(tmp_path):
 def test_a_trainable_prefix_that_trains_nothing_is_an_error(tmp_path, variant, trainable, problem):
     with pytest.raises(ValueError, match=problem):
         Trainer(tiny_recipe(variant, steps=1, optim={"trainable": trainable}), tmp_path / "run", quiet=True)
+
+
+def _nan_images_at(monkeypatch, steps):
+    """Training batches whose images are NaN at the given steps (a corrupt image in an annotated
+    folder, or an overflow): the loss and every gradient of that step are NaN."""
+    real_step = Trainer.train_step
+
+    def train_step(self, batch):
+        if self.step in steps:
+            batch = dict(batch, images=batch["images"] * float("nan"))
+        return real_step(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+
+
+@pytest.mark.parametrize("clip", [1.0, 0.0])
+def test_a_step_with_a_nan_loss_is_skipped_and_leaves_the_weights_as_they_were(tmp_path, monkeypatch, capsys, clip):
+    torch.set_num_threads(1)
+    _nan_images_at(monkeypatch, {2})
+    trainer = Trainer(tiny_recipe("det", steps=4, optim={"clip": clip}, train={"checkpoint_every": 100}),
+                      tmp_path / "run")
+    seen = []
+    trainer.callback = lambda r: seen.append(({k: v.clone() for k, v in trainer.model.state_dict().items()},
+                                              r.row["grad_norm"]))
+    assert trainer.fit() == 4
+    assert "step 3: the loss or its gradients are NaN or infinite; step skipped" in capsys.readouterr().out
+    (after2, _), (after3, norm3), (after4, norm4) = seen[1:]
+    assert math.isnan(norm3) and math.isfinite(norm4) and norm4 > 0
+    assert all(torch.equal(after2[k], after3[k]) for k in after2)  # the NaN step changed nothing
+    assert any(not torch.equal(after3[k], after4[k]) for k in after3)  # the next step learned again
+    assert all(torch.isfinite(v).all() for v in after4.values() if v.is_floating_point())
+
+
+def test_nan_losses_step_after_step_stop_the_run_with_the_last_good_weights(tmp_path, monkeypatch, capsys):
+    torch.set_num_threads(1)
+    monkeypatch.setattr("napari_ruac.training.cli.install_stop_signals", lambda stop: None)  # in-process
+    _nan_images_at(monkeypatch, set(range(2, 100)))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe("det", steps=20, train={"checkpoint_every": 100})))
+    run = tmp_path / "run"
+    assert main(["train", str(recipe), "--run-dir", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert ("training diverged: the loss or its gradients were NaN or infinite in 5 steps in a row (to step 7)"
+            in err) and "Traceback" not in err
+    last = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    assert last["step"] == 6  # kept on the way out; its weights are step 2's, all finite
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
 
 
 def test_a_diverged_run_stops_with_a_message_and_writes_no_nan_checkpoint_or_model(tmp_path, monkeypatch, capsys):

@@ -90,6 +90,8 @@ LOG_FIELDS = [
     "kl", "train_iou", "adv_seg", "adv_kl", "adv_iou", "cal", "distill", "mm_seg", "mm_iou", "grad_norm", "sec",
     "val_miou_point", "val_miou_box", "val_fg_iou", "val_pcc", "val_auroc", "val_ece",
 ]
+# steps in a row with a NaN or infinite loss or gradient (each skipped) before a run stops
+MAX_NONFINITE_STEPS = 5
 LOSS_FIELDS = ["loss", "seg", "bce", "focal", "dice", "iou", "obj", "kl", "train_iou", "adv_seg", "adv_kl", "adv_iou", "cal",
                "distill", "mm_seg", "mm_iou"]
 
@@ -480,6 +482,7 @@ class Trainer:
         self.device = torch.device(device)
         self.callback = callback
         self.quiet = quiet
+        self.nonfinite_steps = 0  # steps skipped in a row for a NaN/inf loss or gradient
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.world = dist.get_world_size() if self.distributed else 1
@@ -727,8 +730,14 @@ class Trainer:
                 if g is not None:
                     p.grad = g if p.grad is None else p.grad + g
         params = [p for p in self.step_module.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, o["clip"]) if o["clip"] else torch.zeros(())
-        self.optimizer.step()
+        # the norm also when not clipping (a max of inf scales by 1): a NaN or inf loss or
+        # gradient shows there, and one such step must not turn every weight into NaN
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, o["clip"] or float("inf"))
+        if bool(torch.isfinite(grad_norm)):  # DDP: the gradients are all-reduced, every rank agrees
+            self.optimizer.step()
+            self.nonfinite_steps = 0
+        else:
+            self._skip_nonfinite_step(step)
         row = {"step": step, "lr": o["lr"] * factor, "size": batch["images"].shape[-1],
                "prompts": batch["targets"].shape[0], "gamma": gamma, "beta": beta,
                "grad_norm": float(grad_norm)}
@@ -736,6 +745,20 @@ class Trainer:
             if k in parts:
                 row[k] = float(parts[k].detach())
         return row
+
+    def _skip_nonfinite_step(self, step: int) -> None:
+        """A step whose loss or gradients are NaN or infinite leaves the weights as they were
+        (as a mixed-precision loss scaler does); several in a row is a divergence."""
+        self.nonfinite_steps += 1
+        if self.nonfinite_steps >= MAX_NONFINITE_STEPS:
+            raise TrainingDiverged(
+                f"training diverged: the loss or its gradients were NaN or infinite in {self.nonfinite_steps} "
+                f"steps in a row (to step {step + 1}); the weights are those of the last good step, and "
+                f"{self.run_dir / 'last.pt'} keeps the last checkpoint; try a lower optim.lr or optim.clip"
+            )
+        if not self.quiet and self.rank == 0:
+            print(f"step {step + 1}: the loss or its gradients are NaN or infinite; step skipped, weights unchanged",
+                  flush=True)
 
     def _calibration_grads(self, cal: torch.Tensor | None):
         """The attackers' share of ``lam * L_cal``: gradients for the attacker parameters only.
