@@ -1,8 +1,9 @@
 """napari writer: a labels layer plus (optionally) an uncertainty image, as two TIFF files.
 
-``cells.tif`` becomes ``cells_labels.tif`` and ``cells_uncertainty.tif`` beside it. Each file is
-written atomically (temporary file + rename) and if the second fails the first is removed, so a
-save either produces the complete pair or leaves nothing new behind.
+``cells.tif`` becomes ``cells_labels.tif`` and ``cells_uncertainty.tif`` beside it. Both are
+written as one set (:class:`~napari_ruac.io.imageio.FileSet`): each under a temporary name, and
+only when both are complete are they renamed into place. A save either produces the complete
+pair or changes nothing: a pair saved earlier under the same name stays as it was.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tifffile
 
 from .io.calibration import PixelSize, tiff_write_kwargs, to_micrometres
-from .io.imageio import write_tiff_atomic
+from .io.imageio import FileSet, PartlyReplaced
 
 LABELS_SUFFIX = "_labels"
 UNCERTAINTY_SUFFIX = "_uncertainty"
@@ -45,24 +47,31 @@ def write_results(path: str, layer_data: list[tuple[Any, dict, str]]) -> list[st
         kinds = ", ".join(t for _, _, t in layer_data)
         raise ValueError(f"select one labels layer and at most one uncertainty image to save (got: {kinds})")
     labels_path, unc_path = result_paths(path)
-    label_data = np.asarray(labels[0][0])
+    label_data = _label_dtype(np.asarray(labels[0][0]))
+    files = {labels_path: label_data}
+    if images:
+        unc = np.asarray(images[0][0], dtype=np.float32)
+        if unc.shape != label_data.shape:
+            raise ValueError(
+                f"uncertainty map shape {unc.shape} does not match the labels shape {label_data.shape}"
+            )
+        files[unc_path] = unc
     # a layer in physical units (scale + units, e.g. from a calibrated reader) keeps them in the files
     calibration = tiff_write_kwargs(layer_pixel_size(labels[0][1]))
-    written: list[Path] = []
+    labels_path.parent.mkdir(parents=True, exist_ok=True)
+    new = FileSet()
     try:
-        written.append(write_tiff_atomic(labels_path, _label_dtype(label_data), compression="zlib", **calibration))
-        if images:
-            unc = np.asarray(images[0][0], dtype=np.float32)
-            if unc.shape != label_data.shape:
-                raise ValueError(
-                    f"uncertainty map shape {unc.shape} does not match the labels shape {label_data.shape}"
-                )
-            written.append(write_tiff_atomic(unc_path, unc, compression="zlib", **calibration))
-    except BaseException:
-        for p in written:
-            p.unlink(missing_ok=True)
-        raise
-    return [str(p) for p in written]
+        # nothing is replaced until both files are complete: a failure keeps an earlier pair whole
+        for target, data in files.items():
+            with new.open(target) as f:
+                tifffile.imwrite(f, data, photometric="minisblack", compression="zlib", **calibration)
+        new.commit()
+    except PartlyReplaced as exc:
+        raise OSError(exc.error.errno, f"{labels_path} was replaced but {unc_path} could not be: "
+                                       f"{exc.error.strerror or exc.error}") from exc
+    finally:
+        new.discard()
+    return [str(p) for p in files]
 
 
 def layer_pixel_size(meta: dict) -> PixelSize | None:
@@ -85,4 +94,5 @@ def _label_dtype(labels: np.ndarray) -> np.ndarray:
     top = int(labels.max()) if labels.size else 0
     if labels.min(initial=0) < 0:
         raise ValueError("labels must be non-negative integers")
-    return labels.astype(np.uint16 if top < 65536 else np.uint32)
+    # uint32 would wrap labels from 2**32 on (label 2**32 + 5 saved as 5): uint64 keeps them
+    return labels.astype(np.uint16 if top < 2**16 else np.uint32 if top < 2**32 else np.uint64)
