@@ -204,8 +204,12 @@ def _make_stack(path, array, file_axes, axes, channel, closer) -> Stack:
 def _infer_axes(path: Path, shape: tuple[int, ...], file_axes: str | None) -> str:
     """Axes from the file if it names them, else from the shape for up to 4-D."""
     ndim = len(shape)
-    if file_axes and len(file_axes) == ndim and not set(file_axes) & set("QIR"):
-        return file_axes.upper()
+    named = (file_axes or "").upper()
+    # letters that repeat (zarr dims "z", "zoom") or lack Y and X (xarray's "dim_0", "dim_1")
+    # name nothing: a repeated letter would read the same plane for different indices
+    if (len(named) == ndim and not set(named) & set("QIR") and len(set(named)) == ndim
+            and {"Y", "X"} <= set(named)):
+        return named
     if ndim == 2:
         return "YX"
     known_rgb = bool(file_axes) and file_axes.endswith("S") and shape[-1] in (3, 4)
@@ -274,12 +278,18 @@ def _open_zarr(path: Path):
                 )
             array = node[arrays[0]]
         else:
-            level = ms[0]["datasets"][0]["path"]
-            array = node[level]
-            names = [a["name"] if isinstance(a, dict) else a for a in ms[0].get("axes", [])]
+            try:
+                level = ms[0]["datasets"][0]["path"]
+                array = node[level]
+                names = [a["name"] if isinstance(a, dict) else a for a in ms[0].get("axes", [])]
+                pixel_size = ngff_pixel_size(ms[0])
+            except Exception as exc:  # KeyError, TypeError, IndexError: whatever the metadata lacks
+                raise ImageError(
+                    f"{path}: its OME-Zarr multiscales metadata is malformed or names a missing array "
+                    f"({type(exc).__name__}: {exc}); pass the full-resolution array's own folder"
+                ) from exc
             if names:
                 axes = "".join(str(n)[:1].upper() for n in names)
-            pixel_size = ngff_pixel_size(ms[0])
     return array, axes, None, pixel_size
 
 
