@@ -164,6 +164,14 @@ def test_annotated_folders_and_stacks(tmp_path):
     with pytest.raises(ValueError, match="no objects"):
         AnnotatedImages([np.zeros((10, 10))], [np.zeros((10, 10), np.uint8)])
 
+    # an image with NaN pixels is refused when loaded, naming its file and plane
+    (tmp_path / "images" / "orphan.tif").unlink()
+    img = (rng.random((3, 40, 50)) * 500).astype(np.float32)
+    img[1, 7, 7] = np.nan
+    tifffile.imwrite(tmp_path / "images" / "stack.tif", img, photometric="minisblack")
+    with pytest.raises(ImageError, match=r"^stack\.tif, plane 1: image contains 1 NaN or infinite values"):
+        AnnotatedImages.from_folder(tmp_path)
+
 
 def test_segmentation_and_calibration_losses():
     target = torch.zeros(2, 16, 16)

@@ -501,8 +501,8 @@ def test_a_trainable_prefix_that_trains_nothing_is_an_error(tmp_path, variant, t
 
 
 def _nan_images_at(monkeypatch, steps):
-    """Training batches whose images are NaN at the given steps (a corrupt image in an annotated
-    folder, or an overflow): the loss and every gradient of that step are NaN."""
+    """Training batches whose images are NaN at the given steps (annotated folders refuse NaN
+    images when loaded; this stands for an overflow): the loss and every gradient are NaN."""
     real_step = Trainer.train_step
 
     def train_step(self, batch):

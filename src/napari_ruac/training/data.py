@@ -72,8 +72,12 @@ class AnnotatedImages:
         self.images, self.labels = [], []
         for img, lab, name in zip(images, labels, self.names):
             img_planes, lab_planes = _planes(np.asarray(img), np.asarray(lab), name)
-            for p, q in zip(img_planes, lab_planes):
-                self.images.append(to_rgb_float(p, ))
+            for z, (p, q) in enumerate(zip(img_planes, lab_planes)):
+                try:
+                    self.images.append(to_rgb_float(p))
+                except ImageError as e:  # name the file (and plane) the problem is in
+                    where = f"{name}, plane {z}" if len(img_planes) > 1 else name
+                    raise ImageError(f"{where}: {e}") from None
                 self.labels.append(q.astype(np.int64))
         if not self.images:
             raise ValueError("no annotated images to train on")
