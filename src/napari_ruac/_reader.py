@@ -47,7 +47,25 @@ def read_results(path: str | list[str]) -> list[tuple]:
         labels_file = labels_path_for(p)
         if labels_file.is_file():
             kind = "mask" if labels_file.stem.endswith("_mask") else "labels"
-            layers.append((np.asarray(read_image(labels_file)), {"name": f"{stem} {kind}"}, "labels"))
+            layers.append((_label_data(labels_file), {"name": f"{stem} {kind}"}, "labels"))
         unc = np.asarray(read_image(p), dtype=np.float32)
         layers.append((unc, {"name": f"{stem} uncertainty", **UNCERTAINTY_DISPLAY}, "image"))
     return layers
+
+
+def _label_data(path: Path) -> np.ndarray:
+    """The labels in ``path`` as integers: napari takes no float labels, but Fiji and other tools
+    often save label images as 32-bit float; whole numbers become integers, anything else is a
+    ValueError naming the file."""
+    data = np.asarray(read_image(path))
+    if data.dtype.kind != "f":
+        return data
+    with np.errstate(invalid="ignore"):
+        whole = bool(np.isfinite(data).all() and (data >= 0).all() and (data == np.round(data)).all())
+    if not whole:
+        raise ValueError(
+            f"{path} is not a labels image: its {data.dtype} values are not all whole numbers >= 0 "
+            "(NaN, negative or fractional), so they cannot be object labels"
+        )
+    top = float(data.max()) if data.size else 0.0
+    return data.astype(np.uint16 if top < 2**16 else np.uint32 if top < 2**32 else np.uint64)
