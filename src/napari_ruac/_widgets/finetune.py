@@ -73,6 +73,25 @@ def annotated_planes(image: np.ndarray, labels: np.ndarray, rgb: bool) -> tuple[
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
+def _full_resolution(layer) -> np.ndarray:
+    """A layer's pixels; of a multiscale layer the full-resolution level (``np.asarray`` of a
+    multiscale layer's data gives another level, which then 'does not fit' the labels)."""
+    return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+
+
+def _check_paths(run_dir: Path, output: Path) -> None:
+    """ValueError naming the problem when the run folder cannot be made or the model file
+    cannot be written there (a file in the way, a folder where the file should go)."""
+    for part in (run_dir, *run_dir.parents):
+        if part.exists() and not part.is_dir():
+            raise ValueError(f"the run folder {run_dir} cannot be made: {part} is a file, not a folder")
+    if output.is_dir():
+        raise ValueError(f"'save model to' {output} is a folder: give a file name, e.g. {output / 'finetuned.pt'}")
+    for part in output.parents:
+        if part.exists() and not part.is_dir():
+            raise ValueError(f"the model file {output} cannot be written: {part} is a file, not a folder")
+
+
 class FinetuneWidget(QWidget):
     """Pick an image and its objects Labels layer, a base model and a step budget; train."""
 
@@ -216,15 +235,18 @@ class FinetuneWidget(QWidget):
         except KeyError:
             show_error("fine-tune: choose an image layer and a labels layer with your objects")
             return
+        run_dir = Path(self.run_dir_edit.text().strip() or default_run_dir())
+        output = Path(self.output_edit.text().strip() or run_dir / "finetuned.pt")
         try:
-            images, labels = annotated_planes(image_layer.data, labels_layer.data, bool(image_layer.rgb))
+            # checked now: the child would find an unusable model path only at its end, after training
+            _check_paths(run_dir, output)
+            images, labels = annotated_planes(_full_resolution(image_layer), _full_resolution(labels_layer),
+                                              bool(image_layer.rgb))
         except ValueError as exc:
             show_error(f"fine-tune: {exc}")
             self.status.setText(str(exc))
             return
         choice = self.model_picker.choice()
-        run_dir = Path(self.run_dir_edit.text().strip() or default_run_dir())
-        output = Path(self.output_edit.text().strip() or run_dir / "finetuned.pt")
         recipe = self.recipe(choice)
         self.results, self.error, self.output_path = [], None, None
         self.progress.setRange(0, recipe["optim"]["steps"])
