@@ -96,3 +96,19 @@ def test_finetune_trains_on_the_full_resolution_of_a_multiscale_image(make_napar
     assert errors_since(seen) == [] and widget.error is None, widget.error
     assert (tmp_path / "tuned.pt").is_file()
     assert tifffile.imread(tmp_path / "run" / "data" / "images" / "0000.tif").shape == (96, 96)
+
+
+def test_batch_names_a_missing_or_unchosen_checkpoint_file_before_starting(make_napari_viewer, tmp_path):
+    _, widget = make_napari_viewer().window.add_plugin_dock_widget("napari-ruac", "Batch segmentation")
+    tifffile.imwrite(tmp_path / "s.tif", np.zeros((32, 32), np.uint16))
+    widget.add_inputs([tmp_path / "s.tif"])
+    widget.output_edit.setText(str(tmp_path / "out"))
+    widget.model_picker.model_combo.setCurrentText("checkpoint file…")
+    for path, message in (("", "batch: choose a checkpoint file first"),
+                          (str(tmp_path / "gone.pt"), f"batch: checkpoint file not found: {tmp_path / 'gone.pt'}")):
+        widget.model_picker.path_edit.setText(path)
+        seen = len(notification_manager.records)
+        widget.run_button.click()
+        assert not widget.running
+        assert errors_since(seen) == [message]  # was "unknown model '...gone.pt': expected a checkpoint path or ..."
+    assert not (tmp_path / "out").exists()

@@ -32,7 +32,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .model_picker import ModelPicker, zoom_of, zoom_spin_box
+from .model_picker import CHECKPOINT_ENTRY, ModelPicker, zoom_of, zoom_spin_box
 from .runner import describe_error, show_worker_warning
 
 class _ProgressRelay(QObject):
@@ -47,6 +47,17 @@ def inputs_in(folder: str | Path) -> list[Path]:
     from ..batch import earlier_run_output, images_in_folder
 
     return [p for p in images_in_folder(folder) if earlier_run_output(p) is None]
+
+
+def _checkpoint_problem(choice, is_checkpoint: bool) -> str | None:
+    """Why the model picker's weights file cannot be used (none chosen, not there), or None."""
+    if choice.name_or_path == CHECKPOINT_ENTRY:
+        return "choose a checkpoint file first"
+    files = ([choice.name_or_path] if is_checkpoint else []) + ([choice.checkpoint] if choice.checkpoint else [])
+    for f in files:
+        if not Path(f).is_file():
+            return f"checkpoint file not found: {f}"
+    return None
 
 
 class BatchWidget(QWidget):
@@ -191,6 +202,11 @@ class BatchWidget(QWidget):
             show_error("batch: a batch is already running")
             return
         choice = self.model_picker.choice()
+        problem = _checkpoint_problem(choice, self.model_picker.model_combo.currentText() == CHECKPOINT_ENTRY)
+        if problem:  # else segment_files says "unknown model '<the path>': expected a checkpoint path ..."
+            show_error(f"batch: {problem}")
+            self.status.setText(problem)
+            return
         self.cancel_event = threading.Event()
         self.summary, self.error, self.reports = None, None, []
         self.progress.setRange(0, 0)  # busy until the first plane reports
