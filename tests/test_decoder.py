@@ -384,3 +384,24 @@ def test_channels_last_upscaling_equals_sam2s_modules_with_gradients(feature_bat
     up[0] = nn.ConvTranspose2d(d, d // 4, 3, 2)
     with pytest.raises(ValueError, match="2x2 stride-2"):
         _upscale_channels_last(up, src, s0, s1)
+
+
+def test_the_weibull_head_runs_in_float32_under_bf16_autocast(tiny_model, embedded):
+    """Mixed precision (bf16 training on a GPU; CPU autocast follows the same rules): the
+    transformer may run in bf16, but the Bayesian head's moments, KL and maps come out in float32
+    and close to a float32 run. Before, the fused analytic path raised a dtype error and the KL
+    was a bf16 number."""
+    emb, coords, labels = embedded
+    exact = _decode(tiny_model, emb, coords, labels, mode="analytic")
+    for mode in ("analytic", "sample", "mc"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = _decode(tiny_model, emb, coords, labels, mode=mode, samples=4, return_kl=True)
+        names = ("logits", "kl", "probability", "uncertainty", "epistemic") if mode == "mc" else \
+            ("logits", "logit_mean", "logit_var", "kl", "probability", "uncertainty")
+        for name in names:
+            value = getattr(out, name)
+            assert value.dtype == torch.float32 and torch.isfinite(value).all(), (mode, name)
+        if mode == "analytic":
+            scale = float(exact.logit_mean.std())
+            assert float((out.logit_mean - exact.logit_mean).abs().mean()) < 0.05 * scale
+            assert float((out.probability - exact.probability).abs().mean()) < 0.01

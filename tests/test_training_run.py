@@ -500,6 +500,32 @@ def test_a_trainable_prefix_that_trains_nothing_is_an_error(tmp_path, variant, t
         Trainer(tiny_recipe(variant, steps=1, optim={"trainable": trainable}), tmp_path / "run", quiet=True)
 
 
+@pytest.mark.parametrize("variant", ["ruac", "bayes", "det"])
+def test_every_variant_trains_in_bf16_with_its_bayesian_parts_in_float32(tmp_path, variant):
+    """The mixed precision a GPU run uses (train.precision 'auto' there), run with CPU autocast:
+    every part of a step works in bf16 (attackers, corrections and KL on), the losses are
+    finite and the weights learn and stay float32. Before, the deformation attacker raised a
+    dtype error and the Weibull head ran in bf16."""
+    torch.set_num_threads(1)
+    cfg = tiny_recipe(variant, steps=3, data={"p_large": 0.0, "p_small": 0.0},
+                      curriculum={"kl_start": 0, "adv_start": 0, "adv_ramp": 1, "gamma": 0.5},
+                      train={"correction_prob": 1.0, "precision": "bf16"})
+    trainer = Trainer(cfg, tmp_path / "run", quiet=True)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    rows = []
+    trainer.callback = lambda r: rows.append(r.row)
+    assert trainer.fit() == 3
+    for row in rows:
+        assert all(math.isfinite(row[k]) for k in ("loss", "seg", "kl", "grad_norm"))
+    if variant == "ruac":
+        assert all(math.isfinite(r["adv_seg"]) and r["gamma"] > 0 for r in rows)
+    after = trainer.model.state_dict()
+    assert all(v.dtype == before[k].dtype for k, v in after.items())
+    assert any(not torch.equal(before[k], after[k]) for k in after)
+    with pytest.raises(ValueError, match=r"train.precision must be one of \('auto', 'bf16', 'fp32'\), got 'fp16'"):
+        Trainer(tiny_recipe(variant, train={"precision": "fp16"}), tmp_path / "x", quiet=True)
+
+
 def _nan_images_at(monkeypatch, steps):
     """Training batches whose images are NaN at the given steps (annotated folders refuse NaN
     images when loaded; this stands for an overflow): the loss and every gradient are NaN."""

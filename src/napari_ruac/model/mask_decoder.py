@@ -367,6 +367,20 @@ class BayesianMaskDecoder(MaskDecoder):
                 kl=None,
             )
 
+        device = upscaled.device.type
+        if torch.is_autocast_enabled(device):
+            # the Weibull head in float32 under mixed precision (bf16 training on a GPU): its
+            # moments, lgamma factors and KL are sums of products and logs that bf16's 8-bit
+            # mantissa would round, and its fused inference path writes into float32 buffers
+            with torch.autocast(device, enabled=False):
+                return self._bayesian(upscaled.float(), mask_toks_sel.float(), iou_pred.float(),
+                                      object_score_logits.float(), mode, samples, return_kl, generator)
+        return self._bayesian(upscaled, mask_toks_sel, iou_pred, object_score_logits, mode, samples, return_kl,
+                              generator)
+
+    def _bayesian(self, upscaled, mask_toks_sel, iou_pred, object_score_logits, mode, samples, return_kl,
+                  generator) -> DecoderOutput:
+        """The Weibull head's output for the selected mask tokens (``forward``'s Bayesian modes)."""
         head = self.weibull_head
         # inference-only modes without autograd may take the vectorised softplus
         fast = mode in ("analytic", "mc") and not torch.is_grad_enabled()

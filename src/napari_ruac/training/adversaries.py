@@ -237,7 +237,9 @@ class DeformAdversary(nn.Module):
         fg = (label_maps > 0).float().unsqueeze(1)
         edge = (label_maps != -F.max_pool2d(-label_maps.float().unsqueeze(1), 3, 1, 1).squeeze(1)).float()
         mask_embed = torch.cat([F.adaptive_avg_pool2d(fg, grid), F.adaptive_avg_pool2d(edge.unsqueeze(1), grid)], 1)
-        coarse = torch.tanh(self.net(torch.cat([features.detach(), mask_embed], dim=1))) * self.cfg.max_offset
+        # float32 from here on, also under bf16 autocast: offsets are added to pixel coordinates,
+        # which bf16's 8-bit mantissa rounds to 2-4 px at the sizes trained on
+        coarse = torch.tanh(self.net(torch.cat([features.detach(), mask_embed], dim=1)).float()) * self.cfg.max_offset
         field = F.interpolate(coarse, size=size, mode="bicubic", align_corners=False)
         field = zero_mean_per_object(field, label_maps)
         # rescale (not clamp) so the bound holds without undoing the zero mean

@@ -81,6 +81,9 @@ DEFAULTS: dict = {
         # SAM2's multimask loss on single-click prompts (best of the 3 extra masks + IoU head on all)
         "multimask": False,
         "threads": None,
+        # "auto": bf16 autocast on CUDA, float32 elsewhere; "bf16" or "fp32" to choose (the
+        # Weibull head and the deformation field stay in float32 under bf16)
+        "precision": "auto",
     },
     "val": {"images": 16, "size": 256, "seed": 12345, "batch_size": 4, "source": "synthetic"},
 }
@@ -90,6 +93,7 @@ LOG_FIELDS = [
     "kl", "train_iou", "adv_seg", "adv_kl", "adv_iou", "cal", "distill", "mm_seg", "mm_iou", "grad_norm", "sec",
     "val_miou_point", "val_miou_box", "val_fg_iou", "val_pcc", "val_auroc", "val_ece",
 ]
+PRECISIONS = ("auto", "bf16", "fp32")
 # steps in a row with a NaN or infinite loss or gradient (each skipped) before a run stops
 MAX_NONFINITE_STEPS = 5
 LOSS_FIELDS = ["loss", "seg", "bce", "focal", "dice", "iou", "obj", "kl", "train_iou", "adv_seg", "adv_kl", "adv_iou", "cal",
@@ -133,6 +137,8 @@ def load_config(path_or_dict) -> dict:
     cfg = merge(DEFAULTS, raw)
     if cfg["variant"] not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {cfg['variant']!r}")
+    if cfg["train"]["precision"] not in PRECISIONS:
+        raise ValueError(f"train.precision must be one of {PRECISIONS}, got {cfg['train']['precision']!r}")
     trainable = cfg["optim"]["trainable"]
     if trainable is not None and (not isinstance(trainable, list) or not trainable
                                   or not all(isinstance(t, str) and t for t in trainable)):
@@ -718,7 +724,9 @@ class Trainer:
         gamma, beta = curriculum(step, self.cfg, self.variant, self.loss_cfg)
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         correct = bool(torch.rand((), generator=self.generator) < self.cfg["train"]["correction_prob"])
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        precision = self.cfg["train"]["precision"]
+        bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
         with autocast:
             parts = self.wrapped(batch, gamma, beta, correct, self.generator, fg_weight_at(step, self.loss_cfg),
                                  distill_weight_at(step, self.loss_cfg))
