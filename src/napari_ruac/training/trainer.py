@@ -428,6 +428,7 @@ def validation_batches(cfg: dict) -> list[dict]:
 
 
 @torch.no_grad()
+@torch.no_grad()  # nothing here is trained: no graph (on a GPU it would hold every batch's activations)
 def validate(model: RuacSam, batches: list) -> ValidationResult:
     was_training = model.training
     model.eval()
@@ -723,7 +724,9 @@ class Trainer:
             g["lr"] = g["base_lr"] * factor
         gamma, beta = curriculum(step, self.cfg, self.variant, self.loss_cfg)
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        correct = bool(torch.rand((), generator=self.generator) < self.cfg["train"]["correction_prob"])
+        # on the generator's device: a CUDA generator cannot draw a CPU tensor (the same draws on the CPU)
+        correct = bool(torch.rand((), generator=self.generator, device=self.device)
+                       < self.cfg["train"]["correction_prob"])
         precision = self.cfg["train"]["precision"]
         bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
