@@ -968,7 +968,10 @@ class _DaskExecutor:
                 try:
                     result = fut.result()
                 except Exception as exc:
-                    raise self._lost_plane(exc, stack, planes.get(fut.key)) from exc
+                    lost = self._lost_plane(exc, stack, planes.get(fut.key))
+                    if lost is exc:  # the plane's own error, as it is
+                        raise
+                    raise lost from exc
                 planes.pop(fut.key, None)
                 fut.release()
                 yield result
