@@ -231,7 +231,7 @@ def test_precompute_all_planes_then_cancel(make_napari_viewer, qtbot):
     assert widget.cancel_button.isEnabled()
     qtbot.waitUntil(lambda: not widget.task_runner.busy, timeout=WAIT_MS)
     assert "embedded 3 of 3 planes" in widget.status.text()
-    assert all(widget._predictor.is_cached(widget._plane_array((i,))) for i in range(3))
+    assert all(widget._predictor.is_cached(widget._plane_array(widget.image_layer, (i,))) for i in range(3))
     assert widget.progress.value() == widget.progress.maximum()
     assert not widget.cancel_button.isEnabled()
 
@@ -242,14 +242,14 @@ def test_precompute_all_planes_then_cancel(make_napari_viewer, qtbot):
     qtbot.waitUntil(lambda: not widget.task_runner.busy, timeout=WAIT_MS)
     assert "cancelled after embedding 0 of 3" in widget.status.text()
     assert not widget.cancel_button.isEnabled()
-    assert not any(widget._predictor.is_cached(widget._plane_array((i,))) for i in range(3))
+    assert not any(widget._predictor.is_cached(widget._plane_array(widget.image_layer, (i,))) for i in range(3))
 
     # whole planes count against the memory share too: it stops after the first
     widget.precompute_memory_fraction = 1e-12
     widget.precompute_all()
     qtbot.waitUntil(lambda: not widget.task_runner.busy, timeout=WAIT_MS)
     assert widget.status.text().startswith("embedded 0 of 3 planes: stopped at")
-    assert [widget._predictor.is_cached(widget._plane_array((i,))) for i in range(3)] == [True, False, False]
+    assert [widget._predictor.is_cached(widget._plane_array(widget.image_layer, (i,))) for i in range(3)] == [True, False, False]
 
 
 def test_precompute_embeds_every_click_window_of_planes_larger_than_the_window(make_napari_viewer, qtbot,
@@ -451,7 +451,7 @@ def test_a_refinement_encodes_one_window_at_a_time_without_holding_the_model_loc
     widget.add_point((150, 30))
     wait_predictions(qtbot, widget, 1)
     shown = widget._current_preds[()]
-    job = widget._refine_job(widget.model_picker.choice(), [((), shown.prompt)], "analytic", 0.0, 3)
+    job = widget._refine_job(widget.model_picker.choice(), [((), shown.prompt)], "analytic", 0.0, 3, widget.image_layer)
     windows = 0
     while True:
         try:

@@ -6,6 +6,7 @@ check bookkeeping, not mask quality)."""
 from __future__ import annotations
 
 import sys
+import time
 import traceback
 
 import numpy as np
@@ -138,6 +139,37 @@ def test_removing_the_bound_image_binds_the_remaining_one(make_napari_viewer, qt
     viewer.layers.remove("c")
     qtbot.waitUntil(lambda: widget.image_layer is not None and widget.image_layer.name == "b", timeout=5000)
     assert widget.image_combo.currentText() == "b"
+
+
+def test_a_prediction_still_running_when_its_image_is_removed_is_dropped(make_napari_viewer, qtbot, excs):
+    """A prediction job reads the image bound when its prompts changed, and its result is shown
+    only while that image is bound. Here a is removed while a's mask waits for the model, and
+    the job gets to it before the widget has bound b. (Before, the job read whatever image was
+    bound when it got there: nothing, so "prediction failed: 'NoneType' object has no attribute
+    'data'" was shown on b.)"""
+    viewer = make_napari_viewer()
+    viewer.add_image(stack(3), name="a")
+    viewer.add_image(stack(3)[::-1, ::-1].copy(), name="b")
+    widget = dock(viewer, qtbot)
+    widget.image_combo.setCurrentText("a")
+    widget.add_point((0, 15, 18))  # loads the model
+    wait_predictions(qtbot, widget, 2)  # its mask, then its refinement at three scales
+    shown = widget.predictions_applied
+    before = len(notification_manager.records)
+    with widget._model_lock:  # a's next job waits for the model, as behind a long embedding
+        widget.add_point((1, 32, 45))
+        qtbot.waitUntil(lambda: widget.predict_runner.busy, timeout=WAIT_MS)
+        viewer.layers.remove("a")  # b is bound once this event is over
+    time.sleep(1.0)  # the job runs meanwhile, with no Qt event handled (b not bound yet)
+    qtbot.waitUntil(lambda: not widget.predict_runner.busy and widget.image_layer is not None, timeout=WAIT_MS)
+    qtbot.wait(100)
+    assert widget.image_layer.name == "b"
+    assert widget.predictions_applied == shown  # a's mask was not shown on b
+    assert not widget.current.data.any()
+    assert "failed" not in widget.status.text() and messages(before) == []
+    widget.add_point((1, 32, 45))  # and b predicts as usual
+    wait_predictions(qtbot, widget, shown + 1)
+    assert widget.current.data[1].any()
 
 
 def test_with_no_image_left_the_buttons_ask_for_one(make_napari_viewer, qtbot):

@@ -21,6 +21,7 @@ import itertools
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 from napari.layers import Image, Labels, Points, Shapes
@@ -659,9 +660,12 @@ class AnnotatorWidget(QWidget):
         if jobs:
             # no progress-bar change here: re-ranging a QProgressBar repaints the dock (~50 ms
             # per click measured); it goes busy only while an embedding is computed
+            # the job reads, and its result is for, the image bound now (see _apply_for)
+            layer = self.image_layer
             self.predict_runner.submit(
                 self._predict_job, self.model_picker.choice(), jobs, self.mode_combo.currentText(),
-                time.perf_counter(), on_result=self._apply_predictions, on_yield=self._on_progress_message)
+                time.perf_counter(), layer, on_result=partial(self._apply_for, layer),
+                on_yield=self._on_progress_message)
 
     def _plane_in_range(self, plane: Plane) -> bool:
         return all(0 <= v < n for v, n in zip(plane, self.spatial_shape))
@@ -686,8 +690,9 @@ class AnnotatorWidget(QWidget):
             self._predictor.cache_size = max(self._predictor.cache_size, CACHE_WINDOWS * self._refine_scales)
         return self._predictor
 
-    def _plane_array(self, plane: Plane) -> np.ndarray:
-        return np.asarray(self.image_layer.data[plane] if plane else self.image_layer.data)
+    @staticmethod
+    def _plane_array(layer: Image, plane: Plane) -> np.ndarray:
+        return np.asarray(layer.data[plane] if plane else layer.data)
 
     def _on_plane_shown(self, event=None) -> None:
         """With zoom "auto" and a model loaded: estimate the object size of the plane now on
@@ -708,15 +713,16 @@ class AnnotatorWidget(QWidget):
         except ValueError:
             pass  # a bad plane (NaNs, ...) is reported when it is clicked, not when it is shown
 
-    def _predict_job(self, choice: ModelChoice, jobs: list, mode: str, submitted: float):
-        """Generator run in a thread worker: yields progress messages, returns PlanePredictions."""
+    def _predict_job(self, choice: ModelChoice, jobs: list, mode: str, submitted: float, layer: Image):
+        """Generator run in a thread worker: yields progress messages, returns PlanePredictions
+        for ``layer`` (the image bound when the prompts changed, whatever is bound by now)."""
         results = []
         with self._model_lock:
             if self._predictor is None or self._predictor_choice != choice:
                 yield f"loading model {choice.name_or_path} on {choice.device}…"
             predictor = self._ensure_predictor(choice)
             for plane, prompt in jobs:
-                arr = self._plane_array(plane)
+                arr = self._plane_array(layer, plane)
                 try:  # a bad plane or prompt fails that plane alone
                     if not predictor.is_cached(arr):
                         yield f"computing the embedding of plane {plane or 'image'}…"
@@ -734,13 +740,14 @@ class AnnotatorWidget(QWidget):
         """Whether results at one scale are refined at more ("1, then 3"; native-scale models)."""
         return self._refine_scales is not None and predictor.model.config.input_scaling == "native"
 
-    def _refine_job(self, choice: ModelChoice, jobs: list, mode: str, submitted: float, scales: int):
+    def _refine_job(self, choice: ModelChoice, jobs: list, mode: str, submitted: float, scales: int,
+                    layer: Image):
         """Generator run in a thread worker: the results just shown, decoded again at ``scales``
         test-time scales. The windows that needs are encoded one at a time with the model lock
         released in between, and it yields there (never while holding the lock), so a newer
         prompt, which quits this job at its next yield, waits for one window's views at most."""
         for plane, prompt in jobs:
-            arr = self._plane_array(plane)
+            arr = self._plane_array(layer, plane)
             with self._model_lock:
                 predictor = self._scaled_predictor(choice, arr, scales)
                 windows, key = predictor.prompt_windows(**prompt.as_kwargs()), predictor.image_key
@@ -751,7 +758,7 @@ class AnnotatorWidget(QWidget):
         with self._model_lock:  # every window is encoded: decoder passes only from here
             results = []
             for plane, prompt in jobs:
-                predictor = self._scaled_predictor(choice, self._plane_array(plane), scales)
+                predictor = self._scaled_predictor(choice, self._plane_array(layer, plane), scales)
                 results.append(self._predict_plane(predictor, plane, prompt, mode, submitted, True))
         return results
 
@@ -789,6 +796,12 @@ class AnnotatorWidget(QWidget):
             self.status.setText(message)
             if not self.task_runner.busy:
                 self.progress.setRange(0, 0)  # busy while the model loads or embeds a plane
+
+    def _apply_for(self, layer: Image, results: list[PlanePrediction]) -> None:
+        """Results for ``layer``: shown while it is the bound image; dropped once it was removed
+        or another was chosen (with the same prompts there, they would pass for that image's)."""
+        if layer is self.image_layer:
+            self._apply_predictions(results)
 
     def _apply_predictions(self, results: list[PlanePrediction]) -> None:
         if self.image_layer is None or not self._ensure_layers():  # (a result is no reason to bind)
@@ -843,9 +856,11 @@ class AnnotatorWidget(QWidget):
         jobs = [(r.plane, r.prompt) for r in results if isinstance(r, PlanePrediction)
                 and not r.refined and r.scales == 1 and wanted.get(r.plane) == r.prompt]
         if jobs:  # a newer prompt stops it (it would be stale): interruptible
+            layer = self.image_layer
             self.predict_runner.submit(
                 self._refine_job, self.model_picker.choice(), jobs, self.mode_combo.currentText(),
-                time.perf_counter(), self._refine_scales, on_result=self._apply_predictions, interruptible=True)
+                time.perf_counter(), self._refine_scales, layer, on_result=partial(self._apply_for, layer),
+                interruptible=True)
 
     def _show_maps(self, plane: Plane, pred) -> None:
         """Write ``pred``'s mask, uncertainty and overlay into the layers' ``plane``: only the
