@@ -6,9 +6,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -419,6 +421,19 @@ def test_bad_options_stop_before_any_work(tmp_path):
         segment_files([tmp_path / "s.tif"], tmp_path / "out", model="test-tiny", points_per_sid=3)
     with pytest.raises(BatchError, match="unknown model 'nope'"):
         segment_files([tmp_path / "s.tif"], tmp_path / "out", model="nope")
+    # official weights not fetched yet are downloaded (or refused, naming where to put them)
+    # when the model loads: no "UNTRAINED model" warning ahead of that (there was one)
+    from napari_ruac.batch import ModelSpec, model_identity
+    from napari_ruac.model.build import UntrainedWeightsWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UntrainedWeightsWarning)
+        identity = model_identity(ModelSpec("sam2.1_hiera_tiny", "cpu", None, {}))
+    assert identity["name"] == "sam2.1_hiera_tiny" and identity["weights"]  # the file's hash, or where it is missing
+    # a path is a missing file, not an unknown name (as predict and load_model say it)
+    for kw in ({"model": str(tmp_path / "gone.pt")}, {"model": "micro", "checkpoint": str(tmp_path / "gone.pt")}):
+        with pytest.raises(BatchError, match=f"^checkpoint file not found: {re.escape(str(tmp_path / 'gone.pt'))}$"):
+            segment_files([tmp_path / "s.tif"], tmp_path / "out", **kw)
     assert not (tmp_path / "out" / "s_labels.tif").exists()
     with pytest.raises(BatchError, match="either workers"):
         segment_files([tmp_path / "s.tif"], tmp_path / "out", model="test-tiny", workers=2, scheduler="tcp://x:1")

@@ -438,15 +438,18 @@ def _check_writable(out: Path) -> None:
 def model_identity(spec: ModelSpec) -> dict:
     """What identifies the model's weights without loading it: the weights file's SHA-256,
     or the seed of a random-weight model."""
-    from .model.build import WEIGHTS_DIR, cache_dir
+    from .model.build import WEIGHTS_DIR, cache_dir, names_a_file
     from .model.checkpoint import file_sha256
-    from .model.config import MODEL_SPECS, resolve_spec
+    from .model.config import resolve_spec
 
     identity: dict[str, Any] = {"name": spec.model}
     file: Path | None = None
-    if spec.checkpoint:
-        file = Path(spec.checkpoint)
-    elif str(spec.model) in MODEL_SPECS or not Path(spec.model).exists():
+    packaged = False  # weights that ship with the package (without them: random weights)
+    if spec.checkpoint or names_a_file(spec.model):
+        file = Path(spec.checkpoint or spec.model)
+        if not file.is_file():  # as load_model would say it, before any work
+            raise BatchError(f"checkpoint file not found: {file}")
+    else:
         try:
             ms = resolve_spec(str(spec.model))
         except KeyError as exc:
@@ -454,14 +457,12 @@ def model_identity(spec: ModelSpec) -> dict:
         if ms.random_init:
             identity["weights"] = "random seed 0"
         elif ms.packaged:
-            file = WEIGHTS_DIR / ms.packaged
-        else:
+            file, packaged = WEIGHTS_DIR / ms.packaged, True
+        else:  # official weights: downloaded (or refused with a message) when the model loads
             file = cache_dir() / ms.filename
-    else:
-        file = Path(spec.model)
     if file is not None:
         identity["weights"] = file_sha256(file) if file.is_file() else f"missing: {file}"
-    if str(identity.get("weights", "")).startswith("missing") and not spec.checkpoint:
+    if packaged and not file.is_file():
         import warnings
 
         from .model.build import UntrainedWeightsWarning

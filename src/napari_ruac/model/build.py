@@ -106,13 +106,19 @@ def load_model(
     The returned model is in eval mode on ``device``; ``model.info`` says where it came from.
     """
     dev = resolve_device(device)
-    path = Path(name_or_path)
-    if str(name_or_path) not in MODEL_SPECS and (path.suffix in {".pt", ".pth", ".ckpt"} or path.exists()):
-        model = _from_file(path, None)
+    if names_a_file(name_or_path):
+        model = _from_file(Path(name_or_path), None)
     else:
         spec = resolve_spec(str(name_or_path))
         model = _from_spec(spec, checkpoint, download)
     return model.to(dev).eval()
+
+
+def names_a_file(name_or_path: str | os.PathLike) -> bool:
+    """Whether :func:`load_model` reads ``name_or_path`` as a checkpoint file (which may be
+    missing: then it says so) rather than as a registered model name."""
+    path = Path(name_or_path)
+    return str(name_or_path) not in MODEL_SPECS and (path.suffix in {".pt", ".pth", ".ckpt"} or path.exists())
 
 
 def _from_file(path: Path, expected: ModelConfig | None) -> RuacSam:
