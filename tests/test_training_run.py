@@ -526,6 +526,25 @@ def test_every_variant_trains_in_bf16_with_its_bayesian_parts_in_float32(tmp_pat
         Trainer(tiny_recipe(variant, train={"precision": "fp16"}), tmp_path / "x", quiet=True)
 
 
+def test_a_run_saved_on_another_kind_of_device_resumes_with_its_generator_reseeded(tmp_path, capsys):
+    """A GPU run's state holds a CUDA generator's state (16 bytes: seed and offset), which a
+    CPU generator cannot take (and the other way round); training/README's device flow resumes
+    GPU runs on the CPU. Simulated by giving last.pt a 16-byte generator state: the run resumes
+    at its step, with the same batches, and says why it is not bit-identical."""
+    torch.set_num_threads(1)
+    cfg = tiny_recipe("det", steps=4, train={"checkpoint_every": 2})
+    Trainer(cfg, tmp_path / "run", quiet=True).fit(max_steps=2)
+    state = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=True)
+    state["rng"]["generator"] = torch.zeros(16, dtype=torch.uint8)
+    torch.save(state, tmp_path / "run" / "last.pt")
+    capsys.readouterr()
+    trainer = Trainer(cfg, tmp_path / "run", resume=True)
+    assert trainer.step == 2
+    assert "was saved on another kind of device: its random generator is reseeded at step 2" in capsys.readouterr().out
+    assert trainer.fit() == 4
+    assert [int(r["step"]) for r in read_log(tmp_path / "run" / "log.csv")] == [0, 1, 2, 3]
+
+
 def _nan_images_at(monkeypatch, steps):
     """Training batches whose images are NaN at the given steps (annotated folders refuse NaN
     images when loaded; this stands for an overflow): the loss and every gradient are NaN."""

@@ -624,8 +624,18 @@ class Trainer:
             self.adversaries.load_state_dict(ckpt["adversaries"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"]["torch"])
-        self.generator.set_state(ckpt["rng"]["generator"])
         self.step = int(ckpt["step"])
+        try:
+            self.generator.set_state(ckpt["rng"]["generator"])
+        except RuntimeError:
+            # saved on another kind of device (a GPU run resumed on the CPU, or back): a CUDA
+            # generator's state is not a CPU one's. The data do not depend on it (they are a
+            # function of the seed and the step); the prompts' corrections and the Weibull noise
+            # from here on do, so the run goes on, no longer bit-identical to an uninterrupted one
+            self.generator.manual_seed(self.cfg["seed"] * 1000 + 17 + self.rank + self.step)
+            if not self.quiet and self.rank == 0:
+                print(f"{path} was saved on another kind of device: its random generator is reseeded at step "
+                      f"{self.step} (the batches stay the same; corrections and sampling noise differ)")
         self.elapsed = float(ckpt.get("elapsed", 0.0))
         self.last_val = dict(ckpt.get("last_val", {}))
         if "trained_heads" in ckpt:
