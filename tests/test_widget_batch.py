@@ -175,3 +175,28 @@ def test_another_input_of_the_same_name_fails_unless_replacing_is_ticked(make_na
         assert str(day1 if not tick else day2) in str(source)
         if not ok:
             assert "same name" in widget.summary.failures[0].reason
+
+
+def test_closing_napari_mid_batch_stops_it_after_the_current_plane(make_napari_viewer, qtbot, tmp_path):
+    """napari asks every running worker to quit when its window closes; the batch (a function
+    worker, which would ignore that) stops after the plane it is on, as with Cancel, instead of
+    keeping the process alive without a window until every file is done."""
+    inputs = write_stacks(tmp_path, 3, shape=(6, 48, 48))
+    out = tmp_path / "out"
+    viewer = make_napari_viewer()
+    widget = dock(viewer, out)
+    widget.add_inputs(inputs)
+    first = []
+    widget._relay.report.connect(lambda r: first.append(r))
+    widget.run_button.click()
+    worker = widget.worker
+    qtbot.waitUntil(lambda: bool(first), timeout=WAIT_MS)
+    assert viewer.window._task_status_manager.is_busy()  # napari knows of the batch
+    viewer.close()
+    qtbot.waitUntil(lambda: not worker.is_running, timeout=WAIT_MS)
+    done = [p for p in inputs if (out / f"{p.stem}_labels.tif").exists()]
+    assert len(done) < len(inputs)  # stopped early (3 stacks of 6 planes)
+    for p in inputs:  # each input has its complete outputs or none at all
+        present = sorted(q.name for q in out.glob(f"{p.stem}_*"))
+        assert len(present) in (0, 4), present
+    assert [x for x in leftovers(out) if x.endswith(".tmp")] == []

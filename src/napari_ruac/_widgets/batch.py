@@ -60,6 +60,24 @@ def _checkpoint_problem(choice, is_checkpoint: bool) -> str | None:
     return None
 
 
+class _Cancel:
+    """The batch's stop request, polled by ``segment_files`` between planes (``is_set``): set by
+    the Cancel button, or by napari, which asks every running worker to quit when its window
+    closes (a plain function worker would ignore that, and the batch would keep the process
+    alive, windowless, until it ended). Either way the files finished are kept and a rerun
+    resumes the rest."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.worker = None
+
+    def set(self) -> None:
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set() or bool(self.worker is not None and self.worker.abort_requested)
+
+
 class BatchWidget(QWidget):
     """Pick TIFF files or a folder, a model and an output folder; segment every plane."""
 
@@ -67,7 +85,7 @@ class BatchWidget(QWidget):
         super().__init__(parent)
         self.viewer = napari_viewer
         self.worker = None
-        self.cancel_event: threading.Event | None = None
+        self.cancel_event: _Cancel | None = None
         self.summary = None
         self.error: BaseException | None = None
         self.reports: list = []
@@ -207,7 +225,7 @@ class BatchWidget(QWidget):
             show_error(f"batch: {problem}")
             self.status.setText(problem)
             return
-        self.cancel_event = threading.Event()
+        self.cancel_event = _Cancel()
         self.summary, self.error, self.reports = None, None, []
         self.progress.setRange(0, 0)  # busy until the first plane reports
         self.status.setText(f"loading {choice.name_or_path}…")
@@ -221,6 +239,7 @@ class BatchWidget(QWidget):
             options["checkpoint"] = choice.checkpoint
         self.worker = create_worker(self._job, inputs, output, choice, self.cancel_event, options,
                                     _start_thread=False, _ignore_errors=True)
+        self.cancel_event.worker = self.worker
         self.worker.warned.connect(show_worker_warning)
         self.worker.returned.connect(self._on_done)
         self.worker.errored.connect(self._on_error)
