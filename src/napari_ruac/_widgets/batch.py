@@ -65,7 +65,7 @@ class _Cancel:
     the Cancel button, or by napari, which asks every running worker to quit when its window
     closes (a plain function worker would ignore that, and the batch would keep the process
     alive, windowless, until it ended). Either way the files finished are kept and a rerun
-    resumes the rest."""
+    skips them."""
 
     def __init__(self) -> None:
         self._event = threading.Event()
