@@ -428,7 +428,6 @@ def validation_batches(cfg: dict) -> list[dict]:
 
 
 @torch.no_grad()
-@torch.no_grad()  # nothing here is trained: no graph (on a GPU it would hold every batch's activations)
 def validate(model: RuacSam, batches: list) -> ValidationResult:
     was_training = model.training
     model.eval()
