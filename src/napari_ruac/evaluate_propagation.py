@@ -32,8 +32,15 @@ Point = tuple[int, int]
 def objects_3d(labels: np.ndarray) -> list[tuple[int, int, Point]]:
     """(id, plane of its largest section, innermost pixel there) for every object of a
     (Z, H, W) label stack, in id order."""
+    labels = np.asarray(labels)
     if labels.ndim != 3:
         raise ValueError(f"need a (planes, rows, columns) label stack, got shape {labels.shape}")
+    if labels.size == 0:
+        raise ValueError(f"the label stack is empty: shape {labels.shape}")
+    if labels.dtype.kind not in "biuf" or (labels.dtype.kind == "f" and not (np.isfinite(labels).all()
+                                                                           and (labels == np.round(labels)).all())):
+        raise ValueError(f"labels must hold whole-number object ids (0 = background), got dtype {labels.dtype}"
+                         + (" with fractional or NaN values" if labels.dtype.kind == "f" else ""))
     out = []
     found = ndi.find_objects(labels.astype(np.int64, copy=False))
     for i, where in enumerate(found, start=1):
@@ -56,10 +63,14 @@ def propagation_ious(model, image: np.ndarray, labels: np.ndarray, objects=None,
     :func:`objects_3d` by default): the click on the object's largest section, the result
     carried both ways with ``rule`` (the annotator's default), each plane seen at ``zoom``.
     An object whose first mask is smaller than ``rule.min_area`` scores 0."""
+    image, labels = np.asarray(image), np.asarray(labels)
     if image.shape[:3] != labels.shape:
         raise ValueError(f"image {image.shape} and labels {labels.shape} differ in their planes, rows or columns")
     rule = rule or StopRule()
     objects = objects_3d(labels) if objects is None else objects
+    for i, z, point in objects:
+        if not (isinstance(z, (int, np.integer)) and 0 <= z < len(image)):
+            raise ValueError(f"object {i}: plane {z!r} is outside the stack of {len(image)} planes")
     predictor = Predictor(model, zoom=zoom, cache_size=2 * len(image))
     segment = predictor_segmenter(predictor, lambda k: image[k])
     ious = []
@@ -81,8 +92,14 @@ def points_by_frame(tracks: np.ndarray) -> dict[int, dict[int, Point]]:
     tracks = np.asarray(tracks)
     if tracks.ndim != 2 or tracks.shape[1] != 4:
         raise ValueError(f"tracks must be an (N, 4) array of track id, frame, row, column; got shape {tracks.shape}")
+    if tracks.dtype.kind not in "biuf":
+        raise ValueError(f"tracks must hold numbers (track id, frame, row, column), got dtype {tracks.dtype}")
     if not np.isfinite(tracks).all():
         raise ValueError("tracks hold NaN or infinite values")
+    if len(tracks) == 0:
+        raise ValueError("tracks is empty: give at least one (track id, frame, row, column) row")
+    if not (tracks[:, :2] == np.round(tracks[:, :2])).all():
+        raise ValueError("tracks' track ids and frames must be whole numbers (rows and columns may be fractional)")
     out: dict[int, dict[int, Point]] = {}
     for tid, t, r, c in tracks:
         out.setdefault(int(t), {})[int(tid)] = (int(round(r)), int(round(c)))

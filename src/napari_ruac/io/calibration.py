@@ -35,6 +35,20 @@ class PixelSize:
     y: float
     z: float | None = None
 
+    def __post_init__(self) -> None:
+        # a zero, negative or NaN size would be written as resolution tags Fiji cannot use (or
+        # fail deep in the writer with a division by zero)
+        for name in ("x", "y", "z"):
+            value = getattr(self, name)
+            if value is None and name == "z":
+                continue
+            try:
+                size = math.nan if isinstance(value, (str, bytes, bool)) else float(value)
+            except (TypeError, ValueError):
+                size = math.nan
+            if not (math.isfinite(size) and size > 0):
+                raise ValueError(f"pixel size {name} must be a finite number of micrometres > 0, got {value!r}")
+
     def as_dict(self) -> dict:
         return {**asdict(self), "unit": "µm"}
 

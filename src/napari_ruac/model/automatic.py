@@ -140,11 +140,43 @@ def _shift(box: Box, dr: int, dc: int) -> Box:
     return (box[0] + dr, box[1] + dc, box[2] + dr, box[3] + dc)
 
 
+def _is_whole(value) -> bool:
+    """Whether ``value`` is a whole number (a Python or numpy integer, not a bool)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_options(**options) -> None:
+    """AutomaticSegmenter's numeric options, or a ValueError naming the first that cannot be used
+    (a NaN threshold, for one, silently dropped every mask)."""
+    wholes = {"crop_n_layers": 0, "crop_n_points_downscale_factor": 1, "window_margin": 0, "samples": 1,
+              "min_area": None, "seed": None}
+    for name, low in wholes.items():
+        value = options[name]
+        if not _is_whole(value) or (low is not None and value < low):
+            more = "" if low is None else f" >= {low}"
+            raise ValueError(f"{name} must be a whole number{more}, got {value!r}")
+    fractions = {"crop_overlap_ratio": (0.0, 1.0, False), "box_nms_thresh": (0.0, 1.0, True),
+                 "crop_nms_thresh": (0.0, 1.0, True)}
+    for name, value in options.items():
+        if name in wholes or (value is None and name in ("pred_iou_thresh", "stability_score_thresh")):
+            continue
+        ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+        ok = ok and math.isfinite(value)
+        if ok and name in fractions:
+            low, high, closed = fractions[name]
+            ok = low <= value <= high if closed else low <= value < high
+        if not ok:
+            low_high = fractions.get(name)
+            what = "a finite number" if low_high is None else (
+                f"a fraction in [{low_high[0]:g}, {low_high[1]:g}{']' if low_high[2] else ')'}")
+            raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
 # ---------------------------------------------------------------------------- geometry
 def point_grid(n_per_side: int) -> np.ndarray:
     """(n², 2) points (row, col) as fractions of the crop size, at cell centres."""
-    if n_per_side < 1:
-        raise ValueError(f"points_per_side must be at least 1, got {n_per_side}")
+    if not _is_whole(n_per_side) or n_per_side < 1:
+        raise ValueError(f"points_per_side must be a whole number >= 1, got {n_per_side!r}")
     offsets = (np.arange(n_per_side) + 0.5) / n_per_side
     rows, cols = np.meshgrid(offsets, offsets, indexing="ij")
     return np.stack([rows.ravel(), cols.ravel()], axis=1)
@@ -546,11 +578,17 @@ class AutomaticSegmenter:
         views: int | str = "auto",
         scales: int | str = 1,
     ) -> None:
-        if points_per_batch < 1:
-            raise ValueError(f"points_per_batch must be at least 1, got {points_per_batch}")
-        if refine_rounds < 0:
+        if not _is_whole(points_per_batch) or points_per_batch < 1:
+            raise ValueError(f"points_per_batch must be a whole number >= 1, got {points_per_batch!r}")
+        if not _is_whole(refine_rounds) or refine_rounds < 0:
             raise ValueError(f"refine_rounds must be 0 or more, got {refine_rounds}")
         point_grid(points_per_side)  # validates
+        _check_options(crop_n_layers=crop_n_layers, crop_overlap_ratio=crop_overlap_ratio,
+                       crop_n_points_downscale_factor=crop_n_points_downscale_factor, window_margin=window_margin,
+                       seed=seed, samples=samples, box_nms_thresh=box_nms_thresh, crop_nms_thresh=crop_nms_thresh,
+                       max_mean_uncertainty=max_mean_uncertainty, pred_iou_thresh=pred_iou_thresh,
+                       stability_score_thresh=stability_score_thresh, stability_score_offset=stability_score_offset,
+                       object_score_thresh=object_score_thresh, min_area=min_area)
         self.model = model.eval()
         self.points_per_side = points_per_side
         self.points_per_batch = points_per_batch
@@ -705,6 +743,12 @@ class AutomaticSegmenter:
         """Filtered, de-duplicated candidates of an (H, W, 3) float image in [0, 1] that fits the
         model (max side <= ``tile_size``), best first; ``zoom`` default: :meth:`plane_zoom`."""
         stats = stats if stats is not None else AutoStats()
+        rgb = np.asarray(rgb)
+        if rgb.ndim != 3 or rgb.shape[-1] != 3 or min(rgb.shape[:2]) < 1:
+            from ..io.normalize import ImageError
+
+            raise ImageError(f"candidates takes a normalised (H, W, 3) image (to_rgb_float), got shape {rgb.shape}; "
+                             "segment() takes any plane")
         zoom = self.plane_zoom(rgb) if zoom is None else zoom
         h, w = rgb.shape[:2]
         image = torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32)).permute(2, 0, 1)

@@ -203,6 +203,8 @@ class Predictor:
                  scales: int | str = 1) -> None:
         self.model = model.eval()
         self.box_margin = resolve_box_margin(box_margin)
+        if not _is_whole(cache_size) or cache_size < 0:
+            raise ValueError(f"cache_size must be a whole number of planes (or windows) >= 0, got {cache_size!r}")
         self.cache_size = cache_size
         zoom = parse_zoom(zoom)
         self.auto_zoom = zoom == "auto"  # each plane's own zoom (see zoom)
@@ -213,9 +215,13 @@ class Predictor:
         self.box_size = resolve_box_size(model.config, box_size)
         self.views = resolve_views(model.config, views)
         self._scales = resolve_scales(model.config, scales)
-        if not 0 < window_step <= 0.5:
+        try:
+            step = float(window_step)
+        except (TypeError, ValueError):
+            step = math.nan
+        if not 0 < step <= 0.5:
             raise ValueError(f"window_step must be a fraction of the window in (0, 0.5], got {window_step!r}")
-        self.window_step = float(window_step)
+        self.window_step = step
         if recentre == "auto":
             recentre = model.config.input_scaling == "native"
         if not isinstance(recentre, bool):
@@ -495,7 +501,19 @@ class Predictor:
         ``cache_size`` windows per view and scale: raise it to keep many."""
         if self._plane is None:
             raise RuntimeError("no image set: call set_image() first")
-        self._window_embeddings(self._view_windows(window, zoom), zoom)
+        from .frame import check_zoom
+
+        zoom = check_zoom(zoom)
+        h, w = self._plane.shape[:2]
+        try:
+            r0, c0, r1, c1 = (int(v) for v in window)
+            ok = tuple(window) == (r0, c0, r1, c1) and 0 <= r0 < r1 <= h and 0 <= c0 < c1 <= w
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"window must be (row0, col0, row1, col1) whole pixels of a non-empty part of the "
+                             f"{h}x{w} plane (as click_windows() gives), got {window!r}")
+        self._window_embeddings(self._view_windows((r0, c0, r1, c1), zoom), zoom)
 
     @property
     def cache_bytes(self) -> int:
@@ -546,7 +564,8 @@ class Predictor:
         prediction)`` as the objects of each context window are done, with maps that cover only
         ``prediction.region`` (row0, col0, row1, col1) of the plane (outside it the probability
         is 0). Memory then holds one window's objects at a time, not a plane per object."""
-        prompts = [p if isinstance(p, Prompt) else Prompt(**p) for p in prompts]
+        prompts = _prompt_sets(prompts)
+        _check_sampling(samples, seed)
         if not self.recentre:
             for i, pred, _ in self._regions(prompts, mode, samples, multimask, seed):
                 yield i, pred
@@ -885,10 +904,15 @@ class Predictor:
         """Object ``i``'s prompts as (N, 2) (row, col) image coordinates and SAM labels."""
         pts, labs = [], []
         if p.points is not None and len(p.points):
-            points = np.asarray(p.points, dtype=np.float64)
+            try:
+                points = np.asarray(p.points, dtype=np.float64)
+            except (TypeError, ValueError):
+                raise PromptError(f"object {i}: points must be a list of (row, col) numbers, got {p.points!r}") from None
             if points.ndim != 2 or points.shape[1] != 2:
                 raise PromptError(f"object {i}: points must be a list of (row, col), got shape {points.shape}")
             lab = np.ones(len(points), dtype=np.int64) if p.labels is None else np.asarray(p.labels)
+            if lab.ndim != 1:
+                raise PromptError(f"object {i}: labels must be a list of one 1 or 0 per point, got shape {lab.shape}")
             if lab.shape != (len(points),):
                 raise PromptError(f"object {i}: {len(points)} points but {lab.size} labels")
             if not np.isin(lab, (0, 1)).all():
@@ -897,14 +921,21 @@ class Predictor:
                 self._check_inside(i, "point", r, c)
                 pts.append((r, c))
                 labs.append(int(l))
+        elif p.labels is not None and np.size(p.labels):
+            raise PromptError(f"object {i}: 0 points but {np.size(p.labels)} labels (labels are for points only)")
         if p.box is not None:
-            box = np.asarray(p.box, dtype=np.float64).ravel()
-            if box.shape != (4,):
+            try:
+                box = np.asarray(p.box, dtype=np.float64).ravel()
+            except (TypeError, ValueError):
+                box = None
+            if box is None or box.shape != (4,):
                 raise PromptError(f"object {i}: box must be (row0, col0, row1, col1), got {p.box}")
-            r0, r1 = sorted((box[0], box[2]))
-            c0, c1 = sorted((box[1], box[3]))
+            r0, c0, r1, c1 = box
             self._check_inside(i, "box corner", r0, c0, edge=True)
             self._check_inside(i, "box corner", r1, c1, edge=True)
+            if r0 > r1 or c0 > c1:
+                raise PromptError(f"object {i}: box {tuple(float(v) for v in box)} has its corners swapped: give "
+                                  "(row0, col0, row1, col1) with row0 <= row1 and col0 <= col1")
             if r1 - r0 < 1 or c1 - c0 < 1:
                 raise PromptError(f"object {i}: box {tuple(float(v) for v in box)} has zero height or width "
                                   "(row0, col0, row1, col1: the corners must differ by at least one pixel)")
@@ -917,7 +948,10 @@ class Predictor:
     def _check_inside(self, i: int, what: str, r: float, c: float, edge: bool = False) -> None:
         h, w = self._plane.shape[:2]
         ok = (0 <= r <= h and 0 <= c <= w) if edge else (0 <= r < h and 0 <= c < w)
-        if not (math.isfinite(r) and math.isfinite(c) and ok):
+        if not (math.isfinite(r) and math.isfinite(c)):
+            raise PromptError(f"object {i}: {what} at (row={r:g}, col={c:g}) is not a finite position: it lies "
+                              f"outside the image of shape {h}x{w}")
+        if not ok:
             raise PromptError(
                 f"object {i}: {what} at (row={r:g}, col={c:g}) lies outside the image of shape {h}x{w}"
             )
@@ -963,6 +997,42 @@ def _cut_to(pred: Prediction, keep: tuple[int, int, int, int]) -> Prediction:
 RECENTRE_BATCH = 64
 # re-centred first clicks a predictor remembers for the corrections that follow them
 CENTRES_KEPT = 256
+
+
+def _is_whole(value) -> bool:
+    """Whether ``value`` is a whole number (a Python or numpy integer, not a bool)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _prompt_sets(prompts) -> list[Prompt]:
+    """``predict_batch``/``predict_regions``' prompts as a list of :class:`Prompt`, or a
+    :class:`PromptError` that names the object whose prompt set is not a Prompt or a dict of
+    ``points``, ``labels``, ``box``."""
+    if isinstance(prompts, (Prompt, dict)):
+        raise PromptError("prompts must be a list of prompt sets (one Prompt or dict per object), got one "
+                          f"{type(prompts).__name__}: wrap it in a list, or use predict()")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, Prompt):
+            out.append(p)
+            continue
+        if not isinstance(p, dict):
+            raise PromptError(f"object {i}: a prompt set must be a Prompt or a dict with points, labels and/or "
+                              f"box, got {type(p).__name__} {p!r}")
+        unknown = sorted(set(p) - {"points", "labels", "box"}, key=str)
+        if unknown:
+            raise PromptError(f"object {i}: unknown prompt key(s) {', '.join(map(repr, unknown))}; "
+                              "expected points, labels, box")
+        out.append(Prompt(**p))
+    return out
+
+
+def _check_sampling(samples, seed) -> None:
+    """``samples`` (Monte-Carlo draws) and ``seed`` of a prediction: whole numbers (or seed None)."""
+    if not _is_whole(samples):
+        raise ValueError(f"samples must be a whole number of Monte-Carlo draws, got {samples!r}")
+    if seed is not None and not _is_whole(seed):
+        raise ValueError(f"seed must be a whole number or None, got {seed!r}")
 
 
 def _point_labels(prompt: Prompt) -> list[int]:
@@ -1134,7 +1204,7 @@ def resolve_window(config, window: int | str | None) -> int | None:
         return None
     try:
         side = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(f"window must be 'auto', None/0 (whole plane) or a side in pixels, got {window!r}") from None
     if (not isinstance(value, str) and side != value) or side < 64:
         raise ValueError(f"window must be a whole number of pixels >= 64, got {window!r}")

@@ -158,7 +158,10 @@ def prompt_from_mask(mask: np.ndarray, n_points: int = 1, box_margin: float = 2.
     distance transform stays inside the object even when it moves a little between planes,
     whereas the centroid of a curved object can fall outside it.
     """
-    mask = largest_component(np.asarray(mask, dtype=bool))
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be one plane's (H, W) mask, got shape {mask.shape}")
+    mask = largest_component(mask)
     if not mask.any():
         raise ValueError("cannot make prompts from an empty mask")
     h, w = mask.shape
@@ -208,15 +211,34 @@ def iter_propagate(
     reason ``"stopped at plane <i>: <message>"``; the other direction still runs. Any other
     error (out of memory, a bug) ends the whole run.
     """
+    if isinstance(start, (bool, np.bool_)) or not isinstance(start, (int, np.integer)):
+        raise TypeError(f"start must be a whole plane index, got {start!r}")
+    if not isinstance(n_planes, (int, np.integer, float)) or not float(n_planes).is_integer():
+        raise TypeError(f"n_planes must be a whole number of planes, got {n_planes!r}")
     if not 0 <= start < n_planes:
         raise IndexError(f"start plane {start} is outside the stack of {n_planes} planes")
+    try:
+        directions = tuple(directions)
+    except TypeError:
+        directions = (directions,)
+    if not all(isinstance(d, (int, np.integer)) and d in (1, -1) for d in directions):
+        # a step of 0 would segment the start's neighbour forever, 2 would skip planes
+        raise ValueError(f"directions must hold 1 (forward) and/or -1 (backward), got {directions!r}")
     start_mask = np.asarray(start_mask, dtype=bool)
+    if start_mask.ndim != 2:
+        raise ValueError(f"start_mask must be the start plane's (H, W) mask, got shape {start_mask.shape}")
     if start_mask.sum() < rule.min_area:
         raise ValueError(
             f"the object on plane {start} has {int(start_mask.sum())} px: nothing to propagate"
         )
     check_contrast = get_plane is not None and rule.min_contrast_ratio is not None
-    start_contrast = rule.contrast(get_plane(start), start_mask) if check_contrast else float("nan")
+    start_contrast = float("nan")
+    if check_contrast:
+        start_plane = np.asarray(get_plane(start))
+        if start_plane.shape[:2] != start_mask.shape:
+            raise ValueError(f"start_mask has shape {start_mask.shape} but plane {start} of the stack has "
+                             f"{start_plane.shape}: the mask must cover the plane's (H, W)")
+        start_contrast = rule.contrast(start_plane, start_mask)
     for direction in directions:
         previous = start_mask
         strongest = start_contrast
@@ -228,6 +250,9 @@ def iter_propagate(
             except plane_errors as exc:
                 yield direction, None, f"stopped at plane {index}: {str(exc) or type(exc).__name__}"
                 break
+            if pred.mask.shape != start_mask.shape:
+                raise ValueError(f"start_mask has shape {start_mask.shape} but the mask of plane {index} has "
+                                 f"{pred.mask.shape}: the start mask must cover the stack's planes")
             mask = largest_component(pred.mask)
             reason = rule.why_stop(mask, previous)
             if reason is None and check_contrast:
@@ -267,6 +292,9 @@ def propagate(
     ``start_uncertainty`` (float (H, W)) gives the start plane's mean uncertainty in the record.
     """
     start_mask = np.asarray(start_mask, dtype=bool)
+    if start_uncertainty is not None and np.shape(start_uncertainty) != start_mask.shape:
+        raise ValueError(f"start_uncertainty has shape {np.shape(start_uncertainty)} but start_mask has "
+                         f"{start_mask.shape}: give the start plane's (H, W) uncertainty map")
     mean_u = float(start_uncertainty[start_mask].mean()) if start_uncertainty is not None and start_mask.any() else float("nan")
     result = PropagationResult(start=start)
     result.planes[start] = PlaneResult(start, start_mask, mean_u, start_iou)

@@ -84,6 +84,8 @@ def estimate_object_diameter(plane: np.ndarray) -> float | None:
 def auto_zoom(plane: np.ndarray, target: float = TARGET_DIAMETER) -> float:
     """The zoom (quarter-octave steps in :data:`ZOOM_RANGE`) that shows the plane's typical
     object at ``target`` pixels; 1.0 when the plane shows no objects to measure."""
+    if not (isinstance(target, (int, float, np.integer, np.floating)) and math.isfinite(target) and target > 0):
+        raise ValueError(f"target must be a diameter in pixels > 0, got {target!r}")
     diameter = estimate_object_diameter(plane)
     if diameter is None:
         return 1.0

@@ -30,10 +30,13 @@ CandidateFn = Callable[[np.ndarray], list[MaskCandidate]]
 def tile_boxes(shape: tuple[int, int], tile_size: int, overlap: int) -> list[Box]:
     """Tiles (r0, c0, r1, c1) of at most ``tile_size`` covering ``shape``, neighbours overlapping
     by at least ``overlap`` pixels; evenly spread, so the last tile is not a sliver."""
-    if tile_size < 1:
-        raise ValueError(f"tile_size must be positive, got {tile_size}")
-    if not 0 <= overlap < tile_size:
+    whole = (int, np.integer)
+    if not isinstance(tile_size, whole) or tile_size < 1:
+        raise ValueError(f"tile_size must be a positive whole number of pixels, got {tile_size!r}")
+    if not isinstance(overlap, whole) or not 0 <= overlap < tile_size:
         raise ValueError(f"tile overlap must be in [0, tile_size), got {overlap} for tiles of {tile_size}")
+    if len(shape) != 2 or not all(isinstance(n, whole) and n >= 1 for n in shape):
+        raise ValueError(f"shape must be a plane's (H, W), each at least 1 pixel, got {shape!r}")
     starts = [_starts(n, tile_size, overlap) for n in shape]
     return [
         (r, c, min(r + tile_size, shape[0]), min(c + tile_size, shape[1]))
