@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("image", help="a 2D image (TIFF/PNG/zarr); for a stack, pick the plane with --plane")
     parser.add_argument("--point", action="append", default=[], metavar="ROW,COL", help="object point (repeatable)")
     parser.add_argument("--negative", action="append", default=[], metavar="ROW,COL", help="background point (repeatable)")
-    parser.add_argument("--box", metavar="ROW0,COL0,ROW1,COL1", help="bounding box of the object")
+    parser.add_argument("--box", metavar="ROW0,COL0,ROW1,COL1", help="bounding box of the object, top-left corner first")
     parser.add_argument("--plane", type=int, default=None,
                         help="plane of a 3D/time stack: its index in C order over every axis but Y, X and colour "
                              "(as in the batch's objects CSV); only that plane is read")
