@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from ..io.normalize import to_rgb_float, validate_plane
-from .frame import Frame, frame_for, parse_zoom, to_model_input
+from .frame import Frame, frame_for, is_whole, parse_zoom, to_model_input
 from .sam import LABEL_POS, RuacSam
 from .views import resolve_scales, resolve_views
 from .weibull import binary_entropy
@@ -140,11 +140,6 @@ def _shift(box: Box, dr: int, dc: int) -> Box:
     return (box[0] + dr, box[1] + dc, box[2] + dr, box[3] + dc)
 
 
-def _is_whole(value) -> bool:
-    """Whether ``value`` is a whole number (a Python or numpy integer, not a bool)."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
 def _check_options(**options) -> None:
     """AutomaticSegmenter's numeric options, or a ValueError naming the first that cannot be used
     (a NaN threshold, for one, silently dropped every mask)."""
@@ -152,7 +147,7 @@ def _check_options(**options) -> None:
               "min_area": None, "seed": None}
     for name, low in wholes.items():
         value = options[name]
-        if not _is_whole(value) or (low is not None and value < low):
+        if not is_whole(value) or (low is not None and value < low):
             more = "" if low is None else f" >= {low}"
             raise ValueError(f"{name} must be a whole number{more}, got {value!r}")
     fractions = {"crop_overlap_ratio": (0.0, 1.0, False), "box_nms_thresh": (0.0, 1.0, True),
@@ -175,7 +170,7 @@ def _check_options(**options) -> None:
 # ---------------------------------------------------------------------------- geometry
 def point_grid(n_per_side: int) -> np.ndarray:
     """(n², 2) points (row, col) as fractions of the crop size, at cell centres."""
-    if not _is_whole(n_per_side) or n_per_side < 1:
+    if not is_whole(n_per_side) or n_per_side < 1:
         raise ValueError(f"points_per_side must be a whole number >= 1, got {n_per_side!r}")
     offsets = (np.arange(n_per_side) + 0.5) / n_per_side
     rows, cols = np.meshgrid(offsets, offsets, indexing="ij")
@@ -578,9 +573,9 @@ class AutomaticSegmenter:
         views: int | str = "auto",
         scales: int | str = 1,
     ) -> None:
-        if not _is_whole(points_per_batch) or points_per_batch < 1:
+        if not is_whole(points_per_batch) or points_per_batch < 1:
             raise ValueError(f"points_per_batch must be a whole number >= 1, got {points_per_batch!r}")
-        if not _is_whole(refine_rounds) or refine_rounds < 0:
+        if not is_whole(refine_rounds) or refine_rounds < 0:
             raise ValueError(f"refine_rounds must be 0 or more, got {refine_rounds}")
         point_grid(points_per_side)  # validates
         _check_options(crop_n_layers=crop_n_layers, crop_overlap_ratio=crop_overlap_ratio,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -27,6 +28,12 @@ class Frame:
 
 
 ZOOM_LIMITS = (0.05, 8.0)  # the zooms a frame allows
+
+
+def is_whole(value) -> bool:
+    """Whether ``value`` is a whole number (a Python or numpy integer, not a bool): what counts
+    (a cache size, a sample count, a seed, a grid side) is whole, and 2.5 or True is a mistake."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def check_zoom(zoom) -> float:

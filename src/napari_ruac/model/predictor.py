@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..io.normalize import to_rgb_float, validate_plane
-from .frame import ZOOM_LIMITS, Frame, frame_for, parse_zoom, to_model_input
+from .frame import ZOOM_LIMITS, Frame, frame_for, is_whole, parse_zoom, to_model_input
 from .sam import LABEL_BOX_BR, LABEL_BOX_TL, ImageEmbedding, RuacSam
 from .views import View, reflect_crop, resolve_scales, resolve_views
 from .weibull import binary_entropy, sigmoid_and_entropy
@@ -203,7 +203,7 @@ class Predictor:
                  scales: int | str = 1) -> None:
         self.model = model.eval()
         self.box_margin = resolve_box_margin(box_margin)
-        if not _is_whole(cache_size) or cache_size < 0:
+        if not is_whole(cache_size) or cache_size < 0:
             raise ValueError(f"cache_size must be a whole number of planes (or windows) >= 0, got {cache_size!r}")
         self.cache_size = cache_size
         zoom = parse_zoom(zoom)
@@ -999,11 +999,6 @@ RECENTRE_BATCH = 64
 CENTRES_KEPT = 256
 
 
-def _is_whole(value) -> bool:
-    """Whether ``value`` is a whole number (a Python or numpy integer, not a bool)."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
 def _prompt_sets(prompts) -> list[Prompt]:
     """``predict_batch``/``predict_regions``' prompts as a list of :class:`Prompt`, or a
     :class:`PromptError` that names the object whose prompt set is not a Prompt or a dict of
@@ -1029,9 +1024,9 @@ def _prompt_sets(prompts) -> list[Prompt]:
 
 def _check_sampling(samples, seed) -> None:
     """``samples`` (Monte-Carlo draws) and ``seed`` of a prediction: whole numbers (or seed None)."""
-    if not _is_whole(samples):
+    if not is_whole(samples):
         raise ValueError(f"samples must be a whole number of Monte-Carlo draws, got {samples!r}")
-    if seed is not None and not _is_whole(seed):
+    if seed is not None and not is_whole(seed):
         raise ValueError(f"seed must be a whole number or None, got {seed!r}")
 
 

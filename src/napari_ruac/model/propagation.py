@@ -22,6 +22,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
+from .frame import is_whole
 from .predictor import Prediction, Predictor, Prompt
 
 #: ``segment(plane_index, prompt) -> Prediction`` at that plane's size.
@@ -211,7 +212,7 @@ def iter_propagate(
     reason ``"stopped at plane <i>: <message>"``; the other direction still runs. Any other
     error (out of memory, a bug) ends the whole run.
     """
-    if isinstance(start, (bool, np.bool_)) or not isinstance(start, (int, np.integer)):
+    if not is_whole(start):
         raise TypeError(f"start must be a whole plane index, got {start!r}")
     if not isinstance(n_planes, (int, np.integer, float)) or not float(n_planes).is_integer():
         raise TypeError(f"n_planes must be a whole number of planes, got {n_planes!r}")
