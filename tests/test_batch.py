@@ -362,7 +362,7 @@ def test_output_folder_not_writable(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     tifffile.imwrite(tmp_path / "s.tif", stack((32, 32)))
-    with pytest.raises(BatchError, match=f"cannot be made: {blocker} is a file, not a folder"):
+    with pytest.raises(BatchError, match=f"cannot be created: {blocker} is a file, not a folder"):
         segment_files([tmp_path / "s.tif"], blocker / "out", **FAST)
     with pytest.raises(BatchError, match=f"{blocker} is a file, not a folder"):  # -o naming a file
         segment_files([tmp_path / "s.tif"], blocker, **FAST)

@@ -321,7 +321,7 @@ def test_predict_output_folder_problems_are_one_line_messages(image_file, tmp_pa
         def mkstemp(*args, **kwargs):
             raise OSError(30, "Read-only file system", str(out))
 
-        monkeypatch.setattr("napari_ruac._cli_predict.tempfile.mkstemp", mkstemp)
+        monkeypatch.setattr("napari_ruac.io.imageio.tempfile.mkstemp", mkstemp)
     before = file.read_bytes()
     assert main(_predict_argv(image_file, out)) == 1
     err = capsys.readouterr().err

@@ -79,7 +79,7 @@ def test_finetune_refuses_a_folder_as_model_file_and_a_file_as_run_folder_before
     seen = len(notification_manager.records)
     widget.run_button.click()
     assert not widget.running and widget.process is None
-    assert errors_since(seen) == [f"fine-tune: the run folder {tmp_path / 'notes' / 'run'} cannot be made: "
+    assert errors_since(seen) == [f"fine-tune: the run folder {tmp_path / 'notes' / 'run'} cannot be created: "
                                   f"{tmp_path / 'notes'} is a file, not a folder"]
     assert (tmp_path / "notes").read_text() == "the user's notes"
     assert widget.run_button.isEnabled() and "is a file" in widget.status.text()

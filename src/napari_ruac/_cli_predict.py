@@ -7,7 +7,6 @@ import errno
 import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -131,7 +130,7 @@ def _read_plane(args):
 
 
 def _predict(args) -> int:
-    from .io.imageio import remove_if_empty
+    from .io.imageio import prepare_output_folder, remove_if_empty
     from .io.normalize import validate_plane
 
     points = [_parse_pair(p, "--point") for p in args.point]
@@ -143,7 +142,7 @@ def _predict(args) -> int:
     image, plane, size = _read_plane(args)
     validate_plane(image, name=f"{args.image}, {plane}")  # bad pixels: name the file and plane first
     out = Path(args.output)
-    created = _prepare_output_folder(out)  # before the model and the prediction: fail early
+    created = prepare_output_folder(out)  # before the model and the prediction: fail early
     try:
         return _predict_into(args, out, image, plane, size, points, negatives, box)
     except BaseException:
@@ -197,43 +196,12 @@ def _parse_box(text: str | None) -> tuple[float, ...] | None:
     return box
 
 
-def _prepare_output_folder(out: Path) -> bool:
-    """Create ``out`` if needed and check that files can be created in it (as ``segment``
-    does); returns whether it was created here. Raises ValueError naming the folder."""
-    from .io.imageio import remove_if_empty
-
-    for folder in (out, *out.parents):  # the nearest that exists must be a folder
-        if folder.exists():
-            if folder == out and not folder.is_dir():
-                raise ValueError(f"output folder {out} is a file, not a folder")
-            if not folder.is_dir():
-                raise ValueError(f"output folder {out} cannot be created: {folder} is a file, not a folder")
-            break
-    existed = out.is_dir()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".ruac-probe-", dir=out)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        if not existed:
-            remove_if_empty(out)
-        raise ValueError(f"output folder {out} is not writable: {_os_reason(exc)}") from exc
-    return not existed
-
-
 def _free_bytes(folder: Path) -> int:
     try:
         st = os.statvfs(folder)
     except (OSError, AttributeError):  # AttributeError: no statvfs on Windows
         return 1 << 62
     return st.f_bavail * st.f_frsize
-
-
-def _os_reason(exc: OSError) -> str:
-    """What the system says went wrong, as part of a sentence: 'no space left on device'."""
-    reason = exc.strerror or str(exc) or type(exc).__name__
-    return reason[:1].lower() + reason[1:]
 
 
 def write_tiffs_together(files: dict[Path, np.ndarray], **kwargs) -> None:
@@ -245,7 +213,7 @@ def write_tiffs_together(files: dict[Path, np.ndarray], **kwargs) -> None:
     Raises OSError with a message naming the file and the problem."""
     import tifffile
 
-    from .io.imageio import FileSet, PartlyReplaced
+    from .io.imageio import FileSet, PartlyReplaced, os_reason
 
     kwargs.setdefault("photometric", "minisblack")  # grey pages, as write_tiff_atomic writes them
     new, current = FileSet(), None
@@ -267,8 +235,8 @@ def write_tiffs_together(files: dict[Path, np.ndarray], **kwargs) -> None:
         exc = caught.error if isinstance(caught, PartlyReplaced) else caught
         names = " and ".join(p.name for p in files)
         if current is None:  # the files were complete; a rename failed
-            raise OSError(exc.errno, f"{_os_reason(exc)} moving {names} into {next(iter(files)).parent}") from exc
-        raise OSError(exc.errno, f"{_os_reason(exc)} writing {current}; nothing was written ({names} of an "
+            raise OSError(exc.errno, f"{os_reason(exc)} moving {names} into {next(iter(files)).parent}") from exc
+        raise OSError(exc.errno, f"{os_reason(exc)} writing {current}; nothing was written ({names} of an "
                                  f"earlier run, if any, are unchanged)") from exc
     finally:
         new.discard()

@@ -51,7 +51,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -422,16 +421,12 @@ def _reason(exc: BaseException) -> str:
 
 
 def _check_writable(out: Path) -> None:
-    for part in (out, *out.parents):  # "File exists" would not say which file is in the way
-        if part.exists() and not part.is_dir():
-            raise BatchError(f"output folder {out} cannot be made: {part} is a file, not a folder")
+    from .io.imageio import prepare_output_folder
+
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".ruac-probe-", dir=out)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise BatchError(f"output folder {out} is not writable: {exc.strerror or exc}") from exc
+        prepare_output_folder(out)
+    except ValueError as exc:
+        raise BatchError(str(exc)) from exc
 
 
 # ---------------------------------------------------------------------------- fingerprints

@@ -82,14 +82,16 @@ def _full_resolution(layer) -> np.ndarray:
 def _check_paths(run_dir: Path, output: Path) -> None:
     """ValueError naming the problem when the run folder cannot be made or the model file
     cannot be written there (a file in the way, a folder where the file should go)."""
-    for part in (run_dir, *run_dir.parents):
-        if part.exists() and not part.is_dir():
-            raise ValueError(f"the run folder {run_dir} cannot be made: {part} is a file, not a folder")
+    from ..io.imageio import file_in_the_way
+
+    blocker = file_in_the_way(run_dir)
+    if blocker is not None:
+        raise ValueError(f"the run folder {run_dir} cannot be created: {blocker} is a file, not a folder")
     if output.is_dir():
         raise ValueError(f"'save model to' {output} is a folder: give a file name, e.g. {output / 'finetuned.pt'}")
-    for part in output.parents:
-        if part.exists() and not part.is_dir():
-            raise ValueError(f"the model file {output} cannot be written: {part} is a file, not a folder")
+    blocker = file_in_the_way(output.parent)
+    if blocker is not None:
+        raise ValueError(f"the model file {output} cannot be written: {blocker} is a file, not a folder")
 
 
 class FinetuneWidget(QWidget):

@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import secrets
+import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -256,6 +257,44 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def file_in_the_way(path: Path) -> Path | None:
+    """The file, ``path`` itself or one of its parents, that keeps ``path`` from being a folder
+    (the nearest of them that exists is not a folder), or None. "File exists" from mkdir would
+    not say which."""
+    for part in (path, *path.parents):
+        if part.exists():
+            return None if part.is_dir() else part
+    return None
+
+
+def os_reason(exc: OSError) -> str:
+    """What the system says went wrong, as part of a sentence: 'no space left on device'."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return reason[:1].lower() + reason[1:]
+
+
+def prepare_output_folder(out: Path) -> bool:
+    """Create the folder ``out`` if needed and check that files can be created in it, before
+    any work that would write there; returns whether it was created here (a folder created
+    for a check that then failed is removed). Raises ValueError naming the folder."""
+    blocker = file_in_the_way(out)
+    if blocker == out:
+        raise ValueError(f"output folder {out} is a file, not a folder")
+    if blocker is not None:
+        raise ValueError(f"output folder {out} cannot be created: {blocker} is a file, not a folder")
+    existed = out.is_dir()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".ruac-probe-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        if not existed:
+            remove_if_empty(out)
+        raise ValueError(f"output folder {out} is not writable: {os_reason(exc)}") from exc
+    return not existed
 
 
 def remove_if_empty(path: Path) -> None:
