@@ -125,3 +125,35 @@ def test_a_scheduler_that_goes_away_mid_file_fails_the_rest_with_a_message(input
     assert stored_planes(out, "a")  # kept for a rerun
     assert not (out / ".ruac-work" / "b").exists()  # b got no plane: no store left behind
     assert sorted(p.name for p in out.iterdir()) == [".ruac-work"]
+
+
+def test_a_cluster_left_without_workers_mid_file_fails_the_rest_instead_of_waiting(inputs, tmp_path, short_timeout):
+    """All workers gone and nothing to restart them (workers started by hand, a job scheduler's
+    time limit): the planes would wait for ever. After SCHEDULER_TIMEOUT_S without a worker the
+    file fails naming what was left, its stored planes are kept, and the next file fails at once."""
+    from distributed import LocalCluster
+
+    out = tmp_path / "out"
+    cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp",
+                           host="127.0.0.1", dashboard_address=None, silence_logs=logging.CRITICAL)
+    address = cluster.scheduler_address
+    retiring = []
+
+    def retire_the_workers(progress):
+        if not retiring:  # the first plane is stored: the cluster loses its only worker
+            retiring.append(threading.Thread(target=cluster.scale, args=(0,)))
+            retiring[0].start()
+
+    try:
+        summary = segment_files(inputs, out, scheduler=address, progress=retire_the_workers, **FAST)
+    finally:
+        for t in retiring:
+            t.join()
+        cluster.close()
+    a, b = summary.files
+    assert a.status == b.status == "failed", summary.format()
+    assert f"the dask scheduler at {address} has had no workers for 2 s: plane" in a.reason, a.reason
+    assert str(inputs[0]) in a.reason and "a rerun (with workers) resumes" in a.reason
+    assert "not segmented" in b.reason and "has had no workers" in b.reason
+    assert stored_planes(out, "a")  # kept for a rerun
+    assert not (out / "a_labels.tif").exists() and not (out / "b_labels.tif").exists()

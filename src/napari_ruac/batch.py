@@ -900,6 +900,8 @@ class _ClusterLost(Exception):
 
 #: seconds to wait for a dask scheduler to answer (also to come back) and to have a worker
 SCHEDULER_TIMEOUT_S = 30.0
+#: how often a batch waiting for planes asks the scheduler whether it still has workers
+WORKER_CHECK_S = 1.0
 
 
 class _DaskExecutor:
@@ -936,9 +938,7 @@ class _DaskExecutor:
         except BaseException:
             self.close()
             raise
-        n = len(self.client.scheduler_info(n_workers=-1)["workers"]) if _takes_n_workers(self.client) \
-            else len(self.client.scheduler_info()["workers"])
-        self.window = max(2, 2 * n)
+        self.window = max(2, 2 * self._n_workers())
         # threads per worker default to 1: processes, not threads, share the machine
         if spec.threads is None:
             spec.threads = 1
@@ -959,10 +959,11 @@ class _DaskExecutor:
             submitted += 1
             if submitted >= self.window:
                 break
+        watch = [None, time.monotonic()]  # for _check_workers
         try:
-            for fut in futures:
+            while (fut := self._next_done(futures, watch, stack, planes)) is not None:
                 try:
-                    result = fut.result()
+                    result = self._result(fut, watch, stack, planes)
                 except Exception as exc:
                     lost = self._lost_plane(exc, stack, planes.get(fut.key))
                     if lost is exc:  # the plane's own error, as it is
@@ -981,6 +982,50 @@ class _DaskExecutor:
         finally:
             for fut in list(futures.futures):
                 fut.cancel()
+
+    def _n_workers(self) -> int:
+        info = self.client.scheduler_info(n_workers=-1) if _takes_n_workers(self.client) else self.client.scheduler_info()
+        return len(info["workers"])
+
+    def _next_done(self, futures, watch: list, stack: Stack, planes: dict):
+        """The next finished plane's future (None when all are), waiting as long as the cluster
+        has workers (see :meth:`_check_workers`)."""
+        while not futures.has_ready():
+            if futures.is_empty():
+                return None
+            self._check_workers(watch, stack, planes)
+            with futures.thread_condition:
+                futures.thread_condition.wait(timeout=0.1)
+        return next(futures)
+
+    def _result(self, fut, watch: list, stack: Stack, planes: dict):
+        """``fut``'s result, waiting as long as the cluster has workers: a plane whose worker
+        was retired is done for as_completed but computed again elsewhere."""
+        while True:
+            try:
+                return fut.result(timeout=WORKER_CHECK_S)
+            except TimeoutError:
+                self._check_workers(watch, stack, planes)
+
+    def _check_workers(self, watch: list, stack: Stack, planes: dict) -> None:
+        """While planes wait: a cluster that has lost all its workers, with nothing to restart
+        them (workers started by hand, a job scheduler's time limit), would leave them waiting
+        for ever. After SCHEDULER_TIMEOUT_S without a worker the file fails (its stored planes
+        kept) and so do the files after it, at once. ``watch``: [since when none, last asked]."""
+        now = time.monotonic()
+        if now - watch[1] < WORKER_CHECK_S:
+            return
+        watch[1] = now
+        if self._n_workers():
+            watch[0] = None
+        elif watch[0] is None:
+            watch[0] = now
+        elif now - watch[0] >= SCHEDULER_TIMEOUT_S:
+            waiting = [plane_name(stack, i) for i in sorted(planes.values())]
+            more = f" and {len(waiting) - 3} more" if len(waiting) > 3 else ""
+            self.lost = f"the dask scheduler at {self.address} has had no workers for {SCHEDULER_TIMEOUT_S:g} s"
+            raise _ClusterLost(f"{self.lost}: {', '.join(waiting[:3])}{more} of {stack.path} were not segmented; "
+                               "the planes finished so far are kept: a rerun (with workers) resumes from them")
 
     def _lost_plane(self, exc: Exception, stack: Stack, i: int | None) -> Exception:
         """``exc`` from a plane's future as the batch reports it: the plane's own error (a NaN
