@@ -40,6 +40,31 @@ def stored_planes(out, stem):
     return sorted(p.name for p in (out / ".ruac-work" / stem / "planes").glob("*.json"))
 
 
+def segment_while(inputs, out, action):
+    """``segment_files`` on a one-worker LocalCluster on 127.0.0.1 (threads, so the test can act
+    on it), with ``action(cluster)`` run in a thread once the first plane is stored (the next is
+    on the worker then). Returns the summary and the scheduler's address."""
+    from distributed import LocalCluster
+
+    cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp",
+                           host="127.0.0.1", dashboard_address=None, silence_logs=logging.CRITICAL)
+    address = cluster.scheduler_address
+    acting = []
+
+    def act_once(progress):
+        if not acting:
+            acting.append(threading.Thread(target=action, args=(cluster,)))
+            acting[0].start()
+
+    try:
+        summary = segment_files(inputs, out, scheduler=address, progress=act_once, **FAST)
+    finally:
+        for t in acting:
+            t.join()
+        cluster.close()
+    return summary, address
+
+
 def test_an_unreachable_or_malformed_scheduler_address_is_a_batch_error(inputs, tmp_path, short_timeout):
     import socket
 
@@ -98,25 +123,8 @@ def test_a_worker_killed_mid_file_fails_that_file_keeps_its_planes_and_the_batch
 
 
 def test_a_scheduler_that_goes_away_mid_file_fails_the_rest_with_a_message(inputs, tmp_path, short_timeout):
-    from distributed import LocalCluster
-
     out = tmp_path / "out"
-    cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp",
-                           host="127.0.0.1", dashboard_address=None, silence_logs=logging.CRITICAL)
-    address = cluster.scheduler_address
-    closing = []
-
-    def stop_the_scheduler(progress):
-        if not closing:
-            closing.append(threading.Thread(target=cluster.close))
-            closing[0].start()
-
-    try:
-        summary = segment_files(inputs, out, scheduler=address, progress=stop_the_scheduler, **FAST)
-    finally:
-        for t in closing:
-            t.join()
-        cluster.close()
+    summary, address = segment_while(inputs, out, lambda cluster: cluster.close())
     a, b = summary.files
     assert a.status == b.status == "failed", summary.format()
     assert f"lost the connection to the dask scheduler at {address}" in a.reason
@@ -131,25 +139,8 @@ def test_a_cluster_left_without_workers_mid_file_fails_the_rest_instead_of_waiti
     """All workers gone and nothing to restart them (workers started by hand, a job scheduler's
     time limit): the planes would wait for ever. After SCHEDULER_TIMEOUT_S without a worker the
     file fails naming what was left, its stored planes are kept, and the next file fails at once."""
-    from distributed import LocalCluster
-
     out = tmp_path / "out"
-    cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp",
-                           host="127.0.0.1", dashboard_address=None, silence_logs=logging.CRITICAL)
-    address = cluster.scheduler_address
-    retiring = []
-
-    def retire_the_workers(progress):
-        if not retiring:  # the first plane is stored: the cluster loses its only worker
-            retiring.append(threading.Thread(target=cluster.scale, args=(0,)))
-            retiring[0].start()
-
-    try:
-        summary = segment_files(inputs, out, scheduler=address, progress=retire_the_workers, **FAST)
-    finally:
-        for t in retiring:
-            t.join()
-        cluster.close()
+    summary, address = segment_while(inputs, out, lambda cluster: cluster.scale(0))  # its only worker goes
     a, b = summary.files
     assert a.status == b.status == "failed", summary.format()
     assert f"the dask scheduler at {address} has had no workers for 2 s: plane" in a.reason, a.reason
